@@ -1,0 +1,34 @@
+"""The project's one exception tree: catch ``TunnelgateError`` to catch ours, nothing else.
+
+Each class is named by what went wrong, so callers can decide what to tell the user.
+Other modules add their classes at the end of this file.
+"""
+
+from __future__ import annotations
+
+
+class TunnelgateError(Exception):
+    """Root of every error tunnelgate raises on purpose."""
+
+
+class ConfigError(TunnelgateError):
+    """A config file is wrong; ``str()`` names the file, the key and what was expected.
+
+    The format ``FILE: KEY.PATH: message`` is what an operator greps for and what the
+    CLI prints; ``key_path`` is empty for file-level problems (unreadable, bad TOML).
+    """
+
+    def __init__(self, file: str, key_path: str, message: str) -> None:
+        self.file = file
+        self.key_path = key_path
+        self.message = message
+        super().__init__(file, key_path, message)
+
+    def __str__(self) -> str:
+        if self.key_path:
+            return f"{self.file}: {self.key_path}: {self.message}"
+        return f"{self.file}: {self.message}"
+
+
+class IdentityError(TunnelgateError):
+    """A key or certificate is missing, unreadable, of the wrong kind, or mismatched."""
