@@ -1,0 +1,62 @@
+"""gateway_codecs: the tunnelgate wire protocol v1, sans-IO (bytes and events only).
+
+Importing this package never imports trio, socket, ssl or asyncio. SPEC.md in this
+folder is the byte-level specification; vectors/ holds its golden examples.
+"""
+
+from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .events import (
+    CarrierEnded,
+    CircuitAccepted,
+    CircuitClosed,
+    CircuitRefused,
+    CircuitRequested,
+    CircuitReset,
+    CreditGranted,
+    DatagramReceived,
+    DataReceived,
+    EndOfStream,
+    Event,
+    GoAwayReceived,
+    HandshakeComplete,
+    PingReceived,
+    PongReceived,
+)
+from .flow import ReceiveWindow, SendCredit
+from .frames import MAX_DATAGRAM, CircuitKind, FrameType, OpenRequest
+from .hello import PROTOCOL_VERSION, Capability, Settings
+from .session import CarrierSession, CircuitState, Role
+
+__all__ = [
+    "MAX_DATAGRAM",
+    "PROTOCOL_VERSION",
+    "Capability",
+    "CarrierEnded",
+    "CarrierSession",
+    "CircuitAccepted",
+    "CircuitClosed",
+    "CircuitKind",
+    "CircuitRefused",
+    "CircuitRequested",
+    "CircuitReset",
+    "CircuitState",
+    "CreditGranted",
+    "DataReceived",
+    "DatagramReceived",
+    "EndOfStream",
+    "ErrorCode",
+    "Event",
+    "FrameType",
+    "GoAwayReceived",
+    "HandshakeComplete",
+    "LocalProtocolError",
+    "OpenRequest",
+    "PingReceived",
+    "PongReceived",
+    "ProtocolError",
+    "ReceiveWindow",
+    "RemoteProtocolError",
+    "Role",
+    "SendCredit",
+    "Settings",
+]

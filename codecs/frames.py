@@ -1,0 +1,224 @@
+"""Frame layout: the 9-byte header, frame types, and payload encoders/decoders.
+
+Everything here is a pure function of bytes. SPEC.md §2-§7 is the normative text; the
+golden vectors in vectors/ pin the exact bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from .errors import ErrorCode, RemoteProtocolError
+
+# length (u24) and type (u8) share the first u32; then flags (u8), circuit id (u32).
+HEADER = struct.Struct("!IBI")
+HEADER_SIZE = HEADER.size  # 9
+MAX_LENGTH_FIELD = (1 << 24) - 1
+MAX_CIRCUIT_ID = (1 << 31) - 1  # the top bit is reserved and must be zero
+
+_U16 = struct.Struct("!H")
+_U64 = struct.Struct("!Q")
+_CODE_AND_LEN = struct.Struct("!HH")
+
+MAX_REASON_BYTES = 1024  # a reason is for a log line, not a document
+MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
+MAX_HOST_NAME = 253  # DNS limit
+MAX_HOP_NAME = 63  # gateway names are DNS labels
+MAX_ROUTE_HOPS = 32  # hard wire cap; gateways enforce a smaller configured limit
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 0x01
+    OPEN = 0x02
+    OPEN_OK = 0x03
+    OPEN_FAIL = 0x04
+    DATA = 0x05
+    MAX_DATA = 0x06
+    FIN = 0x07
+    RST = 0x08
+    PING = 0x09
+    PONG = 0x0A
+    GOAWAY = 0x0B
+    DATAGRAM = 0x0C
+
+
+class CircuitKind(enum.IntEnum):
+    TCP = 1  # reliable byte stream: DATA, FIN, MAX_DATA
+    UDP = 2  # datagram flow: DATAGRAM, FIN
+
+
+class OpenFlags(enum.IntFlag):
+    NONE = 0
+    END_TO_END = 0x01  # the opener runs TLS 1.3 inside the circuit with the exit
+
+
+class AddressType(enum.IntEnum):
+    IPV4 = 1
+    NAME = 3
+    IPV6 = 4
+
+
+def header(frame_type: int, flags: int, circuit_id: int, length: int) -> bytes:
+    return HEADER.pack((length << 8) | frame_type, flags, circuit_id)
+
+
+def frame(frame_type: int, flags: int, circuit_id: int, payload: bytes = b"") -> bytes:
+    return header(frame_type, flags, circuit_id, len(payload)) + payload
+
+
+# --- reasons (OPEN_FAIL, RST, GOAWAY) ---------------------------------------------
+
+
+def encode_reason(code: int, reason: str) -> bytes:
+    raw = reason.encode("utf-8")[:MAX_REASON_BYTES]
+    # Never cut a multi-byte character in half.
+    raw = raw.decode("utf-8", "ignore").encode("utf-8")
+    return _CODE_AND_LEN.pack(code, len(raw)) + raw
+
+
+def decode_reason(payload: bytes, offset: int = 0) -> tuple[int, str]:
+    if len(payload) < offset + 4:
+        raise RemoteProtocolError("reason too short", ErrorCode.FRAME_SIZE_ERROR)
+    code, size = _CODE_AND_LEN.unpack_from(payload, offset)
+    end = offset + 4 + size
+    if size > MAX_REASON_BYTES or end != len(payload):
+        raise RemoteProtocolError("reason length does not match frame", ErrorCode.FRAME_SIZE_ERROR)
+    try:
+        text = bytes(payload[offset + 4 : end]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError("reason is not UTF-8") from exc
+    return code, text
+
+
+def encode_goaway(last_circuit_id: int, code: int, reason: str) -> bytes:
+    return last_circuit_id.to_bytes(4, "big") + encode_reason(code, reason)
+
+
+def decode_goaway(payload: bytes) -> tuple[int, int, str]:
+    if len(payload) < 4:
+        raise RemoteProtocolError("GOAWAY too short", ErrorCode.FRAME_SIZE_ERROR)
+    last = int.from_bytes(payload[:4], "big")
+    if last > MAX_CIRCUIT_ID:
+        raise RemoteProtocolError("GOAWAY last circuit id out of range")
+    code, reason = decode_reason(payload, 4)
+    return last, code, reason
+
+
+def encode_u64(value: int) -> bytes:
+    return _U64.pack(value)
+
+
+def decode_u64(payload: bytes) -> int:
+    if len(payload) != 8:
+        raise RemoteProtocolError("expected an 8-byte payload", ErrorCode.FRAME_SIZE_ERROR)
+    value: int = _U64.unpack(payload)[0]
+    return value
+
+
+# --- OPEN -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """What an OPEN frame asks for: the target as the exit will see it, and the route."""
+
+    kind: CircuitKind
+    host: str
+    port: int
+    route: tuple[str, ...] = ()
+    end_to_end: bool = False
+
+
+def _encode_host(host: str) -> bytes:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raw = host.encode("idna") if not host.isascii() else host.encode("ascii")
+        if not 1 <= len(raw) <= MAX_HOST_NAME:
+            raise ValueError(f"host name must be 1..{MAX_HOST_NAME} bytes: {host!r}") from None
+        return bytes((AddressType.NAME, len(raw))) + raw
+    if addr.version == 4:
+        return bytes((AddressType.IPV4,)) + addr.packed
+    return bytes((AddressType.IPV6,)) + addr.packed
+
+
+def encode_open(request: OpenRequest) -> bytes:
+    if not 0 <= request.port <= 0xFFFF:
+        raise ValueError(f"port out of range: {request.port}")
+    if len(request.route) > MAX_ROUTE_HOPS:
+        raise ValueError(f"route longer than {MAX_ROUTE_HOPS} hops")
+    parts = [bytes((request.kind,)), _U16.pack(request.port), _encode_host(request.host)]
+    parts.append(bytes((len(request.route),)))
+    for hop in request.route:
+        raw = hop.encode("utf-8")
+        if not 1 <= len(raw) <= MAX_HOP_NAME:
+            raise ValueError(f"hop name must be 1..{MAX_HOP_NAME} bytes: {hop!r}")
+        parts.append(bytes((len(raw),)) + raw)
+    return b"".join(parts)
+
+
+class _Reader:
+    """Bounds-checked cursor over a payload; every short read is a RemoteProtocolError."""
+
+    __slots__ = ("data", "pos", "what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise RemoteProtocolError(f"{self.what} truncated", ErrorCode.FRAME_SIZE_ERROR)
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return bytes(chunk)
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int.from_bytes(self.take(2), "big")
+
+
+def decode_open(payload: bytes, flags: int) -> OpenRequest:
+    r = _Reader(payload, "OPEN")
+    kind_raw = r.u8()
+    try:
+        kind = CircuitKind(kind_raw)
+    except ValueError:
+        raise RemoteProtocolError(f"OPEN with unknown circuit kind {kind_raw}") from None
+    port = r.u16()
+    atype = r.u8()
+    if atype == AddressType.IPV4:
+        host = str(ipaddress.IPv4Address(r.take(4)))
+    elif atype == AddressType.IPV6:
+        host = str(ipaddress.IPv6Address(r.take(16)))
+    elif atype == AddressType.NAME:
+        size = r.u8()
+        raw = r.take(size)
+        if size == 0 or not raw.isascii() or not all(32 < b < 127 for b in raw):
+            raise RemoteProtocolError("OPEN host name must be 1..253 printable ASCII bytes")
+        host = raw.decode("ascii")
+    else:
+        raise RemoteProtocolError(f"OPEN with unknown address type {atype}")
+    hops = r.u8()
+    if hops > MAX_ROUTE_HOPS:
+        raise RemoteProtocolError(f"OPEN route has {hops} hops, more than {MAX_ROUTE_HOPS}")
+    route = []
+    for _ in range(hops):
+        size = r.u8()
+        raw = r.take(size)
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError("OPEN hop name is not UTF-8") from None
+        if not 1 <= size <= MAX_HOP_NAME:
+            raise RemoteProtocolError("OPEN hop name must be 1..63 bytes")
+        route.append(name)
+    # Bytes after the route are reserved for extensions and ignored by v1 receivers.
+    return OpenRequest(kind, host, port, tuple(route), bool(flags & OpenFlags.END_TO_END))

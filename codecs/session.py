@@ -1,0 +1,665 @@
+"""The carrier session: one state machine per carrier, sans-IO.
+
+Feed it bytes with `receive_data`, act on the events it returns, call its methods to
+open circuits and send, and write out whatever `data_to_send` returns. It never blocks
+and never touches a socket; the gateway owns every await.
+
+Outgoing frames leave in two classes: control frames (HELLO, OPEN, OPEN_OK, MAX_DATA,
+PING...) first, in order, then circuit payload round-robin, one frame per circuit per
+turn, so a circuit with megabytes queued delays a small write on another circuit by at
+most one frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections import deque
+
+from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .events import (
+    CarrierEnded,
+    CircuitAccepted,
+    CircuitClosed,
+    CircuitRefused,
+    CircuitRequested,
+    CircuitReset,
+    CreditGranted,
+    DatagramReceived,
+    DataReceived,
+    EndOfStream,
+    Event,
+    GoAwayReceived,
+    HandshakeComplete,
+    PingReceived,
+    PongReceived,
+)
+from .flow import ReceiveWindow, SendCredit
+from .frames import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_CIRCUIT_ID,
+    MAX_DATAGRAM,
+    CircuitKind,
+    FrameType,
+    OpenFlags,
+    OpenRequest,
+    decode_goaway,
+    decode_open,
+    decode_reason,
+    decode_u64,
+    encode_goaway,
+    encode_open,
+    encode_reason,
+    encode_u64,
+    frame,
+    header,
+)
+from .hello import MAX_HELLO_PAYLOAD, PROTOCOL_VERSION, Capability, Settings, decode_hello, encode_hello
+
+PING_SIZE = 8
+# A peer that keeps sending PINGs while never reading our PONGs is flooding us.
+MAX_PENDING_CONTROL_BYTES = 1 << 20
+# Datagrams are not flow-controlled (they may be dropped); cap what one flow may queue.
+DEFAULT_DATAGRAM_QUEUE_BYTES = 256 * 1024
+
+
+class Role(enum.Enum):
+    DIALER = "dialer"  # opens odd circuit ids
+    ACCEPTOR = "acceptor"  # opens even circuit ids
+
+
+class CircuitState(enum.Enum):
+    OPENING = "opening"  # we sent OPEN, no answer yet (we may already send DATA)
+    PENDING = "pending"  # the peer sent OPEN, we have not answered
+    OPEN = "open"
+
+
+class _Circuit:
+    """Book-keeping for one live circuit. Slots: idle circuits must stay small."""
+
+    __slots__ = (
+        "credit",
+        "dgram_bytes",
+        "fin_queued",
+        "fin_sent",
+        "id",
+        "kind",
+        "local",
+        "queue",
+        "queued",
+        "remote_fin",
+        "state",
+        "window",
+    )
+
+    def __init__(self, cid: int, kind: CircuitKind, local: bool, state: CircuitState,
+                 send_limit: int, window: int) -> None:
+        self.id = cid
+        self.kind = kind
+        self.local = local
+        self.state = state
+        self.credit = SendCredit(send_limit)
+        self.window = ReceiveWindow(window)
+        self.queue: deque[bytes | memoryview] = deque()
+        self.queued = 0  # stream bytes waiting in `queue`
+        self.dgram_bytes = 0  # datagram bytes waiting in `queue`
+        self.fin_queued = False
+        self.fin_sent = False
+        self.remote_fin = False
+
+
+class CarrierSession:
+    """Protocol state for one carrier. See SPEC.md for the rules it enforces."""
+
+    def __init__(self, role: Role, settings: Settings | None = None,
+                 datagram_queue_bytes: int = DEFAULT_DATAGRAM_QUEUE_BYTES) -> None:
+        self.role = role
+        self.local_settings = settings or Settings()
+        if not self.local_settings.session_id.strip(b"\0"):
+            self.local_settings = _with_session_id(self.local_settings, os.urandom(16))
+        self.peer_settings: Settings | None = None
+        self.version = 0
+        self.capabilities = Capability.NONE
+        self._datagram_queue_bytes = datagram_queue_bytes
+        self._circuits: dict[int, _Circuit] = {}
+        self._next_local_id = 1 if role is Role.DIALER else 2
+        self._highest_peer_id = 0
+        self._inbound = bytearray()
+        self._control: list[bytes] = []
+        self._control_bytes = 0
+        self._ready: deque[_Circuit] = deque()  # circuits with queued payload, round robin
+        self._in_ready: set[int] = set()
+        self._goaway_sent_last: int | None = None
+        self._goaway_received_last: int | None = None
+        self._failed: ProtocolError | None = None
+        self._ended = False
+        self._queue_control(frame(FrameType.HELLO, 0, 0, encode_hello(self.local_settings)))
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def established(self) -> bool:
+        return self.peer_settings is not None
+
+    @property
+    def can_open(self) -> bool:
+        """False once the peer sent GOAWAY, we did, or ids ran out: dial a new carrier."""
+        return (self.established and self._goaway_received_last is None
+                and self._goaway_sent_last is None and self._failed is None
+                and self._next_local_id <= MAX_CIRCUIT_ID)
+
+    @property
+    def live_circuits(self) -> int:
+        return len(self._circuits)
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes `data_to_send` would return now (approximately: frame headers excluded)."""
+        return self._control_bytes + sum(c.queued + c.dgram_bytes for c in self._ready)
+
+    def send_credit(self, circuit_id: int) -> int:
+        """How many stream bytes `send_data` accepts now on this circuit."""
+        c = self._circuits.get(circuit_id)
+        if c is None or c.fin_queued:
+            return 0
+        return c.credit.available
+
+    def offsets(self, circuit_id: int) -> tuple[int, int, int]:
+        """(bytes sent, bytes received, bytes consumed): the resumption acknowledgements."""
+        c = self._live(circuit_id)
+        return c.credit.sent, c.window.received, c.window.consumed
+
+    def circuit_state(self, circuit_id: int) -> CircuitState | None:
+        c = self._circuits.get(circuit_id)
+        return None if c is None else c.state
+
+    # ---------------------------------------------------------------- input
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Parse every complete frame in `data` (plus what was buffered) into events."""
+        if self._failed is not None:
+            raise LocalProtocolError("the session already failed; close the carrier")
+        if self._ended:
+            raise LocalProtocolError("receive_data after receive_eof")
+        buf = self._inbound
+        if buf:
+            buf += data
+            view: bytes | bytearray | memoryview = buf
+        else:
+            view = data
+        events: list[Event] = []
+        pos = 0
+        end_of_data = len(view)
+        unpack = HEADER.unpack_from
+        try:
+            while end_of_data - pos >= HEADER_SIZE:
+                length_type, flags, cid = unpack(view, pos)
+                length = length_type >> 8
+                limit = (self.local_settings.max_frame_payload if self.peer_settings is not None
+                         else MAX_HELLO_PAYLOAD)
+                if length > limit:
+                    raise RemoteProtocolError(
+                        f"frame of {length} bytes exceeds the {limit}-byte limit",
+                        ErrorCode.FRAME_SIZE_ERROR)
+                stop = pos + HEADER_SIZE + length
+                if stop > end_of_data:
+                    break
+                payload = bytes(view[pos + HEADER_SIZE:stop])
+                pos = stop
+                self._handle_frame(length_type & 0xFF, flags, cid, payload, events)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+            raise
+        if pos < end_of_data:
+            if buf:
+                del buf[:pos]
+            else:
+                buf += view[pos:]
+        else:
+            buf.clear()
+        return events
+
+    def receive_eof(self) -> list[Event]:
+        """The carrier's byte stream ended. Live circuits are gone with it."""
+        self._ended = True
+        clean = (self._goaway_received_last is not None and not self._circuits
+                 and not self._inbound)
+        self._circuits.clear()
+        self._ready.clear()
+        self._in_ready.clear()
+        return [CarrierEnded(clean)]
+
+    # ---------------------------------------------------------------- output
+
+    def data_to_send(self, max_bytes: int | None = None) -> bytes:
+        """Frames to write, control first then payload round robin.
+
+        `max_bytes` bounds the payload taken (control frames always go); a writer that
+        pulls in chunks keeps a late small write on another circuit close to the front.
+        """
+        out = self._control
+        self._control = []
+        self._control_bytes = 0
+        budget = max_bytes if max_bytes is not None else -1
+        ready = self._ready
+        max_payload = (self.peer_settings.max_frame_payload if self.peer_settings
+                       else 0)
+        while ready and budget != 0:
+            c = ready.popleft()
+            if c.kind is CircuitKind.UDP:
+                dgram = c.queue.popleft()
+                c.dgram_bytes -= len(dgram)
+                out.append(header(FrameType.DATAGRAM, 0, c.id, len(dgram)))
+                out.append(dgram)
+                sent = len(dgram)
+            else:
+                sent = self._take_stream_frame(c, max_payload, out)
+            if budget > 0:
+                budget = max(0, budget - sent)
+            if c.queue:
+                ready.append(c)
+            else:
+                self._in_ready.discard(c.id)
+                if c.fin_queued and not c.fin_sent:
+                    self._emit_fin(c, out)
+        return b"".join(out)
+
+    def _take_stream_frame(self, c: _Circuit, max_payload: int, out: list[bytes]) -> int:
+        q = c.queue
+        first = q[0]
+        if len(first) >= max_payload:
+            chunk = first[:max_payload]
+            if len(first) == max_payload:
+                q.popleft()
+            else:
+                q[0] = memoryview(first)[max_payload:]
+            out.append(header(FrameType.DATA, 0, c.id, max_payload))
+            out.append(chunk)
+            c.queued -= max_payload
+            return max_payload
+        hdr_index = len(out)
+        out.append(b"")
+        size = 0
+        while q and size < max_payload:
+            piece = q[0]
+            room = max_payload - size
+            if len(piece) <= room:
+                q.popleft()
+                out.append(piece)
+                size += len(piece)
+            else:
+                out.append(piece[:room])
+                q[0] = memoryview(piece)[room:]
+                size += room
+        out[hdr_index] = header(FrameType.DATA, 0, c.id, size)
+        c.queued -= size
+        return size
+
+    def _emit_fin(self, c: _Circuit, out: list[bytes]) -> None:
+        out.append(header(FrameType.FIN, 0, c.id, 0))
+        c.fin_sent = True
+        self._maybe_retire(c)
+
+    # ---------------------------------------------------------------- circuits
+
+    def open_circuit(self, request: OpenRequest) -> int:
+        """Allocate the next id of our parity and queue OPEN. DATA may follow at once."""
+        if not self.established:
+            raise LocalProtocolError("cannot open a circuit before the HELLO exchange")
+        if not self.can_open:
+            code = (ErrorCode.CIRCUIT_IDS_EXHAUSTED if self._next_local_id > MAX_CIRCUIT_ID
+                    else ErrorCode.GOING_AWAY)
+            raise LocalProtocolError("this carrier accepts no new circuits", code)
+        if request.kind is CircuitKind.UDP and not self.capabilities & Capability.DATAGRAM:
+            raise LocalProtocolError("the peer does not support UDP flows", ErrorCode.UNSUPPORTED_KIND)
+        payload = encode_open(request)
+        assert self.peer_settings is not None
+        cid = self._next_local_id
+        self._next_local_id += 2
+        flags = OpenFlags.END_TO_END if request.end_to_end else OpenFlags.NONE
+        self._queue_control(frame(FrameType.OPEN, flags, cid, payload))
+        self._circuits[cid] = _Circuit(cid, request.kind, True, CircuitState.OPENING,
+                                       self.peer_settings.initial_window,
+                                       self.local_settings.initial_window)
+        return cid
+
+    def accept_circuit(self, circuit_id: int) -> None:
+        c = self._circuits.get(circuit_id)
+        if c is None:
+            return  # reset by the peer meanwhile: nothing to answer
+        if c.state is not CircuitState.PENDING:
+            raise LocalProtocolError(f"circuit {circuit_id} is not awaiting an answer")
+        c.state = CircuitState.OPEN
+        self._queue_control(frame(FrameType.OPEN_OK, 0, circuit_id))
+        self._maybe_retire(c)
+
+    def refuse_circuit(self, circuit_id: int, code: ErrorCode | int, reason: str = "") -> None:
+        c = self._circuits.get(circuit_id)
+        if c is None:
+            return
+        if c.state is not CircuitState.PENDING:
+            raise LocalProtocolError(f"circuit {circuit_id} is not awaiting an answer")
+        self._queue_control(frame(FrameType.OPEN_FAIL, 0, circuit_id, encode_reason(code, reason)))
+        self._drop(c)
+
+    def send_data(self, circuit_id: int, data: bytes | memoryview) -> None:
+        """Queue stream bytes; they must fit in `send_credit(circuit_id)`."""
+        c = self._live(circuit_id)
+        if c.kind is not CircuitKind.TCP:
+            raise LocalProtocolError("send_data on a UDP flow; use send_datagram")
+        if c.state is CircuitState.PENDING:
+            raise LocalProtocolError("accept the circuit before sending on it")
+        if c.fin_queued:
+            raise LocalProtocolError("send_data after send_eof")
+        n = len(data)
+        if not n:
+            return
+        c.credit.spend(n)
+        c.queue.append(data)
+        c.queued += n
+        self._mark_ready(c)
+
+    def send_datagram(self, circuit_id: int, data: bytes) -> bool:
+        """Queue one whole datagram; False (dropped) if this flow's queue is full."""
+        c = self._live(circuit_id)
+        if c.kind is not CircuitKind.UDP:
+            raise LocalProtocolError("send_datagram on a TCP circuit")
+        if c.state is CircuitState.PENDING:
+            raise LocalProtocolError("accept the circuit before sending on it")
+        if c.fin_queued:
+            raise LocalProtocolError("send_datagram after send_eof")
+        if len(data) > MAX_DATAGRAM:
+            raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+        if c.dgram_bytes + len(data) > self._datagram_queue_bytes:
+            return False
+        c.queue.append(data)
+        c.dgram_bytes += len(data)
+        self._mark_ready(c)
+        return True
+
+    def consumed(self, circuit_id: int, n: int) -> None:
+        """The application took `n` received bytes; MAX_DATA follows after half a window."""
+        c = self._circuits.get(circuit_id)
+        if c is None or c.remote_fin:
+            return  # nothing more will arrive: no credit to give
+        new_limit = c.window.consume(n)
+        if new_limit is not None:
+            self._queue_control(frame(FrameType.MAX_DATA, 0, circuit_id, encode_u64(new_limit)))
+
+    def set_receive_window(self, circuit_id: int, size: int) -> None:
+        """Auto-tuning hook: grow (or later shrink) one circuit's receive window."""
+        c = self._circuits.get(circuit_id)
+        if c is None or c.remote_fin:
+            return
+        new_limit = c.window.resize(size)
+        if new_limit is not None:
+            self._queue_control(frame(FrameType.MAX_DATA, 0, circuit_id, encode_u64(new_limit)))
+
+    def receive_window(self, circuit_id: int) -> int:
+        return self._live(circuit_id).window.size
+
+    def send_eof(self, circuit_id: int) -> None:
+        """Half-close our direction; FIN follows the data already queued."""
+        c = self._circuits.get(circuit_id)
+        if c is None or c.fin_queued:
+            return
+        if c.state is CircuitState.PENDING:
+            raise LocalProtocolError("accept the circuit before closing it")
+        c.fin_queued = True
+        if not c.queue:
+            out: list[bytes] = []
+            self._emit_fin(c, out)
+            self._queue_control(out[0])
+
+    def reset_circuit(self, circuit_id: int, code: ErrorCode | int = ErrorCode.CANCELLED,
+                      reason: str = "") -> None:
+        """Abort both directions; queued data is discarded. Idempotent."""
+        c = self._circuits.get(circuit_id)
+        if c is None:
+            return
+        if c.state is CircuitState.PENDING:
+            self.refuse_circuit(circuit_id, code, reason)
+            return
+        self._queue_control(frame(FrameType.RST, 0, circuit_id, encode_reason(code, reason)))
+        self._drop(c)
+
+    # ---------------------------------------------------------------- carrier
+
+    def ping(self, payload: bytes | None = None) -> bytes:
+        payload = os.urandom(PING_SIZE) if payload is None else payload
+        if len(payload) != PING_SIZE:
+            raise LocalProtocolError("PING payload must be 8 bytes")
+        self._queue_control(frame(FrameType.PING, 0, 0, payload))
+        return payload
+
+    def goaway(self, code: ErrorCode | int = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Refuse circuits the peer opens from now on; ours and older ones continue."""
+        last = self._highest_peer_id
+        if self._goaway_sent_last is not None and code == ErrorCode.NO_ERROR:
+            return
+        self._goaway_sent_last = last
+        self._queue_control(frame(FrameType.GOAWAY, 0, 0, encode_goaway(last, code, reason)))
+
+    # ---------------------------------------------------------------- internals
+
+    def _queue_control(self, data: bytes) -> None:
+        self._control.append(data)
+        self._control_bytes += len(data)
+
+    def _mark_ready(self, c: _Circuit) -> None:
+        if c.id not in self._in_ready:
+            self._in_ready.add(c.id)
+            self._ready.append(c)
+
+    def _live(self, circuit_id: int) -> _Circuit:
+        c = self._circuits.get(circuit_id)
+        if c is None:
+            raise LocalProtocolError(f"circuit {circuit_id} is not open", ErrorCode.CIRCUIT_STATE_ERROR)
+        return c
+
+    def _drop(self, c: _Circuit) -> None:
+        self._circuits.pop(c.id, None)
+        if c.id in self._in_ready:
+            self._in_ready.discard(c.id)
+            self._ready.remove(c)
+        c.queue.clear()
+
+    def _maybe_retire(self, c: _Circuit) -> bool:
+        if c.fin_sent and c.remote_fin and c.state is CircuitState.OPEN:
+            self._circuits.pop(c.id, None)
+            return True
+        return False
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self._failed = exc
+        self._control = []
+        self._control_bytes = 0
+        self._ready.clear()
+        self._in_ready.clear()
+        self._goaway_sent_last = self._highest_peer_id
+        self._queue_control(frame(FrameType.GOAWAY, 0, 0,
+                                  encode_goaway(self._highest_peer_id, exc.code, str(exc.args[0]))))
+
+    def _is_peer_id(self, cid: int) -> bool:
+        return (cid & 1) == (0 if self.role is Role.DIALER else 1)
+
+    def _lookup(self, cid: int, what: str) -> _Circuit | None:
+        """The live circuit, or None for a retired id; an id never opened is an error."""
+        if cid == 0:
+            raise RemoteProtocolError(f"{what} on circuit 0", ErrorCode.CIRCUIT_ID_ERROR)
+        c = self._circuits.get(cid)
+        if c is not None:
+            return c
+        if self._is_peer_id(cid):
+            if cid > self._highest_peer_id:
+                raise RemoteProtocolError(f"{what} for circuit {cid}, which was never opened",
+                                          ErrorCode.CIRCUIT_ID_ERROR)
+        elif cid >= self._next_local_id:
+            raise RemoteProtocolError(f"{what} for circuit {cid}, which we never opened",
+                                      ErrorCode.CIRCUIT_ID_ERROR)
+        return None  # retired: a late frame of a closed circuit, ignored
+
+    def _handle_frame(self, ftype: int, flags: int, cid: int, payload: bytes,
+                      events: list[Event]) -> None:
+        if cid > MAX_CIRCUIT_ID:
+            raise RemoteProtocolError("reserved bit of the circuit id is set", ErrorCode.CIRCUIT_ID_ERROR)
+        if self.peer_settings is None:
+            if ftype != FrameType.HELLO or cid != 0:
+                raise RemoteProtocolError("the first frame must be HELLO on circuit 0")
+            self._on_hello(payload, events)
+            return
+        if ftype == FrameType.DATA:
+            c = self._lookup(cid, "DATA")
+            if c is None:
+                return
+            if c.kind is not CircuitKind.TCP:
+                raise RemoteProtocolError(f"DATA on UDP flow {cid}", ErrorCode.CIRCUIT_STATE_ERROR)
+            if c.remote_fin:
+                raise RemoteProtocolError(f"DATA after FIN on circuit {cid}", ErrorCode.CIRCUIT_STATE_ERROR)
+            if c.local and c.state is CircuitState.OPENING:
+                raise RemoteProtocolError(f"DATA before OPEN_OK on circuit {cid}",
+                                          ErrorCode.CIRCUIT_STATE_ERROR)
+            c.window.on_data(len(payload))
+            if payload:
+                events.append(DataReceived(cid, payload))
+        elif ftype == FrameType.DATAGRAM:
+            c = self._lookup(cid, "DATAGRAM")
+            if c is None:
+                return
+            if c.kind is not CircuitKind.UDP:
+                raise RemoteProtocolError(f"DATAGRAM on TCP circuit {cid}", ErrorCode.CIRCUIT_STATE_ERROR)
+            if len(payload) > MAX_DATAGRAM:
+                raise RemoteProtocolError("DATAGRAM larger than 65,507 bytes", ErrorCode.FRAME_SIZE_ERROR)
+            if c.remote_fin or (c.local and c.state is CircuitState.OPENING):
+                raise RemoteProtocolError(f"DATAGRAM in a closed direction of flow {cid}",
+                                          ErrorCode.CIRCUIT_STATE_ERROR)
+            events.append(DatagramReceived(cid, payload))
+        elif ftype == FrameType.MAX_DATA:
+            limit = decode_u64(payload)
+            c = self._lookup(cid, "MAX_DATA")
+            if c is None or c.kind is not CircuitKind.TCP:
+                return
+            if c.credit.raise_limit(limit) and not c.fin_queued:
+                events.append(CreditGranted(cid, c.credit.available))
+        elif ftype == FrameType.OPEN:
+            self._on_open(cid, flags, payload, events)
+        elif ftype == FrameType.OPEN_OK:
+            if payload:
+                raise RemoteProtocolError("OPEN_OK carries no payload", ErrorCode.FRAME_SIZE_ERROR)
+            c = self._lookup(cid, "OPEN_OK")
+            if c is None:
+                return
+            if not c.local or c.state is not CircuitState.OPENING:
+                raise RemoteProtocolError(f"unexpected OPEN_OK on circuit {cid}",
+                                          ErrorCode.CIRCUIT_STATE_ERROR)
+            c.state = CircuitState.OPEN
+            events.append(CircuitAccepted(cid))
+        elif ftype == FrameType.OPEN_FAIL:
+            code, reason = decode_reason(payload)
+            c = self._lookup(cid, "OPEN_FAIL")
+            if c is None:
+                return
+            if not c.local or c.state is not CircuitState.OPENING:
+                raise RemoteProtocolError(f"unexpected OPEN_FAIL on circuit {cid}",
+                                          ErrorCode.CIRCUIT_STATE_ERROR)
+            self._drop(c)
+            events.append(CircuitRefused(cid, _code(code), reason))
+        elif ftype == FrameType.FIN:
+            if payload:
+                raise RemoteProtocolError("FIN carries no payload", ErrorCode.FRAME_SIZE_ERROR)
+            c = self._lookup(cid, "FIN")
+            if c is None:
+                return
+            if c.remote_fin:
+                raise RemoteProtocolError(f"second FIN on circuit {cid}", ErrorCode.CIRCUIT_STATE_ERROR)
+            if c.local and c.state is CircuitState.OPENING:
+                raise RemoteProtocolError(f"FIN before OPEN_OK on circuit {cid}",
+                                          ErrorCode.CIRCUIT_STATE_ERROR)
+            c.remote_fin = True
+            events.append(EndOfStream(cid))
+            if self._maybe_retire(c):
+                events.append(CircuitClosed(cid))
+        elif ftype == FrameType.RST:
+            code, reason = decode_reason(payload)
+            c = self._lookup(cid, "RST")
+            if c is None:
+                return
+            self._drop(c)
+            events.append(CircuitReset(cid, _code(code), reason))
+        elif ftype == FrameType.PING:
+            self._check_carrier_frame(cid, "PING")
+            if len(payload) != PING_SIZE:
+                raise RemoteProtocolError("PING payload must be 8 bytes", ErrorCode.FRAME_SIZE_ERROR)
+            if self._control_bytes > MAX_PENDING_CONTROL_BYTES:
+                raise RemoteProtocolError("PING flood: our replies are not being read")
+            self._queue_control(frame(FrameType.PONG, 0, 0, payload))
+            events.append(PingReceived(payload))
+        elif ftype == FrameType.PONG:
+            self._check_carrier_frame(cid, "PONG")
+            if len(payload) != PING_SIZE:
+                raise RemoteProtocolError("PONG payload must be 8 bytes", ErrorCode.FRAME_SIZE_ERROR)
+            events.append(PongReceived(payload))
+        elif ftype == FrameType.GOAWAY:
+            self._check_carrier_frame(cid, "GOAWAY")
+            last, code, reason = decode_goaway(payload)
+            if self._goaway_received_last is not None and last > self._goaway_received_last:
+                raise RemoteProtocolError("GOAWAY raised its last circuit id")
+            self._goaway_received_last = last
+            for c in list(self._circuits.values()):
+                if c.local and c.id > last and c.state is CircuitState.OPENING:
+                    self._drop(c)
+                    events.append(CircuitRefused(c.id, ErrorCode.GOING_AWAY,
+                                                 "the peer is going away"))
+            events.append(GoAwayReceived(last, _code(code), reason))
+        elif ftype == FrameType.HELLO:
+            raise RemoteProtocolError("a second HELLO")
+        # Unknown frame types are ignored (SPEC.md §2): extensions are negotiated first.
+
+    def _check_carrier_frame(self, cid: int, what: str) -> None:
+        if cid != 0:
+            raise RemoteProtocolError(f"{what} must use circuit 0", ErrorCode.CIRCUIT_ID_ERROR)
+
+    def _on_hello(self, payload: bytes, events: list[Event]) -> None:
+        peer = decode_hello(payload)
+        self.version = min(peer.version, PROTOCOL_VERSION)
+        self.peer_settings = peer
+        self.capabilities = Capability(peer.capabilities & self.local_settings.capabilities)
+        events.append(HandshakeComplete(peer, self.version, self.capabilities))
+
+    def _on_open(self, cid: int, flags: int, payload: bytes, events: list[Event]) -> None:
+        if cid == 0 or not self._is_peer_id(cid) or cid <= self._highest_peer_id:
+            raise RemoteProtocolError(f"OPEN with invalid or reused circuit id {cid}",
+                                      ErrorCode.CIRCUIT_ID_ERROR)
+        request = decode_open(payload, flags)
+        self._highest_peer_id = cid
+        assert self.peer_settings is not None
+        refusal: tuple[ErrorCode, str] | None = None
+        if self._goaway_sent_last is not None:
+            refusal = (ErrorCode.GOING_AWAY, "this gateway is shutting down the carrier")
+        elif len(self._circuits) >= self.local_settings.max_circuits:
+            refusal = (ErrorCode.RESOURCE_LIMIT,
+                       f"more than {self.local_settings.max_circuits} circuits on one carrier")
+        elif request.kind is CircuitKind.UDP and not self.capabilities & Capability.DATAGRAM:
+            refusal = (ErrorCode.UNSUPPORTED_KIND, "UDP flows were not negotiated")
+        if refusal is not None:
+            self._queue_control(frame(FrameType.OPEN_FAIL, 0, cid, encode_reason(*refusal)))
+            if self._control_bytes > MAX_PENDING_CONTROL_BYTES:
+                raise RemoteProtocolError("OPEN flood: our refusals are not being read")
+            return
+        self._circuits[cid] = _Circuit(cid, request.kind, False, CircuitState.PENDING,
+                                       self.peer_settings.initial_window,
+                                       self.local_settings.initial_window)
+        events.append(CircuitRequested(cid, request))
+
+
+def _code(value: int) -> ErrorCode | int:
+    try:
+        return ErrorCode(value)
+    except ValueError:
+        return value
+
+
+def _with_session_id(s: Settings, session_id: bytes) -> Settings:
+    return Settings(s.max_frame_payload, s.initial_window, s.max_circuits, s.capabilities,
+                    session_id, s.node_name, s.version)
