@@ -55,6 +55,13 @@ def parse_ip(text: str) -> IPAddress | None:
         return None
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
+
+
 def parse_ports(text: str) -> tuple[int, int]:
     """``5432``, ``5432-5433`` or ``*`` -> inclusive (low, high); ValueError says why not."""
     if text == ANY:
@@ -104,7 +111,7 @@ class AllowRule:
             if not colon or (prefix and not re.fullmatch(r"/\d{1,3}", prefix)):
                 raise ValueError(f"{expected}, got {text!r}")
             host_text += prefix
-            if ipaddress.ip_network(host_text.split("/")[0] + "/128", strict=False).version != 6:
+            if not _is_ipv6(host_text.split("/")[0]):
                 raise ValueError(f"brackets are for IPv6 addresses only, got {text!r}")
         else:
             host_text, colon, ports_text = rest.rpartition(":")
@@ -132,11 +139,12 @@ class AllowRule:
     def __str__(self) -> str:
         return self.text
 
-    def _applies(self, kind: Kind, port: int) -> bool:
+    def applies(self, kind: Kind, port: int) -> bool:
+        """Whether the rule covers this kind and port (the host is judged separately)."""
         return self.kind == kind and self.low <= port <= self.high
 
-    def matches_address(self, kind: Kind, addr: IPAddress) -> bool:
-        """Whether this rule lets ``kind`` traffic reach this address and port."""
+    def matches_address(self, addr: IPAddress) -> bool:
+        """Whether the rule's host part covers this address."""
         return self.any_host or (self.network is not None and _unmap(addr) in self.network)
 
     def matches_name(self, name: str) -> bool:
@@ -161,15 +169,15 @@ class Policy:
         CIDR rules could allow needs ``permitted_addresses`` after resolving.
         """
         addr = parse_ip(host)
-        rules = [r for r in self.rules if r._applies(kind, port)]
+        rules = [r for r in self.rules if r.applies(kind, port)]
         if addr is not None:
-            return any(r.matches_address(kind, addr) for r in rules)
+            return any(r.matches_address(addr) for r in rules)
         return any(r.matches_name(host) for r in rules)
 
     def may_permit_name(self, kind: Kind, host: str, port: int) -> bool:
         """Whether resolving ``host`` could lead anywhere allowed: skip DNS when it cannot."""
         return self.permits(kind, host, port) or any(
-            r.network is not None and r._applies(kind, port) for r in self.rules
+            r.network is not None and r.applies(kind, port) for r in self.rules
         )
 
     def permitted_addresses(
@@ -178,8 +186,8 @@ class Policy:
         """The subset of ``resolved`` (in order) that may be connected to for this target."""
         if self.permits(kind, host, port) and parse_ip(host) is None:
             return list(resolved)
-        rules = [r for r in self.rules if r._applies(kind, port)]
-        return [a for a in resolved if any(r.matches_address(kind, a) for r in rules)]
+        rules = [r for r in self.rules if r.applies(kind, port)]
+        return [a for a in resolved if any(r.matches_address(a) for r in rules)]
 
 
 class RoutePolicy:
