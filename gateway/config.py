@@ -1,0 +1,494 @@
+"""The gateway's TOML config: parsed, validated and cross-checked into frozen models.
+
+Every mistake becomes one ``ConfigError`` naming the file, the key (``tunnel[1].listen``)
+and what was expected, because the operator fixing it has only that line to go on.
+pydantic checks the shape (strict types, no unknown keys); the cross-checks that need
+the whole file (unique names, declared peers, files that must agree) run afterwards.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+)
+
+from gateway.errors import ConfigError, IdentityError
+from gateway.identity import fingerprint_of_cert, load_cert, load_identity
+from gateway.policy import AllowRule, Policy, RoutePolicy, is_host_name, parse_ip
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
+FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+ANY_PEER = "*"
+
+
+@dataclass(frozen=True)
+class CarrierAddress:
+    """Where a carrier listens or dials: ``tls://HOST:PORT`` or (explicitly) ``tcp://``."""
+
+    scheme: Literal["tls", "tcp"]
+    host: str  # without brackets
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{_join_host(self.host)}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """A tunnel's local listener: ``tcp://HOST:PORT`` or ``udp://HOST:PORT``."""
+
+    kind: Literal["tcp", "udp"]
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}://{_join_host(self.host)}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the exit gateway connects: a name or an address, and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{_join_host(self.host)}:{self.port}"
+
+
+def _join_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# --- value parsers: each takes what TOML gave and raises ValueError saying what it wanted ---
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)
+
+
+def _split_host_port(text: str, zero_ok: bool) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` -> parts, or None if the shape is wrong."""
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d{1,5})|([^:\[\]/]+):(\d{1,5})", text)
+    if match is None:
+        return None
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if match.group(1) is not None and parse_ip(host) is None:
+        return None  # brackets hold IPv6 addresses only
+    if match.group(3) is not None and parse_ip(host) is None and not is_host_name(host):
+        return None
+    if port > 65535 or (port == 0 and not zero_ok):
+        raise ValueError(f"port {port} is out of range {0 if zero_ok else 1}..65535 in {text!r}")
+    return host, port
+
+
+def _url(value: object, schemes: tuple[str, ...], zero_ok: bool) -> tuple[str, str, int]:
+    expected = " or ".join(f"{s}://HOST:PORT" for s in schemes)
+    if not isinstance(value, str):
+        raise ValueError(f"expected {expected}, got {_show(value)}")
+    scheme, sep, rest = value.partition("://")
+    parts = _split_host_port(rest, zero_ok) if sep and scheme in schemes else None
+    if parts is None:
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return scheme, parts[0], parts[1]
+
+
+def _carrier(value: object, info: ValidationInfo) -> CarrierAddress:
+    zero_ok = info.field_name == "listen"
+    scheme, host, port = _url(value, ("tls", "tcp"), zero_ok)
+    return CarrierAddress("tls" if scheme == "tls" else "tcp", host, port)
+
+
+def _listen(value: object) -> ListenAddress:
+    kind, host, port = _url(value, ("tcp", "udp"), zero_ok=True)
+    return ListenAddress("tcp" if kind == "tcp" else "udp", host, port)
+
+
+def _target(value: object) -> Target:
+    expected = "expected HOST:PORT (a name, an IPv4 address or [IPv6]), got"
+    if not isinstance(value, str):
+        raise ValueError(f"{expected} {_show(value)}")
+    parts = _split_host_port(value, zero_ok=False)
+    if parts is None:
+        raise ValueError(f"{expected} {value!r}")
+    return Target(*parts)
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValueError(
+            f"expected a name of 1-63 letters, digits, '.', '_' or '-', got {_show(value)}"
+        )
+    return value
+
+
+def _path(value: object, info: ValidationInfo) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a file path, got {_show(value)}")
+    base = Path((info.context or {}).get("base_dir", "."))
+    return Path(os.path.abspath(base / Path(value).expanduser()))
+
+
+def _fingerprint(value: object) -> str:
+    if not isinstance(value, str) or not FINGERPRINT_RE.match(value):
+        raise ValueError(
+            "expected SHA256: followed by 43 base64 characters"
+            f" (see `tunnelgate fingerprint FILE`), got {_show(value)}"
+        )
+    return value
+
+
+def _rule(value: object) -> AllowRule:
+    if not isinstance(value, str):
+        raise ValueError(f"expected tcp://HOST:PORTS or udp://HOST:PORTS, got {_show(value)}")
+    return AllowRule.parse(value)
+
+
+def _route_name(value: object) -> str:
+    return ANY_PEER if value == ANY_PEER else _name(value)
+
+
+Name = Annotated[str, BeforeValidator(_name)]
+FilePath = Annotated[Path, BeforeValidator(_path)]
+Carrier = Annotated[CarrierAddress, BeforeValidator(_carrier)]
+Listen = Annotated[ListenAddress, BeforeValidator(_listen)]
+TargetField = Annotated[Target, BeforeValidator(_target)]
+Fingerprint = Annotated[str, BeforeValidator(_fingerprint)]
+Rule = Annotated[AllowRule, BeforeValidator(_rule)]
+RouteName = Annotated[str, BeforeValidator(_route_name)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True
+    )
+
+
+class GatewayConfig(_Model):
+    """The ``[gateway]`` table: who we are, where carriers come in, and the timers."""
+
+    name: Name
+    key: FilePath
+    ca: FilePath | None = None
+    listen: list[Carrier] = []
+    keepalive_interval: Seconds = 10.0
+    keepalive_timeout: Seconds = 30.0
+    handshake_timeout: Seconds = 10.0
+    drain_timeout: Seconds = 10.0
+    reconnect_min: Seconds = 0.5
+    reconnect_max: Seconds = 30.0
+    udp_idle_timeout: Seconds = 60.0
+    max_route_length: Annotated[int, Field(ge=1, le=32)] = 8
+    initial_window: Annotated[int, Field(ge=16384, le=16777216)] = 262144
+    max_circuits: Annotated[int, Field(ge=1)] = 16384
+
+    @property
+    def cert(self) -> Path:
+        """Our certificate, ``NAME.crt`` beside ``NAME.key``."""
+        return self.key.with_suffix(".crt")
+
+
+class PeerConfig(_Model):
+    """A ``[[peer]]``: another gateway, how to know it, and what it may do through us.
+
+    After loading, ``fingerprint`` is always set (computed from ``cert`` if not given).
+    """
+
+    name: Name
+    cert: FilePath | None = None
+    fingerprint: Fingerprint | None = None
+    dial: Carrier | None = None
+    allow: list[Rule] = []
+    route: list[RouteName] = []
+
+    @property
+    def policy(self) -> Policy:
+        """What this peer may open through us (default-deny)."""
+        return Policy(self.allow)
+
+    @property
+    def route_policy(self) -> RoutePolicy:
+        """Which next hops this peer may route through us to."""
+        return RoutePolicy(self.route)
+
+
+class TunnelConfig(_Model):
+    """A ``[[tunnel]]``: a local listener whose sessions go ``via`` peers to ``target``."""
+
+    name: Name
+    listen: Listen
+    via: Annotated[list[Name], Field(min_length=1)]
+    target: TargetField
+    end_to_end: bool = False
+    udp_idle_timeout: Seconds | None = None
+
+
+class Config(_Model):
+    """The whole file; ``path`` is where it came from (for messages and reloads)."""
+
+    path: Path = Path("<config>")
+    gateway: GatewayConfig
+    peer: list[PeerConfig] = []
+    tunnel: list[TunnelConfig] = []
+
+    @property
+    def peers(self) -> list[PeerConfig]:
+        return self.peer
+
+    @property
+    def tunnels(self) -> list[TunnelConfig]:
+        return self.tunnel
+
+    def peer_named(self, name: str) -> PeerConfig | None:
+        return next((p for p in self.peer if p.name == name), None)
+
+    def udp_idle_timeout(self, tunnel: TunnelConfig) -> float:
+        """The tunnel's own UDP idle timeout, or the gateway's default."""
+        if tunnel.udp_idle_timeout is not None:
+            return tunnel.udp_idle_timeout
+        return self.gateway.udp_idle_timeout
+
+
+# --- turning pydantic's errors into ours -----------------------------------------------------
+
+_SECTIONS: dict[object, type[_Model]] = {
+    "gateway": GatewayConfig,
+    "peer": PeerConfig,
+    "tunnel": TunnelConfig,
+}
+
+_TYPE_WORDS = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "model_type": "a table",
+    "dict_type": "a table",
+    "dataclass_type": "a table",
+}
+
+
+def key_path(loc: Sequence[int | str]) -> str:
+    """``("tunnel", 1, "listen")`` -> ``tunnel[1].listen``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    loc = error["loc"]
+    given = _show(error.get("input"))
+    ctx = error.get("ctx") or {}
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        section = _SECTIONS.get(loc[0]) if len(loc) > 1 else Config
+        known = sorted(k for k in (section or Config).model_fields if k != "path")
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key{hint}; expected one of: {', '.join(known)}"
+    if kind in _TYPE_WORDS:
+        if kind == "list_type" and loc[-1] in ("peer", "tunnel") and len(loc) == 1:
+            return f"expected an array of tables ([[{loc[0]}]]), got {given}"
+        return f"expected {_TYPE_WORDS[kind]}, got {given}"
+    bounds = {
+        "greater_than": "greater than {gt}",
+        "greater_than_equal": "at least {ge}",
+        "less_than": "less than {lt}",
+        "less_than_equal": "at most {le}",
+        "too_short": "at least {min_length} item(s)",
+    }
+    if kind in bounds:
+        return f"expected {bounds[kind].format(**ctx)}, got {given}"
+    return f"{error['msg']}, got {given}"
+
+
+# --- cross-checks over the whole file ---------------------------------------------------------
+
+
+def _check(config: Config, file: str) -> Config:
+    def fail(path: str, message: str) -> ConfigError:
+        return ConfigError(file, path, message)
+
+    gw = config.gateway
+    if gw.keepalive_timeout <= gw.keepalive_interval:
+        raise fail(
+            "gateway.keepalive_timeout",
+            f"expected more than keepalive_interval ({gw.keepalive_interval:g}),"
+            f" got {gw.keepalive_timeout:g}",
+        )
+    if gw.reconnect_max < gw.reconnect_min:
+        raise fail(
+            "gateway.reconnect_max",
+            f"expected at least reconnect_min ({gw.reconnect_min:g}), got {gw.reconnect_max:g}",
+        )
+    try:
+        load_identity(gw.key)
+    except IdentityError as exc:
+        raise fail("gateway.key", str(exc)) from exc
+    if gw.ca is not None:
+        try:
+            load_cert(gw.ca)
+        except IdentityError as exc:
+            raise fail("gateway.ca", str(exc)) from exc
+    _check_unique(
+        [(f"gateway.listen[{i}]", str(a)) for i, a in enumerate(gw.listen) if a.port], fail, "used"
+    )
+
+    peers: list[PeerConfig] = []
+    first_seen: dict[str, int] = {}
+    for i, peer in enumerate(config.peer):
+        where = f"peer[{i}]"
+        if peer.name == gw.name:
+            raise fail(f"{where}.name", f"{peer.name!r} is this gateway's own name (gateway.name)")
+        if peer.name in first_seen:
+            raise fail(
+                f"{where}.name",
+                f"duplicate peer name {peer.name!r} (also peer[{first_seen[peer.name]}].name)",
+            )
+        first_seen[peer.name] = i
+        peers.append(_check_peer(peer, where, gw, fail))
+
+    declared = sorted(first_seen)
+    for i, peer in enumerate(peers):
+        for j, hop in enumerate(peer.route):
+            if hop != ANY_PEER and hop not in first_seen:
+                raise fail(f"peer[{i}].route[{j}]", _undeclared(hop, declared))
+
+    tunnel_seen: dict[str, int] = {}
+    listen_seen: dict[ListenAddress, int] = {}
+    for i, tunnel in enumerate(config.tunnel):
+        where = f"tunnel[{i}]"
+        if tunnel.name in tunnel_seen:
+            raise fail(
+                f"{where}.name",
+                f"duplicate tunnel name {tunnel.name!r}"
+                f" (also tunnel[{tunnel_seen[tunnel.name]}].name)",
+            )
+        tunnel_seen[tunnel.name] = i
+        if tunnel.listen.port and tunnel.listen in listen_seen:
+            raise fail(
+                f"{where}.listen",
+                f"{tunnel.listen} is already used by tunnel[{listen_seen[tunnel.listen]}]",
+            )
+        listen_seen[tunnel.listen] = i
+        if tunnel.via[0] not in first_seen:
+            raise fail(f"{where}.via[0]", _undeclared(tunnel.via[0], declared))
+        for j, hop in enumerate(tunnel.via):
+            if hop == gw.name:
+                raise fail(
+                    f"{where}.via[{j}]", f"{hop!r} is this gateway itself: the route would loop"
+                )
+            if hop in tunnel.via[:j]:
+                raise fail(f"{where}.via[{j}]", f"{hop!r} appears twice: the route would loop")
+        if len(tunnel.via) > gw.max_route_length:
+            raise fail(
+                f"{where}.via",
+                f"route has {len(tunnel.via)} hops, more than"
+                f" gateway.max_route_length ({gw.max_route_length})",
+            )
+    return config.model_copy(update={"peer": peers})
+
+
+Fail = Callable[[str, str], ConfigError]
+
+
+def _undeclared(name: str, declared: list[str]) -> str:
+    known = ", ".join(declared) if declared else "none"
+    return f"{name!r} is not a declared peer (declared: {known})"
+
+
+def _check_unique(items: list[tuple[str, str]], fail: Fail, verb: str) -> None:
+    seen: dict[str, str] = {}
+    for path, value in items:
+        if value in seen:
+            raise fail(path, f"{value} is already {verb} by {seen[value]}")
+        seen[value] = path
+
+
+def _check_peer(peer: PeerConfig, where: str, gw: GatewayConfig, fail: Fail) -> PeerConfig:
+    if peer.cert is None and peer.fingerprint is None:
+        raise fail(where, "expected `cert` or `fingerprint` (or both) to identify the peer")
+    if peer.dial is None and peer.cert is None and gw.ca is None:
+        raise fail(
+            f"{where}.cert",
+            "a peer that has no `dial` must have `cert` unless gateway.ca is set"
+            " (the TLS listener needs the cert in its trust store)",
+        )
+    if peer.cert is None:
+        return peer
+    try:
+        actual = fingerprint_of_cert(load_cert(peer.cert))
+    except IdentityError as exc:
+        raise fail(f"{where}.cert", str(exc)) from exc
+    if peer.fingerprint is not None and peer.fingerprint != actual:
+        raise fail(
+            f"{where}.fingerprint",
+            f"does not match {where}.cert: the certificate's fingerprint is {actual},"
+            f" got {peer.fingerprint}",
+        )
+    return peer.model_copy(update={"fingerprint": actual})
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+
+def parse_config(
+    text: str, path_for_messages: str | os.PathLike[str], base_dir: str | os.PathLike[str]
+) -> Config:
+    """Parse TOML text; relative paths in it are taken relative to ``base_dir``."""
+    file = os.fspath(path_for_messages)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"TOML syntax error: {exc}") from exc
+    if "path" in data:
+        raise ConfigError(file, "path", _message({"type": "extra_forbidden", "loc": ("path",)}))
+    try:
+        config = Config.model_validate(
+            {**data, "path": Path(file)}, context={"base_dir": Path(base_dir)}
+        )
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ConfigError(file, key_path(first["loc"]), _message(first)) from None
+    return _check(config, file)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check a config file; relative paths in it are relative to its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc}") from exc
+    return parse_config(text, path, path.parent)

@@ -1,0 +1,338 @@
+"""Every kind of config mistake gets one exact message: file, key path, what was expected."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.config import CarrierAddress, ListenAddress, Target, load_config, parse_config
+from gateway.errors import ConfigError
+from gateway.identity import load_identity, write_identity
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    write_identity(tmp_path / "hub")
+    write_identity(tmp_path / "edge")
+    write_identity(tmp_path / "core")
+    return tmp_path
+
+
+GOOD = """
+[gateway]
+name = "hub"
+key = "hub.key"
+listen = ["tls://[::1]:7443", "tcp://127.0.0.1:7000"]
+
+[[peer]]
+name = "edge"
+cert = "edge.crt"
+allow = ["tcp://10.0.0.0/8:5432-5433", "udp://*:53"]
+route = ["core"]
+
+[[peer]]
+name = "core"
+fingerprint = "{core_fp}"
+dial = "tls://core.example:7443"
+
+[[tunnel]]
+name = "db"
+listen = "tcp://127.0.0.1:15432"
+via = ["core", "far-away"]
+target = "[fd00::1]:5432"
+"""
+
+
+def good(folder: Path) -> str:
+    core_fp = load_identity(folder / "core.key").fingerprint
+    return GOOD.format(core_fp=core_fp)
+
+
+def error_of(folder: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(textwrap.dedent(text), "hub.toml", folder)
+    return str(info.value)
+
+
+def with_gateway(body: str) -> str:
+    return '[gateway]\nname = "hub"\nkey = "hub.key"\n' + textwrap.dedent(body)
+
+
+def test_a_good_config_loads_with_parsed_values(folder: Path) -> None:
+    (folder / "hub.toml").write_text(good(folder))
+    config = load_config(folder / "hub.toml")
+    assert config.gateway.key == folder / "hub.key"
+    assert config.gateway.cert == folder / "hub.crt"
+    assert config.gateway.listen == [
+        CarrierAddress("tls", "::1", 7443),
+        CarrierAddress("tcp", "127.0.0.1", 7000),
+    ]
+    assert config.gateway.keepalive_timeout == 30.0
+    assert config.gateway.initial_window == 262144
+    edge, core = config.peers
+    assert edge.cert == folder / "edge.crt"
+    assert edge.fingerprint is not None and edge.fingerprint.startswith("SHA256:")
+    assert edge.policy.permits("tcp", "10.1.1.1", 5433)
+    assert not edge.policy.permits("tcp", "10.1.1.1", 22)
+    assert edge.route_policy.permits("core")
+    assert core.dial == CarrierAddress("tls", "core.example", 7443)
+    (tunnel,) = config.tunnels
+    assert tunnel.listen == ListenAddress("tcp", "127.0.0.1", 15432)
+    assert tunnel.target == Target("fd00::1", 5432)
+    assert str(tunnel.target) == "[fd00::1]:5432"
+    assert config.udp_idle_timeout(tunnel) == 60.0
+
+
+def test_relative_paths_are_resolved_against_the_config_folder(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    (folder / "keys").mkdir()
+    write_identity(folder / "keys" / "gw")
+    (folder / "hub.toml").write_text(
+        '[gateway]\nname = "gw"\nkey = "keys/gw.key"\nca = "hub.crt"\n'
+    )
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    config = load_config(folder / "hub.toml")
+    assert config.gateway.key == folder / "keys" / "gw.key"
+    assert config.gateway.ca == folder / "hub.crt"
+
+
+def test_missing_required_key(folder: Path) -> None:
+    assert error_of(folder, '[gateway]\nname = "hub"\n') == (
+        "hub.toml: gateway.key: required key is missing"
+    )
+
+
+def test_missing_key_file(folder: Path) -> None:
+    message = error_of(folder, '[gateway]\nname = "hub"\nkey = "nope.key"\n')
+    assert message == f"hub.toml: gateway.key: {folder / 'nope.key'}: no such file"
+
+
+def test_wrong_type(folder: Path) -> None:
+    assert error_of(folder, with_gateway("keepalive_interval = '5'\n")) == (
+        "hub.toml: gateway.keepalive_interval: expected a number, got '5'"
+    )
+    assert error_of(folder, with_gateway("max_circuits = 1.5\n")) == (
+        "hub.toml: gateway.max_circuits: expected an integer, got 1.5"
+    )
+
+
+def test_bad_tunnel_listen_url(folder: Path) -> None:
+    text = with_gateway(
+        """
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        [[tunnel]]
+        name = "a"
+        listen = "tcp://127.0.0.1:1"
+        via = ["edge"]
+        target = "db:5432"
+        [[tunnel]]
+        name = "b"
+        listen = "http://x"
+        via = ["edge"]
+        target = "db:5432"
+        """
+    )
+    assert error_of(folder, text) == (
+        "hub.toml: tunnel[1].listen: expected tcp://HOST:PORT or udp://HOST:PORT, got 'http://x'"
+    )
+
+
+def test_bad_port(folder: Path) -> None:
+    assert error_of(folder, with_gateway('listen = ["tls://0.0.0.0:70000"]\n')) == (
+        "hub.toml: gateway.listen[0]: port 70000 is out of range 0..65535 in '0.0.0.0:70000'"
+    )
+
+
+def test_bad_allow_rule(folder: Path) -> None:
+    text = with_gateway(
+        """
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        allow = ["tcp://db:5432", "udp://*:53", "tcp://db:9-3"]
+        """
+    )
+    assert error_of(folder, text) == "hub.toml: peer[0].allow[2]: port range '9-3' is backwards"
+
+
+def test_unknown_key(folder: Path) -> None:
+    assert error_of(folder, with_gateway("keepalive = 5\n")) == (
+        "hub.toml: gateway.keepalive: unknown key (did you mean 'keepalive_timeout'?); expected"
+        " one of: ca, drain_timeout, handshake_timeout, initial_window, keepalive_interval,"
+        " keepalive_timeout, key, listen, max_circuits, max_route_length, name, reconnect_max,"
+        " reconnect_min, udp_idle_timeout"
+    )
+    assert error_of(folder, with_gateway("[tunnels]\n")) == (
+        "hub.toml: tunnels: unknown key (did you mean 'tunnel'?); expected one of:"
+        " gateway, peer, tunnel"
+    )
+
+
+def test_duplicate_names(folder: Path) -> None:
+    text = with_gateway(
+        """
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        [[peer]]
+        name = "edge"
+        cert = "core.crt"
+        """
+    )
+    assert error_of(folder, text) == (
+        "hub.toml: peer[1].name: duplicate peer name 'edge' (also peer[0].name)"
+    )
+
+
+def test_peer_named_like_the_gateway(folder: Path) -> None:
+    text = with_gateway('[[peer]]\nname = "hub"\ncert = "edge.crt"\n')
+    assert error_of(folder, text) == (
+        "hub.toml: peer[0].name: 'hub' is this gateway's own name (gateway.name)"
+    )
+
+
+def test_duplicate_listen_addresses(folder: Path) -> None:
+    text = with_gateway(
+        """
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        [[tunnel]]
+        name = "a"
+        listen = "udp://127.0.0.1:53"
+        via = ["edge"]
+        target = "dns:53"
+        [[tunnel]]
+        name = "b"
+        listen = "udp://127.0.0.1:53"
+        via = ["edge"]
+        target = "dns2:53"
+        """
+    )
+    assert error_of(folder, text) == (
+        "hub.toml: tunnel[1].listen: udp://127.0.0.1:53 is already used by tunnel[0]"
+    )
+
+
+def test_undeclared_via_peer(folder: Path) -> None:
+    text = with_gateway(
+        """
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        [[tunnel]]
+        name = "a"
+        listen = "tcp://127.0.0.1:1"
+        via = ["egde"]
+        target = "db:5432"
+        """
+    )
+    assert error_of(folder, text) == (
+        "hub.toml: tunnel[0].via[0]: 'egde' is not a declared peer (declared: edge)"
+    )
+
+
+def test_route_through_ourselves_is_a_loop(folder: Path) -> None:
+    text = with_gateway(
+        """
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        [[tunnel]]
+        name = "a"
+        listen = "tcp://127.0.0.1:1"
+        via = ["edge", "hub"]
+        target = "db:5432"
+        """
+    )
+    assert error_of(folder, text) == (
+        "hub.toml: tunnel[0].via[1]: 'hub' is this gateway itself: the route would loop"
+    )
+
+
+def test_route_longer_than_max_route_length(folder: Path) -> None:
+    text = with_gateway(
+        """
+        max_route_length = 2
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        [[tunnel]]
+        name = "a"
+        listen = "tcp://127.0.0.1:1"
+        via = ["edge", "b", "c"]
+        target = "db:5432"
+        """
+    )
+    assert error_of(folder, text) == (
+        "hub.toml: tunnel[0].via: route has 3 hops, more than gateway.max_route_length (2)"
+    )
+
+
+def test_peer_without_cert_and_without_dial(folder: Path) -> None:
+    text = with_gateway(f'[[peer]]\nname = "edge"\nfingerprint = "SHA256:{"A" * 43}"\n')
+    assert error_of(folder, text) == (
+        "hub.toml: peer[0].cert: a peer that has no `dial` must have `cert` unless gateway.ca"
+        " is set (the TLS listener needs the cert in its trust store)"
+    )
+
+
+def test_peer_without_any_identity(folder: Path) -> None:
+    text = with_gateway('[[peer]]\nname = "edge"\ndial = "tls://edge:7443"\n')
+    assert error_of(folder, text) == (
+        "hub.toml: peer[0]: expected `cert` or `fingerprint` (or both) to identify the peer"
+    )
+
+
+def test_fingerprint_mismatch(folder: Path) -> None:
+    core_fp = load_identity(folder / "core.key").fingerprint
+    edge_fp = load_identity(folder / "edge.key").fingerprint
+    text = with_gateway(f'[[peer]]\nname = "edge"\ncert = "edge.crt"\nfingerprint = "{core_fp}"\n')
+    assert error_of(folder, text) == (
+        f"hub.toml: peer[0].fingerprint: does not match peer[0].cert: the certificate's"
+        f" fingerprint is {edge_fp}, got {core_fp}"
+    )
+
+
+def test_malformed_fingerprint(folder: Path) -> None:
+    text = with_gateway('[[peer]]\nname = "edge"\ncert = "edge.crt"\nfingerprint = "abc"\n')
+    assert error_of(folder, text) == (
+        "hub.toml: peer[0].fingerprint: expected SHA256: followed by 43 base64 characters"
+        " (see `tunnelgate fingerprint FILE`), got 'abc'"
+    )
+
+
+def test_keepalive_timeout_must_exceed_interval(folder: Path) -> None:
+    text = with_gateway("keepalive_interval = 10\nkeepalive_timeout = 10\n")
+    assert error_of(folder, text) == (
+        "hub.toml: gateway.keepalive_timeout: expected more than keepalive_interval (10), got 10"
+    )
+
+
+def test_out_of_range_number(folder: Path) -> None:
+    assert error_of(folder, with_gateway("initial_window = 1024\n")) == (
+        "hub.toml: gateway.initial_window: expected at least 16384, got 1024"
+    )
+
+
+def test_bad_gateway_name(folder: Path) -> None:
+    assert error_of(folder, '[gateway]\nname = "my hub"\nkey = "hub.key"\n') == (
+        "hub.toml: gateway.name: expected a name of 1-63 letters, digits, '.', '_' or '-',"
+        " got 'my hub'"
+    )
+
+
+def test_toml_syntax_error_names_line_and_column(folder: Path) -> None:
+    assert error_of(folder, '[gateway]\nname = "hub\n') == (
+        "hub.toml: TOML syntax error: Illegal character '\\n' (at line 2, column 12)"
+    )
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such file"):
+        load_config(tmp_path / "nope.toml")
