@@ -1,0 +1,107 @@
+"""The ``tunnelgate`` command: keygen, fingerprint, check and run.
+
+Exit codes: 0 ok, 1 an operation failed (e.g. refusing to overwrite a key),
+2 the config or the command line is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gateway.errors import ConfigError, TunnelgateError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunnelgate",
+        description="Application-layer TCP/UDP tunneling gateway over mutual-TLS carriers.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    keygen = verbs.add_parser(
+        "keygen", help="make an Ed25519 key (NAME.key, mode 0600) and certificate (NAME.crt)"
+    )
+    keygen.add_argument("name", metavar="NAME", help="gateway name, or a path prefix dir/NAME")
+    fingerprint = verbs.add_parser("fingerprint", help="print the fingerprint of a .crt or .key")
+    fingerprint.add_argument("file", metavar="FILE")
+    check = verbs.add_parser("check", help="validate a config file")
+    check.add_argument("config", metavar="CONFIG.toml")
+    run = verbs.add_parser("run", help="run the gateway")
+    run.add_argument("config", metavar="CONFIG.toml")
+    loud = run.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return parser
+
+
+def _keygen(name: str) -> int:
+    from pathlib import Path
+
+    from gateway.config import NAME_RE
+    from gateway.identity import write_identity
+
+    prefix = Path(name)
+    stem = prefix.name.removesuffix(".key").removesuffix(".crt")
+    if not NAME_RE.match(stem):
+        print(
+            f"tunnelgate: {stem!r} is not a valid gateway name"
+            " (1-63 letters, digits, '.', '_' or '-')",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    identity = write_identity(prefix)
+    print(f"wrote {identity.key_path} (private, mode 0600) and {identity.cert_path}")
+    print(identity.fingerprint)
+    return 0
+
+
+def _check(path: str) -> int:
+    from gateway.config import load_config
+
+    config = load_config(path)
+    print(f"{path}: ok ({len(config.peers)} peers, {len(config.tunnels)} tunnels)")
+    return 0
+
+
+def _run(path: str, verbosity: int) -> int:
+    import trio
+
+    from gateway.config import load_config
+    from gateway.logs import setup_logging
+
+    config = load_config(path)
+    setup_logging(verbosity)
+    from gateway.app import run_gateway
+
+    try:
+        trio.run(run_gateway, config)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tunnelgate`` console script and ``python -m gateway``."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.verb == "keygen":
+            return _keygen(args.name)
+        if args.verb == "fingerprint":
+            from gateway.identity import fingerprint_of_file
+
+            print(fingerprint_of_file(args.file))
+            return 0
+        if args.verb == "check":
+            return _check(args.config)
+        verbosity = 1 if args.verbose else -1 if args.quiet else 0
+        return _run(args.config, verbosity)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except TunnelgateError as exc:  # IdentityError and the rest
+        print(f"tunnelgate: {exc}", file=sys.stderr)
+        return EXIT_FAILED

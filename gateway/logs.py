@@ -1,0 +1,38 @@
+"""Logging to stderr with UTC ISO-8601 timestamps, so lines from several hosts sort together.
+
+systemd and container runtimes collect stderr; no files, no rotation here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+
+class _UTCFormatter(logging.Formatter):
+    """``2026-11-25T04:13:33.123Z LEVEL name: message``."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def level_for(verbosity: int) -> int:
+    """0 -> INFO (the default), 1+ (-v) -> DEBUG, negative (-q) -> WARNING."""
+    if verbosity > 0:
+        return logging.DEBUG
+    if verbosity < 0:
+        return logging.WARNING
+    return logging.INFO
+
+
+def setup_logging(verbosity: int = 0) -> None:
+    """Send every logger's records to stderr at the level ``verbosity`` asks for."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level_for(verbosity))
