@@ -52,7 +52,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         if not MIN_MAX_FRAME_PAYLOAD <= self.max_frame_payload <= MAX_LENGTH_FIELD:
-            raise ValueError(f"max_frame_payload must be {MIN_MAX_FRAME_PAYLOAD}..{MAX_LENGTH_FIELD}")
+            raise ValueError(
+                f"max_frame_payload must be {MIN_MAX_FRAME_PAYLOAD}..{MAX_LENGTH_FIELD}")
         if not 1 <= self.initial_window <= 0xFFFFFFFF:
             raise ValueError("initial_window must be 1..2**32-1")
         if not 0 <= self.max_circuits <= 0xFFFFFFFF:
@@ -61,6 +62,8 @@ class Settings:
             raise ValueError("session_id must be 16 bytes")
         if len(self.node_name.encode("utf-8")) > MAX_HOP_NAME:
             raise ValueError("node_name must be at most 63 bytes")
+        if not 0 <= self.version <= 0xFFFF:
+            raise ValueError("version must fit in u16")
 
 
 def encode_hello(s: Settings) -> bytes:
@@ -120,7 +123,8 @@ def decode_hello(payload: bytes) -> Settings:
     max_payload = number(SettingId.MAX_FRAME_PAYLOAD, defaults.max_frame_payload)
     if not MIN_MAX_FRAME_PAYLOAD <= max_payload <= MAX_LENGTH_FIELD:
         raise RemoteProtocolError(
-            f"HELLO max_frame_payload {max_payload} outside {MIN_MAX_FRAME_PAYLOAD}..{MAX_LENGTH_FIELD}"
+            f"HELLO max_frame_payload {max_payload} outside"
+            f" {MIN_MAX_FRAME_PAYLOAD}..{MAX_LENGTH_FIELD}"
             f" (a {MAX_DATAGRAM}-byte datagram must fit)"
         )
     window = number(SettingId.INITIAL_WINDOW, defaults.initial_window)

@@ -55,7 +55,14 @@ from .frames import (
     frame,
     header,
 )
-from .hello import MAX_HELLO_PAYLOAD, PROTOCOL_VERSION, Capability, Settings, decode_hello, encode_hello
+from .hello import (
+    MAX_HELLO_PAYLOAD,
+    PROTOCOL_VERSION,
+    Capability,
+    Settings,
+    decode_hello,
+    encode_hello,
+)
 
 PING_SIZE = 8
 # A peer that keeps sending PINGs while never reading our PONGs is flooding us.
@@ -123,11 +130,13 @@ class CarrierSession:
         self.capabilities = Capability.NONE
         self._datagram_queue_bytes = datagram_queue_bytes
         self._circuits: dict[int, _Circuit] = {}
+        self._peer_circuits = 0  # live circuits the peer opened: what max_circuits bounds
         self._next_local_id = 1 if role is Role.DIALER else 2
         self._highest_peer_id = 0
         self._inbound = bytearray()
         self._control: list[bytes] = []
         self._control_bytes = 0
+        self._hello_sent = False  # our HELLO left in a data_to_send (kept on failure)
         self._ready: deque[_Circuit] = deque()  # circuits with queued payload, round robin
         self._in_ready: set[int] = set()
         self._goaway_sent_last: int | None = None
@@ -183,11 +192,15 @@ class CarrierSession:
         if self._ended:
             raise LocalProtocolError("receive_data after receive_eof")
         buf = self._inbound
-        if buf:
+        buffered = bool(buf)
+        view: bytes | memoryview
+        if buffered:
             buf += data
-            view: bytes | bytearray | memoryview = buf
-        else:
+            view = memoryview(buf)  # slices of a view copy once (a bytearray's copy twice)
+        elif isinstance(data, bytes):
             view = data
+        else:
+            view = memoryview(data)
         events: list[Event] = []
         pos = 0
         end_of_data = len(view)
@@ -196,8 +209,13 @@ class CarrierSession:
             while end_of_data - pos >= HEADER_SIZE:
                 length_type, flags, cid = unpack(view, pos)
                 length = length_type >> 8
-                limit = (self.local_settings.max_frame_payload if self.peer_settings is not None
-                         else MAX_HELLO_PAYLOAD)
+                if self.peer_settings is not None:
+                    limit = self.local_settings.max_frame_payload
+                else:
+                    if length_type & 0xFF != FrameType.HELLO:
+                        raise RemoteProtocolError(
+                            "the first frame must be HELLO (not a tunnelgate carrier?)")
+                    limit = MAX_HELLO_PAYLOAD
                 if length > limit:
                     raise RemoteProtocolError(
                         f"frame of {length} bytes exceeds the {limit}-byte limit",
@@ -211,8 +229,11 @@ class CarrierSession:
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
+        finally:
+            if buffered:
+                view.release()  # type: ignore[union-attr]
         if pos < end_of_data:
-            if buf:
+            if buffered:
                 del buf[:pos]
             else:
                 buf += view[pos:]
@@ -226,6 +247,7 @@ class CarrierSession:
         clean = (self._goaway_received_last is not None and not self._circuits
                  and not self._inbound)
         self._circuits.clear()
+        self._peer_circuits = 0
         self._ready.clear()
         self._in_ready.clear()
         return [CarrierEnded(clean)]
@@ -238,9 +260,13 @@ class CarrierSession:
         `max_bytes` bounds the payload taken (control frames always go); a writer that
         pulls in chunks keeps a late small write on another circuit close to the front.
         """
-        out = self._control
+        out: list[bytes | memoryview] = list(self._control)
         self._control = []
         self._control_bytes = 0
+        self._hello_sent = True
+        if self._failed is not None:
+            self._ready.clear()  # after a protocol error only the GOAWAY leaves
+            self._in_ready.clear()
         budget = max_bytes if max_bytes is not None else -1
         ready = self._ready
         max_payload = (self.peer_settings.max_frame_payload if self.peer_settings
@@ -262,10 +288,11 @@ class CarrierSession:
             else:
                 self._in_ready.discard(c.id)
                 if c.fin_queued and not c.fin_sent:
-                    self._emit_fin(c, out)
+                    out.append(self._fin_frame(c))
         return b"".join(out)
 
-    def _take_stream_frame(self, c: _Circuit, max_payload: int, out: list[bytes]) -> int:
+    def _take_stream_frame(self, c: _Circuit, max_payload: int,
+                           out: list[bytes | memoryview]) -> int:
         q = c.queue
         first = q[0]
         if len(first) >= max_payload:
@@ -296,10 +323,11 @@ class CarrierSession:
         c.queued -= size
         return size
 
-    def _emit_fin(self, c: _Circuit, out: list[bytes]) -> None:
-        out.append(header(FrameType.FIN, 0, c.id, 0))
+    def _fin_frame(self, c: _Circuit) -> bytes:
+        """FIN leaves now: mark it sent and retire the circuit if that was the last step."""
         c.fin_sent = True
         self._maybe_retire(c)
+        return header(FrameType.FIN, 0, c.id, 0)
 
     # ---------------------------------------------------------------- circuits
 
@@ -312,7 +340,8 @@ class CarrierSession:
                     else ErrorCode.GOING_AWAY)
             raise LocalProtocolError("this carrier accepts no new circuits", code)
         if request.kind is CircuitKind.UDP and not self.capabilities & Capability.DATAGRAM:
-            raise LocalProtocolError("the peer does not support UDP flows", ErrorCode.UNSUPPORTED_KIND)
+            raise LocalProtocolError("the peer does not support UDP flows",
+                                     ErrorCode.UNSUPPORTED_KIND)
         payload = encode_open(request)
         assert self.peer_settings is not None
         cid = self._next_local_id
@@ -322,6 +351,9 @@ class CarrierSession:
         self._circuits[cid] = _Circuit(cid, request.kind, True, CircuitState.OPENING,
                                        self.peer_settings.initial_window,
                                        self.local_settings.initial_window)
+        if self._next_local_id > MAX_CIRCUIT_ID:
+            # That was our last id: drain this carrier; the gateway dials a new one.
+            self.goaway(ErrorCode.CIRCUIT_IDS_EXHAUSTED, "circuit ids exhausted")
         return cid
 
     def accept_circuit(self, circuit_id: int) -> None:
@@ -351,7 +383,7 @@ class CarrierSession:
         if c.state is CircuitState.PENDING:
             raise LocalProtocolError("accept the circuit before sending on it")
         if c.fin_queued:
-            raise LocalProtocolError("send_data after send_eof")
+            raise LocalProtocolError("send_data after send_eof", ErrorCode.CIRCUIT_STATE_ERROR)
         n = len(data)
         if not n:
             return
@@ -381,10 +413,10 @@ class CarrierSession:
     def consumed(self, circuit_id: int, n: int) -> None:
         """The application took `n` received bytes; MAX_DATA follows after half a window."""
         c = self._circuits.get(circuit_id)
-        if c is None or c.remote_fin:
-            return  # nothing more will arrive: no credit to give
-        new_limit = c.window.consume(n)
-        if new_limit is not None:
+        if c is None:
+            return
+        new_limit = c.window.consume(n)  # kept after FIN too: it is the resumption ack
+        if new_limit is not None and not c.remote_fin:  # after FIN no credit is needed
             self._queue_control(frame(FrameType.MAX_DATA, 0, circuit_id, encode_u64(new_limit)))
 
     def set_receive_window(self, circuit_id: int, size: int) -> None:
@@ -408,9 +440,7 @@ class CarrierSession:
             raise LocalProtocolError("accept the circuit before closing it")
         c.fin_queued = True
         if not c.queue:
-            out: list[bytes] = []
-            self._emit_fin(c, out)
-            self._queue_control(out[0])
+            self._queue_control(self._fin_frame(c))
 
     def reset_circuit(self, circuit_id: int, code: ErrorCode | int = ErrorCode.CANCELLED,
                       reason: str = "") -> None:
@@ -430,14 +460,19 @@ class CarrierSession:
         payload = os.urandom(PING_SIZE) if payload is None else payload
         if len(payload) != PING_SIZE:
             raise LocalProtocolError("PING payload must be 8 bytes")
+        if not self.established:
+            raise LocalProtocolError("only HELLO may be sent before the peer's HELLO arrives")
         self._queue_control(frame(FrameType.PING, 0, 0, payload))
         return payload
 
     def goaway(self, code: ErrorCode | int = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Refuse circuits the peer opens from now on; ours and older ones continue."""
-        last = self._highest_peer_id
-        if self._goaway_sent_last is not None and code == ErrorCode.NO_ERROR:
-            return
+        if self._goaway_sent_last is not None:
+            if code == ErrorCode.NO_ERROR:
+                return
+            last = self._goaway_sent_last  # a later GOAWAY may never raise the last id
+        else:
+            last = self._highest_peer_id
         self._goaway_sent_last = last
         self._queue_control(frame(FrameType.GOAWAY, 0, 0, encode_goaway(last, code, reason)))
 
@@ -455,11 +490,16 @@ class CarrierSession:
     def _live(self, circuit_id: int) -> _Circuit:
         c = self._circuits.get(circuit_id)
         if c is None:
-            raise LocalProtocolError(f"circuit {circuit_id} is not open", ErrorCode.CIRCUIT_STATE_ERROR)
+            raise LocalProtocolError(f"circuit {circuit_id} is not open",
+                                     ErrorCode.CIRCUIT_STATE_ERROR)
         return c
 
+    def _forget(self, c: _Circuit) -> None:
+        if self._circuits.pop(c.id, None) is not None and not c.local:
+            self._peer_circuits -= 1
+
     def _drop(self, c: _Circuit) -> None:
-        self._circuits.pop(c.id, None)
+        self._forget(c)
         if c.id in self._in_ready:
             self._in_ready.discard(c.id)
             self._ready.remove(c)
@@ -467,19 +507,23 @@ class CarrierSession:
 
     def _maybe_retire(self, c: _Circuit) -> bool:
         if c.fin_sent and c.remote_fin and c.state is CircuitState.OPEN:
-            self._circuits.pop(c.id, None)
+            self._forget(c)
             return True
         return False
 
     def _fail(self, exc: ProtocolError) -> None:
         self._failed = exc
-        self._control = []
-        self._control_bytes = 0
+        # Pending output is abandoned, except our HELLO if it never left: the peer
+        # must see a HELLO first, or it cannot read the GOAWAY that says why.
+        self._control = self._control[:1] if not self._hello_sent else []
+        self._control_bytes = sum(map(len, self._control))
         self._ready.clear()
         self._in_ready.clear()
-        self._goaway_sent_last = self._highest_peer_id
+        last = (self._goaway_sent_last if self._goaway_sent_last is not None
+                else self._highest_peer_id)
+        self._goaway_sent_last = last
         self._queue_control(frame(FrameType.GOAWAY, 0, 0,
-                                  encode_goaway(self._highest_peer_id, exc.code, str(exc.args[0]))))
+                                  encode_goaway(last, exc.code, str(exc.args[0]))))
 
     def _is_peer_id(self, cid: int) -> bool:
         return (cid & 1) == (0 if self.role is Role.DIALER else 1)
@@ -503,7 +547,8 @@ class CarrierSession:
     def _handle_frame(self, ftype: int, flags: int, cid: int, payload: bytes,
                       events: list[Event]) -> None:
         if cid > MAX_CIRCUIT_ID:
-            raise RemoteProtocolError("reserved bit of the circuit id is set", ErrorCode.CIRCUIT_ID_ERROR)
+            raise RemoteProtocolError("reserved bit of the circuit id is set",
+                                      ErrorCode.CIRCUIT_ID_ERROR)
         if self.peer_settings is None:
             if ftype != FrameType.HELLO or cid != 0:
                 raise RemoteProtocolError("the first frame must be HELLO on circuit 0")
@@ -514,9 +559,11 @@ class CarrierSession:
             if c is None:
                 return
             if c.kind is not CircuitKind.TCP:
-                raise RemoteProtocolError(f"DATA on UDP flow {cid}", ErrorCode.CIRCUIT_STATE_ERROR)
+                raise RemoteProtocolError(f"DATA on UDP flow {cid}",
+                                          ErrorCode.CIRCUIT_STATE_ERROR)
             if c.remote_fin:
-                raise RemoteProtocolError(f"DATA after FIN on circuit {cid}", ErrorCode.CIRCUIT_STATE_ERROR)
+                raise RemoteProtocolError(f"DATA after FIN on circuit {cid}",
+                                          ErrorCode.CIRCUIT_STATE_ERROR)
             if c.local and c.state is CircuitState.OPENING:
                 raise RemoteProtocolError(f"DATA before OPEN_OK on circuit {cid}",
                                           ErrorCode.CIRCUIT_STATE_ERROR)
@@ -528,9 +575,11 @@ class CarrierSession:
             if c is None:
                 return
             if c.kind is not CircuitKind.UDP:
-                raise RemoteProtocolError(f"DATAGRAM on TCP circuit {cid}", ErrorCode.CIRCUIT_STATE_ERROR)
+                raise RemoteProtocolError(f"DATAGRAM on TCP circuit {cid}",
+                                          ErrorCode.CIRCUIT_STATE_ERROR)
             if len(payload) > MAX_DATAGRAM:
-                raise RemoteProtocolError("DATAGRAM larger than 65,507 bytes", ErrorCode.FRAME_SIZE_ERROR)
+                raise RemoteProtocolError("DATAGRAM larger than 65,507 bytes",
+                                          ErrorCode.FRAME_SIZE_ERROR)
             if c.remote_fin or (c.local and c.state is CircuitState.OPENING):
                 raise RemoteProtocolError(f"DATAGRAM in a closed direction of flow {cid}",
                                           ErrorCode.CIRCUIT_STATE_ERROR)
@@ -572,7 +621,8 @@ class CarrierSession:
             if c is None:
                 return
             if c.remote_fin:
-                raise RemoteProtocolError(f"second FIN on circuit {cid}", ErrorCode.CIRCUIT_STATE_ERROR)
+                raise RemoteProtocolError(f"second FIN on circuit {cid}",
+                                          ErrorCode.CIRCUIT_STATE_ERROR)
             if c.local and c.state is CircuitState.OPENING:
                 raise RemoteProtocolError(f"FIN before OPEN_OK on circuit {cid}",
                                           ErrorCode.CIRCUIT_STATE_ERROR)
@@ -590,7 +640,8 @@ class CarrierSession:
         elif ftype == FrameType.PING:
             self._check_carrier_frame(cid, "PING")
             if len(payload) != PING_SIZE:
-                raise RemoteProtocolError("PING payload must be 8 bytes", ErrorCode.FRAME_SIZE_ERROR)
+                raise RemoteProtocolError("PING payload must be 8 bytes",
+                                          ErrorCode.FRAME_SIZE_ERROR)
             if self._control_bytes > MAX_PENDING_CONTROL_BYTES:
                 raise RemoteProtocolError("PING flood: our replies are not being read")
             self._queue_control(frame(FrameType.PONG, 0, 0, payload))
@@ -598,7 +649,8 @@ class CarrierSession:
         elif ftype == FrameType.PONG:
             self._check_carrier_frame(cid, "PONG")
             if len(payload) != PING_SIZE:
-                raise RemoteProtocolError("PONG payload must be 8 bytes", ErrorCode.FRAME_SIZE_ERROR)
+                raise RemoteProtocolError("PONG payload must be 8 bytes",
+                                          ErrorCode.FRAME_SIZE_ERROR)
             events.append(PongReceived(payload))
         elif ftype == FrameType.GOAWAY:
             self._check_carrier_frame(cid, "GOAWAY")
@@ -637,7 +689,7 @@ class CarrierSession:
         refusal: tuple[ErrorCode, str] | None = None
         if self._goaway_sent_last is not None:
             refusal = (ErrorCode.GOING_AWAY, "this gateway is shutting down the carrier")
-        elif len(self._circuits) >= self.local_settings.max_circuits:
+        elif self._peer_circuits >= self.local_settings.max_circuits:
             refusal = (ErrorCode.RESOURCE_LIMIT,
                        f"more than {self.local_settings.max_circuits} circuits on one carrier")
         elif request.kind is CircuitKind.UDP and not self.capabilities & Capability.DATAGRAM:
@@ -650,6 +702,7 @@ class CarrierSession:
         self._circuits[cid] = _Circuit(cid, request.kind, False, CircuitState.PENDING,
                                        self.peer_settings.initial_window,
                                        self.local_settings.initial_window)
+        self._peer_circuits += 1
         events.append(CircuitRequested(cid, request))
 
 
