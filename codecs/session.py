@@ -206,16 +206,19 @@ class CarrierSession:
         end_of_data = len(view)
         unpack = HEADER.unpack_from
         try:
+            limit = (self.local_settings.max_frame_payload if self.peer_settings is not None
+                     else MAX_HELLO_PAYLOAD)
             while end_of_data - pos >= HEADER_SIZE:
                 length_type, flags, cid = unpack(view, pos)
                 length = length_type >> 8
-                if self.peer_settings is not None:
-                    limit = self.local_settings.max_frame_payload
-                else:
+                if self.peer_settings is None:
                     if length_type & 0xFF != FrameType.HELLO:
                         raise RemoteProtocolError(
                             "the first frame must be HELLO (not a tunnelgate carrier?)")
+                    # Until the HELLO is parsed we do not know the peer: buffer little.
                     limit = MAX_HELLO_PAYLOAD
+                elif limit == MAX_HELLO_PAYLOAD:
+                    limit = self.local_settings.max_frame_payload
                 if length > limit:
                     raise RemoteProtocolError(
                         f"frame of {length} bytes exceeds the {limit}-byte limit",
