@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config", metavar="CONFIG.toml")
     run = verbs.add_parser("run", help="run the gateway")
     run.add_argument("config", metavar="CONFIG.toml")
+    run.add_argument("--ready-file", metavar="FILE",
+                     help="once every listener is bound, write their addresses here as JSON")
     loud = run.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -67,7 +69,9 @@ def _check(path: str) -> int:
     return 0
 
 
-def _run(path: str, verbosity: int) -> int:
+def _run(path: str, verbosity: int, ready_file: str | None) -> int:
+    from pathlib import Path
+
     import trio
 
     from gateway.config import load_config
@@ -78,7 +82,7 @@ def _run(path: str, verbosity: int) -> int:
     from gateway.app import run_gateway
 
     try:
-        trio.run(run_gateway, config)
+        trio.run(run_gateway, config, Path(ready_file) if ready_file else None)
     except KeyboardInterrupt:
         return 130
     return 0
@@ -98,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "check":
             return _check(args.config)
         verbosity = 1 if args.verbose else -1 if args.quiet else 0
-        return _run(args.config, verbosity)
+        return _run(args.config, verbosity, args.ready_file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE

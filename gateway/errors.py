@@ -32,3 +32,30 @@ class ConfigError(TunnelgateError):
 
 class IdentityError(TunnelgateError):
     """A key or certificate is missing, unreadable, of the wrong kind, or mismatched."""
+
+
+class CircuitBroken(TunnelgateError):
+    """A circuit ended abnormally: reset by the far side, refused, or its carrier died.
+
+    Circuits raise it wrapped as ``trio.BrokenResourceError`` (the stream contract);
+    the original is in ``__cause__``. ``code`` is the wire ErrorCode (or int).
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        from gateway_codecs import ErrorCode
+
+        name = ErrorCode.describe(self.code)
+        return f"{name}: {self.reason}" if self.reason else name
+
+
+class OpenRefused(CircuitBroken):
+    """The far side (or a hop on the route) answered OPEN with OPEN_FAIL."""
+
+
+class CarrierLost(CircuitBroken):
+    """The carrier under a circuit went away (broken link, keepalive timeout, GOAWAY)."""

@@ -1,0 +1,1 @@
+"""tunnelgate: the trio program (config, identities, carriers, circuits, endpoints, CLI)."""

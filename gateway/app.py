@@ -1,0 +1,80 @@
+"""The gateway process: wire config, identity, carriers, endpoints; drain on a signal.
+
+Shutdown order (SIGTERM/SIGINT): stop accepting (listeners close), send GOAWAY on
+every carrier, let open sessions finish for up to `drain_timeout`, then cancel the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import trio
+
+from gateway.config import Config
+from gateway.endpoints import TunnelEndpoint
+from gateway.exits import CircuitServer
+from gateway.identity import load_identity
+from gateway.links import Links
+from gateway.peers import PeerDirectory
+from gateway.sessions import SessionLog
+
+log = logging.getLogger("tunnelgate")
+
+
+def _write_ready_file(path: Path, ready: dict[str, object]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ready))
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
+    gw = config.gateway
+    identity = load_identity(gw.key)
+    peers = PeerDirectory(list(config.peer))
+    sessions = SessionLog()
+    server = CircuitServer(config, peers, sessions)
+    links = Links(config, identity, peers, server)
+    endpoints = [TunnelEndpoint(t, config, peers, sessions) for t in config.tunnel]
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as root:
+            handlers = root  # carriers and sessions outlive the listeners when draining
+            accepting = trio.CancelScope()
+
+            async def listen(*, task_status: trio.TaskStatus[dict[str, object]]) -> None:
+                with accepting:
+                    async with trio.open_nursery() as nursery:
+                        carriers = [await nursery.start(links.serve, address) for address in gw.listen]
+                        tunnels = {e.tunnel.name: await nursery.start(e.serve, handlers) for e in endpoints}
+                        for peer in config.peer:
+                            if peer.dial is not None:
+                                root.start_soon(links.keep_dialing, peer)
+                        task_status.started({"carriers": carriers, "tunnels": tunnels,
+                                             "fingerprint": identity.fingerprint, "pid": os.getpid()})
+
+            ready = await root.start(listen)
+            log.info("gateway %s (%s) ready", gw.name, identity.fingerprint)
+            if ready_file is not None:
+                _write_ready_file(ready_file, ready)
+
+            async for signum in signals:
+                log.info("%s received: draining (up to %g s, %d sessions open)",
+                         signal.Signals(signum).name, gw.drain_timeout, sessions.active)
+                break
+            accepting.cancel()
+            for endpoint in endpoints:
+                endpoint.accepting = False
+            for carrier in peers.carriers():
+                carrier.goaway("gateway shutting down")
+            with trio.move_on_after(gw.drain_timeout):
+                await sessions.wait_idle()
+            if sessions.active:
+                log.warning("drain deadline reached with %d sessions open; closing them", sessions.active)
+            for carrier in peers.carriers():
+                carrier.close("gateway shut down")
+            root.cancel_scope.cancel()
+    log.info("gateway %s stopped (%d sessions served)", gw.name, sessions.total)

@@ -1,0 +1,297 @@
+"""A carrier: one connection to a peer gateway, driving one sans-IO `CarrierSession`.
+
+Three tasks live in the carrier's nursery: the reader (the only one that feeds the
+session bytes and turns events into circuit wake-ups), the writer (the only one that
+writes, coalescing every queued frame into one large write), and the keepalive
+(PING every interval; silence for `keepalive_timeout` declares the carrier dead).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+from gateway_codecs import (
+    CarrierEnded,
+    CarrierSession,
+    CircuitAccepted,
+    CircuitClosed,
+    CircuitKind,
+    CircuitRefused,
+    CircuitRequested,
+    CircuitReset,
+    CreditGranted,
+    DatagramReceived,
+    DataReceived,
+    EndOfStream,
+    ErrorCode,
+    Event,
+    GoAwayReceived,
+    HandshakeComplete,
+    OpenRequest,
+    PingReceived,
+    PongReceived,
+    ProtocolError,
+    RemoteProtocolError,
+    Role,
+    Settings,
+)
+
+from gateway.circuit import Circuit, DatagramCircuit, _CircuitBase
+from gateway.errors import CarrierLost, CircuitBroken, OpenRefused
+
+log = logging.getLogger("tunnelgate.carrier")
+
+READ_SIZE = 256 * 1024  # one read takes several full frames: fewer wakeups per byte
+WRITE_CHUNK = 256 * 1024  # payload per write: big enough to amortize a TLS record
+# batch, small enough that a late small write on another circuit waits little.
+CLOSE_GRACE = 2.0  # seconds to flush a GOAWAY and close_notify before dropping the link
+
+AnyCircuit = Circuit | DatagramCircuit
+RequestHandler = Callable[["Carrier", AnyCircuit], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Timing:
+    handshake_timeout: float = 10.0
+    keepalive_interval: float = 10.0
+    keepalive_timeout: float = 30.0
+
+
+class Carrier:
+    """One live carrier to `peer_name`; opens circuits and serves the peer's."""
+
+    def __init__(self, stream: trio.abc.Stream, role: Role, settings: Settings,
+                 timing: Timing, on_request: RequestHandler, peer_name: str | None,
+                 description: str) -> None:
+        self.stream = stream
+        self.session = CarrierSession(role, settings)
+        self.timing = timing
+        self.peer_name = peer_name
+        self.description = description
+        self.circuits: dict[int, AnyCircuit] = {}
+        self.rtt: float | None = None
+        self.close_reason = "closed"
+        self.closed = trio.Event()
+        self._on_request = on_request
+        self._established = trio.Event()
+        self._wake = trio.Event()
+        self._wake.set()  # HELLO is already queued
+        self._last_heard = trio.current_time()
+        self._pings: dict[bytes, float] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        return f"<Carrier {self.description}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, on_ready: Callable[[Carrier], None] | None = None) -> None:
+        """Handshake, call `on_ready`, then serve until the link ends or is closed.
+
+        Raises CarrierLost if the HELLO exchange does not complete; otherwise returns
+        when the carrier is over, with the reason in `close_reason`.
+        """
+        handshake_failed = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader_then_stop, nursery.cancel_scope)
+                with trio.move_on_after(self.timing.handshake_timeout) as handshake:
+                    await self._established.wait()
+                if handshake.cancelled_caught:
+                    self.close_reason = "no HELLO within the handshake timeout"
+                if not self._established.is_set():
+                    handshake_failed = True
+                    nursery.cancel_scope.cancel()
+                else:
+                    if on_ready is not None:
+                        on_ready(self)
+                    nursery.start_soon(self._keepalive, nursery.cancel_scope)
+        finally:
+            self.closed.set()
+            lost = CarrierLost(ErrorCode.CANCELLED, f"carrier {self.description} lost: {self.close_reason}")
+            for circuit in list(self.circuits.values()):
+                circuit.on_broken(lost)
+            self.circuits.clear()
+            with trio.move_on_after(CLOSE_GRACE) as scope:
+                scope.shield = True
+                try:
+                    await self._flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                await self.stream.aclose()
+        if handshake_failed:
+            raise CarrierLost(ErrorCode.PROTOCOL_ERROR, self.close_reason)
+
+    async def _serve_request(self, circuit: AnyCircuit) -> None:
+        """Run the request handler; a bug in one session must not take the carrier down."""
+        try:
+            await self._on_request(self, circuit)
+        except Exception:
+            log.exception("carrier %s: handler for circuit %d failed", self.description, circuit.id)
+            circuit.reset(ErrorCode.INTERNAL_ERROR, "internal error at the far gateway")
+
+    def close(self, reason: str, code: ErrorCode = ErrorCode.NO_ERROR) -> None:
+        """Send GOAWAY with `reason` and tear the carrier down now."""
+        self.close_reason = reason
+        try:
+            self.session.goaway(code, reason)
+        except ProtocolError:
+            pass
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def goaway(self, reason: str = "draining") -> None:
+        """Stop accepting the peer's new circuits; existing ones continue."""
+        self.session.goaway(ErrorCode.NO_ERROR, reason)
+        self.wake_writer()
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed.is_set() and self.session.can_open
+
+    # ------------------------------------------------------------------ circuits
+
+    def open(self, request: OpenRequest) -> AnyCircuit:
+        """Open a circuit now (OPEN is queued; data may follow before OPEN_OK)."""
+        try:
+            cid = self.session.open_circuit(request)
+        except ProtocolError as exc:
+            raise OpenRefused(exc.code, f"carrier to {self.peer_name} cannot open: {exc}") from exc
+        cls = DatagramCircuit if request.kind is CircuitKind.UDP else Circuit
+        circuit = cls(self, cid, request, opened_here=True)
+        self.circuits[cid] = circuit
+        self.wake_writer()
+        return circuit
+
+    def forget(self, circuit: _CircuitBase) -> None:
+        if self.circuits.get(circuit.id) is circuit:
+            del self.circuits[circuit.id]
+
+    def wake_writer(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _flush(self) -> None:
+        data = self.session.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    async def _writer(self) -> None:
+        session = self.session
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                data = session.data_to_send(WRITE_CHUNK)
+                while data:
+                    await self.stream.send_all(data)
+                    data = session.data_to_send(WRITE_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.close_reason = f"write failed: {exc}"
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+
+    async def _reader_then_stop(self, scope: trio.CancelScope) -> None:
+        try:
+            await self._reader()
+        finally:
+            scope.cancel()
+
+    async def _reader(self) -> None:
+        session = self.session
+        stream = self.stream
+        while True:
+            try:
+                data = await stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cause = exc.__cause__ or exc
+                self.close_reason = f"read failed: {cause or type(cause).__name__}"
+                return
+            if not data:
+                clean = any(isinstance(e, CarrierEnded) and e.clean for e in session.receive_eof())
+                self.close_reason = "closed by peer after GOAWAY" if clean else "peer closed the link"
+                return
+            self._last_heard = trio.current_time()
+            try:
+                events = session.receive_data(data)
+            except RemoteProtocolError as exc:
+                self.close_reason = f"protocol violation by peer: {exc}"
+                log.warning("carrier %s: %s; closing it", self.description, self.close_reason)
+                return
+            for event in events:
+                self._dispatch(event)
+            self._wake.set()
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case DataReceived(circuit_id=cid, data=data):
+                c = self.circuits.get(cid)
+                if isinstance(c, Circuit):
+                    c.on_data(data)
+            case DatagramReceived(circuit_id=cid, data=data):
+                c = self.circuits.get(cid)
+                if isinstance(c, DatagramCircuit):
+                    c.on_datagram(data)
+            case CreditGranted(circuit_id=cid) | EndOfStream(circuit_id=cid) if (
+                c := self.circuits.get(cid)) is not None:
+                if isinstance(event, CreditGranted):
+                    c.on_credit()
+                else:
+                    c.on_eof()
+            case CircuitAccepted(circuit_id=cid) if (c := self.circuits.get(cid)) is not None:
+                c.on_accepted()
+            case CircuitRefused(circuit_id=cid, code=code, reason=reason):
+                c = self.circuits.pop(cid, None)
+                if c is not None:
+                    c.on_broken(OpenRefused(code, reason))
+            case CircuitReset(circuit_id=cid, code=code, reason=reason):
+                c = self.circuits.pop(cid, None)
+                if c is not None:
+                    c.on_broken(CircuitBroken(code, reason or "reset by the far side"))
+            case CircuitRequested(circuit_id=cid, request=request):
+                cls = DatagramCircuit if request.kind is CircuitKind.UDP else Circuit
+                circuit = cls(self, cid, request, opened_here=False)
+                self.circuits[cid] = circuit
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve_request, circuit)
+            case PongReceived(payload=payload):
+                sent = self._pings.pop(payload, None)
+                if sent is not None:
+                    self.rtt = trio.current_time() - sent
+            case GoAwayReceived(code=code, reason=reason):
+                log.info("carrier %s: peer is going away (%s%s)", self.description,
+                         ErrorCode.describe(code), f": {reason}" if reason else "")
+            case HandshakeComplete(peer=peer):
+                if self.peer_name is None:
+                    self.peer_name = peer.node_name or None
+                self._established.set()
+            case PingReceived() | CircuitClosed():
+                pass
+
+    async def _keepalive(self, scope: trio.CancelScope) -> None:
+        interval = self.timing.keepalive_interval
+        timeout = self.timing.keepalive_timeout
+        tick = min(interval, 1.0)
+        next_ping = trio.current_time()
+        while True:
+            now = trio.current_time()
+            if now - self._last_heard > timeout:
+                self.close_reason = f"keepalive timeout: nothing heard for {timeout:g} s"
+                log.warning("carrier %s: %s", self.description, self.close_reason)
+                self.session.goaway(ErrorCode.KEEPALIVE_TIMEOUT, self.close_reason)
+                scope.cancel()
+                return
+            if now >= next_ping:
+                if len(self._pings) > 16:
+                    self._pings.clear()
+                self._pings[self.session.ping(os.urandom(8))] = now
+                self.wake_writer()
+                next_ping = now + interval
+            await trio.sleep(tick)

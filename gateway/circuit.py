@@ -1,0 +1,303 @@
+"""Circuits as trio streams: the one abstraction every relay role is built from.
+
+A `Circuit` is a `trio.abc.HalfCloseableStream` over one TCP-kind circuit of a
+carrier; a `DatagramCircuit` carries whole UDP datagrams. Both are fed by their
+carrier's reader task (synchronously, from session events) and write by asking the
+carrier's session to queue frames and waking the carrier's writer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+from gateway_codecs import (
+    CircuitState,
+    ErrorCode,
+    LocalProtocolError,
+    OpenRequest,
+)
+from trio.lowlevel import ParkingLot
+
+from gateway.errors import CircuitBroken, OpenRefused
+
+if TYPE_CHECKING:
+    from gateway.carrier import Carrier
+
+# A UDP flow's inbound queue: datagrams beyond this are dropped and counted, so a
+# slow UDP target never makes the carrier's reader wait.
+DATAGRAM_QUEUE_BYTES = 256 * 1024
+
+
+class _CircuitBase:
+    """What stream and datagram circuits share: identity, answer state, breakage."""
+
+    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
+                 opened_here: bool) -> None:
+        self.carrier = carrier
+        self.id = circuit_id
+        self.request = request
+        self.opened_here = opened_here
+        self.broken: CircuitBroken | None = None
+        self._closed = False  # aclose() was called on this end
+        self._answered = trio.Event()  # OPEN_OK/OPEN_FAIL seen (opener) or sent (acceptor)
+        self._lot = ParkingLot()  # readers/writers waiting for data, credit or an answer
+
+    # ---- opener side
+    async def wait_open(self) -> None:
+        """Wait for OPEN_OK; raises OpenRefused or CarrierLost otherwise."""
+        await self._answered.wait()
+        self._raise_if_broken()
+
+    # ---- acceptor side
+    def accept(self) -> None:
+        self._raise_if_broken()
+        self.carrier.session.accept_circuit(self.id)
+        self._answered.set()
+        self.carrier.wake_writer()
+
+    def refuse(self, code: int, reason: str) -> None:
+        if self.broken is None:
+            self.carrier.session.refuse_circuit(self.id, code, reason)
+            self.carrier.wake_writer()
+        self._fail(OpenRefused(code, reason))
+        self.carrier.forget(self)
+
+    # ---- fed by the carrier's reader
+    def on_accepted(self) -> None:
+        self._answered.set()
+        self._lot.unpark_all()
+
+    def on_broken(self, error: CircuitBroken) -> None:
+        self._fail(error)
+
+    def _fail(self, error: CircuitBroken) -> None:
+        if self.broken is None:
+            self.broken = error
+        self._answered.set()
+        self._lot.unpark_all()
+
+    def _raise_if_broken(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this circuit was closed")
+        if self.broken is not None:
+            raise trio.BrokenResourceError(str(self.broken)) from self.broken
+
+    def reset(self, code: int = ErrorCode.CANCELLED, reason: str = "") -> None:
+        """Abort both directions now (RST); further use raises."""
+        if self.broken is None:
+            self.carrier.session.reset_circuit(self.id, code, reason)
+            self.carrier.wake_writer()
+            self._fail(CircuitBroken(code, reason or "reset locally"))
+        self.carrier.forget(self)
+
+
+class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
+    """A TCP-kind circuit as a half-closeable byte stream with per-circuit credit."""
+
+    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
+                 opened_here: bool) -> None:
+        super().__init__(carrier, circuit_id, request, opened_here)
+        self._inbound: deque[bytes] = deque()
+        self._inbound_bytes = 0
+        self._eof_received = False
+        self._eof_sent = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._sending = False
+        self._receiving = False
+
+    # ---- fed by the carrier's reader (synchronous, in the reader task)
+    def on_data(self, data: bytes) -> None:
+        self._inbound.append(data)
+        self._inbound_bytes += len(data)
+        self._lot.unpark_all()
+
+    def on_eof(self) -> None:
+        self._eof_received = True
+        self._lot.unpark_all()
+
+    def on_credit(self) -> None:
+        self._lot.unpark_all()
+
+    # ---- trio.abc.HalfCloseableStream
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this circuit")
+        self._sending = True
+        try:
+            if self._eof_sent and not self._closed:
+                raise trio.ClosedResourceError("send_all after send_eof")
+            self._raise_if_broken()
+            # The session keeps references until the writer runs: never a caller's
+            # mutable buffer.
+            view = memoryview(data if isinstance(data, bytes) else bytes(data))
+            session = self.carrier.session
+            while view:
+                credit = session.send_credit(self.id)
+                if credit <= 0:
+                    await self._lot.park()
+                    self._raise_if_broken()
+                    continue
+                chunk = view[:credit]
+                session.send_data(self.id, chunk)
+                self.bytes_sent += len(chunk)
+                view = view[credit:]
+                self.carrier.wake_writer()
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._raise_if_broken()
+        while self.carrier.session.send_credit(self.id) <= 0:
+            await self._lot.park()
+            self._raise_if_broken()
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this circuit")
+        if self._closed:
+            raise trio.ClosedResourceError("this circuit was closed")
+        await trio.lowlevel.checkpoint()
+        if self._eof_sent:
+            return
+        self._raise_if_broken()
+        self._eof_sent = True
+        self.carrier.session.send_eof(self.id)
+        self.carrier.wake_writer()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this circuit")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._receiving = True
+        try:
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("this circuit was closed")
+                if self._inbound:
+                    data = self._take(max_bytes)
+                    await trio.lowlevel.checkpoint()
+                    return data
+                if self._eof_received:
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                self._raise_if_broken()
+                await self._lot.park()
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        first = self._inbound[0]
+        if max_bytes is None or len(first) <= max_bytes:
+            self._inbound.popleft()
+            data = first
+            # Hand over several small frames at once: fewer wakeups per byte.
+            while self._inbound and (max_bytes is None or len(data) + len(self._inbound[0]) <= max_bytes):
+                data += self._inbound.popleft()
+        else:
+            data = first[:max_bytes]
+            self._inbound[0] = first[max_bytes:]
+        n = len(data)
+        self._inbound_bytes -= n
+        self.bytes_received += n
+        if self.broken is None:
+            self.carrier.session.consumed(self.id, n)
+            self.carrier.wake_writer()
+        return data
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            if not (self._eof_sent and self._eof_received) or self._inbound:
+                self.reset(ErrorCode.CANCELLED, "closed before both directions finished")
+            self._closed = True
+            self._inbound.clear()
+            self._lot.unpark_all()
+            self.carrier.forget(self)
+        await trio.lowlevel.checkpoint()
+
+    @property
+    def state(self) -> CircuitState | None:
+        return self.carrier.session.circuit_state(self.id)
+
+
+class DatagramCircuit(_CircuitBase):
+    """A UDP flow: whole datagrams both ways, dropped (and counted) rather than blocking."""
+
+    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
+                 opened_here: bool) -> None:
+        super().__init__(carrier, circuit_id, request, opened_here)
+        self._inbound: deque[bytes] = deque()
+        self._inbound_bytes = 0
+        self._eof_received = False
+        self.dropped_in = 0
+        self.dropped_out = 0
+        self.datagrams_sent = 0
+        self.datagrams_received = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def on_datagram(self, data: bytes) -> None:
+        if self._inbound_bytes + len(data) > DATAGRAM_QUEUE_BYTES:
+            self.dropped_in += 1
+            return
+        self._inbound.append(data)
+        self._inbound_bytes += len(data)
+        self._lot.unpark_all()
+
+    def on_eof(self) -> None:
+        self._eof_received = True
+        self._lot.unpark_all()
+
+    def on_credit(self) -> None:
+        pass
+
+    def send(self, datagram: bytes) -> bool:
+        """Queue one datagram for the carrier; False if it was dropped (queue full)."""
+        self._raise_if_broken()
+        try:
+            queued = self.carrier.session.send_datagram(self.id, datagram)
+        except LocalProtocolError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        if queued:
+            self.datagrams_sent += 1
+            self.bytes_sent += len(datagram)
+            self.carrier.wake_writer()
+        else:
+            self.dropped_out += 1
+        return queued
+
+    async def receive(self) -> bytes | None:
+        """The next whole datagram, or None once the far side closed the flow."""
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("this flow was closed")
+            if self._inbound:
+                data = self._inbound.popleft()
+                self._inbound_bytes -= len(data)
+                self.datagrams_received += 1
+                self.bytes_received += len(data)
+                await trio.lowlevel.checkpoint()
+                return data
+            if self._eof_received:
+                await trio.lowlevel.checkpoint()
+                return None
+            self._raise_if_broken()
+            await self._lot.park()
+
+    async def aclose(self) -> None:
+        """End the flow: FIN if it is healthy (the far side ends its half), else nothing."""
+        if not self._closed:
+            if self.broken is None and self.carrier.session.circuit_state(self.id) is not None:
+                if self._eof_received:
+                    self.carrier.session.send_eof(self.id)
+                else:
+                    self.carrier.session.reset_circuit(self.id, ErrorCode.NO_ERROR, "flow closed")
+                self.carrier.wake_writer()
+            self._closed = True
+            self._lot.unpark_all()
+            self.carrier.forget(self)
+        await trio.lowlevel.checkpoint()

@@ -1,0 +1,168 @@
+"""Tunnel endpoints: the local TCP and UDP listeners where sessions enter a tunnel.
+
+TCP: one circuit per accepted connection, spliced with half-close. UDP: one circuit
+per client address:port flow, ended after `udp_idle_timeout` of silence; datagrams
+that find a full queue are dropped and counted, never allowed to stall the carrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import trio
+from gateway_codecs import CircuitKind, OpenRequest
+
+from gateway.carrier import Carrier
+from gateway.circuit import Circuit, DatagramCircuit
+from gateway.config import Config, TunnelConfig
+from gateway.errors import CircuitBroken, OpenRefused
+from gateway.peers import PeerDirectory
+from gateway.sessions import SessionLog
+from gateway.splice import describe_error, splice
+from gateway.udp import MAX_UDP_PAYLOAD, CircuitPort, relay_datagrams
+
+log = logging.getLogger("tunnelgate.tunnel")
+
+FLOW_QUEUE = 32  # datagrams waiting per flow between the listener and the circuit
+
+
+def _addr(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _FlowPort:
+    """The client side of one UDP flow: datagrams routed to it by the listener loop."""
+
+    def __init__(self, inbox: trio.MemoryReceiveChannel[bytes], sock: trio.socket.SocketType,
+                 client: tuple[str, int]) -> None:
+        self.inbox = inbox
+        self.sock = sock
+        self.client = client
+
+    async def receive(self) -> bytes | None:
+        return await self.inbox.receive()
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.sock.sendto(data, self.client)
+        except OSError:
+            pass  # the client went away; the idle timeout ends the flow
+
+
+class TunnelEndpoint:
+    def __init__(self, tunnel: TunnelConfig, config: Config, peers: PeerDirectory,
+                 sessions: SessionLog) -> None:
+        self.tunnel = tunnel
+        self.peers = peers
+        self.sessions = sessions
+        self.wait_for_carrier = config.gateway.handshake_timeout
+        self.udp_idle = config.udp_idle_timeout(tunnel)
+        self.accepting = True
+        self.dropped = 0
+        kind = CircuitKind.UDP if tunnel.listen.kind == "udp" else CircuitKind.TCP
+        self.request = OpenRequest(kind, tunnel.target.host, tunnel.target.port,
+                                   tuple(tunnel.via[1:]), tunnel.end_to_end)
+        self.route = " -> ".join([*tunnel.via, str(tunnel.target)])
+
+    async def serve(self, handler_nursery: trio.Nursery, *,
+                    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        listen = self.tunnel.listen
+        if listen.kind == "tcp":
+            listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+            bound = listeners[0].socket.getsockname()[:2]
+            log.info("tunnel %s listening on tcp://%s, to %s", self.tunnel.name, _addr(bound), self.route)
+            task_status.started(bound)
+            await trio.serve_listeners(self._tcp_client, listeners, handler_nursery=handler_nursery)
+        else:
+            await self._serve_udp(handler_nursery, task_status)
+
+    async def _carrier(self) -> Carrier | None:
+        with trio.move_on_after(self.wait_for_carrier):
+            return await self.peers.wait_for(self.tunnel.via[0])
+        return None
+
+    # ------------------------------------------------------------------ TCP
+
+    async def _tcp_client(self, stream: trio.SocketStream) -> None:
+        client = _addr(stream.socket.getpeername())
+        what = f"tunnel {self.tunnel.name} {client} -> {self.route}"
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        carrier = await self._carrier()
+        try:
+            if carrier is None:
+                raise OpenRefused(0x0107, f"no carrier to {self.tunnel.via[0]} is up")
+            circuit = carrier.open(self.request)
+        except OpenRefused as exc:
+            log.warning("%s: refused: %s", what, exc)
+            await stream.aclose()
+            return
+        assert isinstance(circuit, Circuit)
+        with self.sessions.track("entry", what, circuit) as record:
+            result = await splice(stream, circuit)
+            cause = result.error.__cause__ if result.error is not None else None
+            if isinstance(cause, OpenRefused):
+                log.warning("%s: refused: %s", what, cause)
+            record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
+
+    # ------------------------------------------------------------------ UDP
+
+    async def _serve_udp(self, nursery: trio.Nursery,
+                         task_status: trio.TaskStatus[tuple[str, int]]) -> None:
+        listen = self.tunnel.listen
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind((listen.host, listen.port))
+            bound = sock.getsockname()[:2]
+            log.info("tunnel %s listening on udp://%s, to %s", self.tunnel.name, _addr(bound), self.route)
+            task_status.started(bound)
+            flows: dict[tuple[str, int], trio.MemorySendChannel[bytes]] = {}
+            while True:
+                data, client = await sock.recvfrom(MAX_UDP_PAYLOAD)
+                inbox = flows.get(client)
+                if inbox is None:
+                    if not self.accepting:
+                        self.dropped += 1
+                        continue
+                    carrier = self.peers.current(self.tunnel.via[0])
+                    if carrier is None:
+                        self.dropped += 1
+                        log.debug("tunnel %s: no carrier for a new flow from %s; dropped",
+                                  self.tunnel.name, _addr(client))
+                        continue
+                    try:
+                        circuit = carrier.open(self.request)
+                    except OpenRefused as exc:
+                        self.dropped += 1
+                        log.warning("tunnel %s: flow from %s not opened: %s", self.tunnel.name,
+                                    _addr(client), exc)
+                        continue
+                    assert isinstance(circuit, DatagramCircuit)
+                    inbox, outbox = trio.open_memory_channel[bytes](FLOW_QUEUE)
+                    flows[client] = inbox
+                    nursery.start_soon(self._udp_flow, circuit, outbox, sock, client, flows)
+                try:
+                    inbox.send_nowait(data)
+                except (trio.WouldBlock, trio.BrokenResourceError):
+                    self.dropped += 1
+
+    async def _udp_flow(self, circuit: DatagramCircuit, outbox: trio.MemoryReceiveChannel[bytes],
+                        sock: trio.socket.SocketType, client: tuple[str, int],
+                        flows: dict[tuple[str, int], trio.MemorySendChannel[bytes]]) -> None:
+        what = f"tunnel {self.tunnel.name} udp {_addr(client)} -> {self.route}"
+        with self.sessions.track("entry", what, circuit) as record:
+            try:
+                counts = await relay_datagrams(_FlowPort(outbox, sock, client), CircuitPort(circuit),
+                                               self.udp_idle)
+                cause = counts.error.__cause__ if counts.error is not None else None
+                if isinstance(cause, CircuitBroken):
+                    log.warning("%s: %s", what, cause)
+                record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, describe_error(counts.error))
+            finally:
+                flows.pop(client, None)
+                outbox.close()
+                with trio.move_on_after(1) as scope:
+                    scope.shield = True
+                    await circuit.aclose()

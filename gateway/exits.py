@@ -1,0 +1,243 @@
+"""Serving circuits a peer opens towards us: as the exit, or as a relay to the next hop.
+
+Each hop decides for itself (default deny): the exit checks the asking peer's `allow`
+rules before connecting; a relay checks the peer's `route` rules, loops and the route
+length before opening the next leg. A refusal goes back as OPEN_FAIL whose reason
+starts with this gateway's name, so the entry's log says which hop refused and why.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Literal
+
+import trio
+from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
+
+from gateway.carrier import AnyCircuit, Carrier
+from gateway.circuit import Circuit, DatagramCircuit
+from gateway.config import Config, PeerConfig
+from gateway.errors import CircuitBroken, TunnelgateError
+from gateway.peers import PeerDirectory
+from gateway.policy import Policy, parse_ip
+from gateway.sessions import SessionLog
+from gateway.splice import describe_error, splice
+from gateway.udp import CircuitPort, DatagramCounts, SocketPort, relay_datagrams
+
+log = logging.getLogger("tunnelgate.exit")
+
+
+class Refusal(TunnelgateError):
+    """Why this hop will not serve a circuit; becomes OPEN_FAIL."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+def _target(req: OpenRequest) -> str:
+    host = f"[{req.host}]" if ":" in req.host else req.host
+    return f"{req.kind.name.lower()}://{host}:{req.port}"
+
+
+def _classify_connect_error(exc: BaseException) -> tuple[ErrorCode, str]:
+    """Map whatever open_tcp_stream raised to an OPEN_FAIL code and a short reason."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, socket.gaierror):
+            return ErrorCode.NAME_NOT_RESOLVED, f"name not resolved: {e.strerror or e}"
+        if isinstance(e, ConnectionRefusedError):
+            return ErrorCode.CONNECTION_REFUSED, "connection refused"
+        if isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return ErrorCode.HOST_UNREACHABLE, e.strerror or "unreachable"
+        if isinstance(e, BaseExceptionGroup):
+            seen.extend(e.exceptions)
+        if e.__cause__ is not None:
+            seen.append(e.__cause__)
+    return ErrorCode.HOST_UNREACHABLE, str(exc) or type(exc).__name__
+
+
+class CircuitServer:
+    """The handler every carrier calls for each circuit the peer opens."""
+
+    def __init__(self, config: Config, peers: PeerDirectory, sessions: SessionLog) -> None:
+        self.config = config
+        self.name = config.gateway.name
+        self.peers = peers
+        self.sessions = sessions
+        self.connect_timeout = config.gateway.handshake_timeout
+
+    async def __call__(self, carrier: Carrier, circuit: AnyCircuit) -> None:
+        req = circuit.request
+        peer = self.peers.by_name.get(carrier.peer_name or "")
+        what = f"{_target(req)} for {carrier.peer_name}"
+        if req.route:
+            what += f" via {','.join(req.route)}"
+        try:
+            if peer is None:
+                raise Refusal(ErrorCode.FORBIDDEN_TARGET, "unknown peer")
+            if req.route:
+                await self._relay(carrier, peer, circuit, what)
+            else:
+                await self._exit(peer, circuit, what)
+        except Refusal as refusal:
+            reason = f"{self.name}: {refusal.reason}"
+            log.warning("refused %s: %s: %s", what, refusal.code.name, refusal.reason)
+            circuit.refuse(refusal.code, reason)
+
+    # ------------------------------------------------------------------ exit
+
+    async def _exit(self, peer: PeerConfig, circuit: AnyCircuit, what: str) -> None:
+        req = circuit.request
+        kind: Literal["tcp", "udp"] = "udp" if req.kind is CircuitKind.UDP else "tcp"
+        policy = peer.policy
+        if not policy.may_permit_name(kind, req.host, req.port):
+            raise Refusal(ErrorCode.FORBIDDEN_TARGET,
+                          f"{_target(req)} is not in the allow list for peer {peer.name}")
+        if isinstance(circuit, DatagramCircuit):
+            sock = await self._connect_udp(policy, req)
+            with sock:
+                await self._serve_udp(circuit, sock, what)
+        else:
+            stream = await self._connect_tcp(policy, req)
+            await self._serve_tcp(circuit, stream, what)
+
+    async def _permitted(self, policy: Policy, req: OpenRequest, kind: Literal["tcp", "udp"],
+                         socktype: int) -> list[str]:
+        """The addresses we may connect to; a name allowed by name is resolved by connect."""
+        if parse_ip(req.host) is not None or policy.permits(kind, req.host, req.port):
+            if not policy.permits(kind, req.host, req.port):
+                raise Refusal(ErrorCode.FORBIDDEN_TARGET,
+                              f"{_target(req)} is not in the allow list")
+            if socktype == socket.SOCK_STREAM:
+                return [req.host]
+        try:
+            infos = await trio.socket.getaddrinfo(req.host, req.port, type=socktype)
+        except socket.gaierror as exc:
+            raise Refusal(ErrorCode.NAME_NOT_RESOLVED,
+                          f"cannot resolve {req.host}: {exc.strerror or exc}") from exc
+        resolved = []
+        for info in infos:
+            addr = parse_ip(str(info[4][0]))
+            if addr is not None and addr not in resolved:
+                resolved.append(addr)
+        allowed = policy.permitted_addresses(kind, req.host, req.port, resolved)
+        if not allowed:
+            raise Refusal(ErrorCode.FORBIDDEN_TARGET,
+                          f"{_target(req)} resolves only to addresses outside the allow list")
+        return [str(a) for a in allowed]
+
+    async def _connect_tcp(self, policy: Policy, req: OpenRequest) -> trio.SocketStream:
+        candidates = await self._permitted(policy, req, "tcp", socket.SOCK_STREAM)
+        last: BaseException | None = None
+        with trio.move_on_after(self.connect_timeout):
+            for host in candidates:
+                try:
+                    stream = await trio.open_tcp_stream(host, req.port, happy_eyeballs_delay=0.25)
+                except OSError as exc:
+                    last = exc
+                    continue
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+                return stream
+        if last is None:
+            raise Refusal(ErrorCode.CONNECT_TIMEOUT,
+                          f"connect to {_target(req)} timed out after {self.connect_timeout:g} s")
+        code, reason = _classify_connect_error(last)
+        raise Refusal(code, f"connect to {_target(req)}: {reason}")
+
+    async def _connect_udp(self, policy: Policy, req: OpenRequest) -> trio.socket.SocketType:
+        candidates = await self._permitted(policy, req, "udp", socket.SOCK_DGRAM)
+        addr = parse_ip(candidates[0])
+        if addr is None:
+            raise Refusal(ErrorCode.NAME_NOT_RESOLVED, f"cannot resolve {req.host}")
+        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            await sock.connect((str(addr), req.port))
+        except OSError as exc:
+            sock.close()
+            code, reason = _classify_connect_error(exc)
+            raise Refusal(code, f"udp {_target(req)}: {reason}") from exc
+        return sock
+
+    async def _serve_tcp(self, circuit: Circuit, stream: trio.SocketStream, what: str) -> None:
+        circuit.accept()
+        with self.sessions.track("exit", what, circuit) as record:
+            result = await splice(circuit, stream)
+            record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
+
+    async def _serve_udp(self, circuit: DatagramCircuit, sock: trio.socket.SocketType,
+                         what: str) -> None:
+        circuit.accept()
+        idle = self.config.gateway.udp_idle_timeout
+        with self.sessions.track("exit", what, circuit) as record:
+            try:
+                counts = await relay_datagrams(CircuitPort(circuit), SocketPort(sock), idle)
+                record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, _udp_outcome(counts))
+            finally:
+                await circuit.aclose()
+
+    # ------------------------------------------------------------------ relay
+
+    def _check_route(self, carrier: Carrier, peer: PeerConfig, route: tuple[str, ...]) -> str:
+        limit = self.config.gateway.max_route_length
+        next_hop = route[0]
+        if len(route) > limit:
+            raise Refusal(ErrorCode.ROUTE_TOO_LONG,
+                          f"route of {len(route)} more hops exceeds the limit of {limit}")
+        if len(set(route)) != len(route) or self.name in route or next_hop == carrier.peer_name:
+            raise Refusal(ErrorCode.ROUTE_LOOP, f"route {','.join(route)} loops")
+        if next_hop not in self.peers.by_name:
+            raise Refusal(ErrorCode.NO_ROUTE, f"{next_hop} is not a peer of this gateway")
+        if not peer.route_policy.permits(next_hop):
+            raise Refusal(ErrorCode.FORBIDDEN_ROUTE,
+                          f"peer {peer.name} may not route through {self.name} to {next_hop}")
+        return next_hop
+
+    async def _relay(self, carrier: Carrier, peer: PeerConfig, circuit: AnyCircuit, what: str) -> None:
+        req = circuit.request
+        next_hop = self._check_route(carrier, peer, req.route)
+        onward_req = OpenRequest(req.kind, req.host, req.port, req.route[1:], req.end_to_end)
+        onward_carrier: Carrier | None = None
+        with trio.move_on_after(self.connect_timeout):
+            onward_carrier = await self.peers.wait_for(next_hop)
+        if onward_carrier is None or onward_carrier.closed.is_set():
+            raise Refusal(ErrorCode.NO_ROUTE, f"no carrier to {next_hop} is up")
+        onward = onward_carrier.open(onward_req)
+        try:
+            with trio.fail_after(self.connect_timeout * 2):
+                await onward.wait_open()
+        except trio.TooSlowError:
+            onward.reset(ErrorCode.CONNECT_TIMEOUT, "no answer in time")
+            raise Refusal(ErrorCode.CONNECT_TIMEOUT, f"{next_hop} did not answer in time") from None
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, CircuitBroken):
+                # Pass the downstream reason through unchanged: it names the refusing hop.
+                log.warning("relay %s: next hop refused: %s", what, cause)
+                circuit.refuse(cause.code, cause.reason)
+                return
+            raise Refusal(ErrorCode.NO_ROUTE, f"leg to {next_hop} failed: {exc}") from exc
+        circuit.accept()
+        with self.sessions.track("relay", f"{what} -> {next_hop}", circuit) as record:
+            if isinstance(circuit, Circuit) and isinstance(onward, Circuit):
+                result = await splice(circuit, onward)
+                record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
+            elif isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
+                try:
+                    counts = await relay_datagrams(CircuitPort(circuit), CircuitPort(onward),
+                                                   self.config.gateway.udp_idle_timeout)
+                    record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, _udp_outcome(counts))
+                finally:
+                    await circuit.aclose()
+                    await onward.aclose()
+
+
+def _udp_outcome(counts: DatagramCounts) -> str:
+    if counts.error is not None:
+        return describe_error(counts.error)
+    return "idle timeout" if counts.idle else ""

@@ -1,0 +1,65 @@
+"""`splice(a, b)`: move bytes both ways between two half-closeable streams.
+
+One function serves every role: edge (socket <-> circuit), exit (circuit <-> target
+socket) and middle relay (circuit <-> circuit). An EOF on one side becomes send_eof on
+the other (half-close, Comer & Stevens 6.17), so a client that shuts down its write side
+still gets the full reply. A broken side aborts both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+# Bytes per read. The circuit side hands over whole queued frames up to this much.
+SPLICE_CHUNK = 256 * 1024
+
+
+@dataclass
+class SpliceResult:
+    a_to_b: int = 0
+    b_to_a: int = 0
+    error: BaseException | None = None
+
+
+async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream) -> SpliceResult:
+    """Relay until both directions finished or either side broke; then close both."""
+    result = SpliceResult()
+
+    async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
+                   forward: bool, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                data = await src.receive_some(SPLICE_CHUNK)
+                if not data:
+                    await dst.send_eof()
+                    return
+                await dst.send_all(data)
+                if forward:
+                    result.a_to_b += len(data)
+                else:
+                    result.b_to_a += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if result.error is None:
+                result.error = exc
+            scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, a, b, True, nursery.cancel_scope)
+            nursery.start_soon(pump, b, a, False, nursery.cancel_scope)
+    finally:
+        with trio.move_on_after(2) as cleanup:
+            cleanup.shield = True
+            await a.aclose()
+            await b.aclose()
+    return result
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """The most specific reason in an exception chain, for one log line."""
+    if exc is None:
+        return ""
+    cause = exc.__cause__
+    return str(cause) if cause is not None and str(cause) else (str(exc) or type(exc).__name__)
