@@ -152,7 +152,7 @@ class TunnelEndpoint:
                         sock: trio.socket.SocketType, client: tuple[str, int],
                         flows: dict[tuple[str, int], trio.MemorySendChannel[bytes]]) -> None:
         what = f"tunnel {self.tunnel.name} udp {_addr(client)} -> {self.route}"
-        with self.sessions.track("entry", what, circuit) as record:
+        with self.sessions.track("entry", what, circuit, drains=False) as record:
             try:
                 counts = await relay_datagrams(_FlowPort(outbox, sock, client), CircuitPort(circuit),
                                                self.udp_idle)

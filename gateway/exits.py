@@ -174,7 +174,7 @@ class CircuitServer:
                          what: str) -> None:
         circuit.accept()
         idle = self.config.gateway.udp_idle_timeout
-        with self.sessions.track("exit", what, circuit) as record:
+        with self.sessions.track("exit", what, circuit, drains=False) as record:
             try:
                 counts = await relay_datagrams(CircuitPort(circuit), SocketPort(sock), idle)
                 record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, _udp_outcome(counts))

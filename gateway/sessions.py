@@ -38,19 +38,26 @@ class SessionLog:
         self._idle.set()
 
     @contextmanager
-    def track(self, role: str, what: str, circuit: object) -> Iterator[SessionRecord]:
+    def track(self, role: str, what: str, circuit: object, drains: bool = True
+              ) -> Iterator[SessionRecord]:
+        """Log the session's open and close; `drains`: a shutdown waits for it to end.
+
+        UDP flows do not drain: they have no end of their own but the idle timeout.
+        """
         record = SessionRecord(role, what, getattr(circuit, "id", 0))
-        self.active += 1
         self.total += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
+        if drains:
+            self.active += 1
+            if self._idle.is_set():
+                self._idle = trio.Event()
         log.info("%s session open: %s (circuit %d)", role, what, record.circuit_id)
         try:
             yield record
         finally:
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
+            if drains:
+                self.active -= 1
+                if self.active == 0:
+                    self._idle.set()
             duration = trio.current_time() - record.started
             outcome = f"error: {record.error}" if record.error else "ok"
             log.info("%s session closed: %s (circuit %d): %d B out, %d B back, %.3f s, %s",
