@@ -7,7 +7,7 @@ split points (the `mode` fixture), so nothing may depend on how the stream is cu
 from __future__ import annotations
 
 import pytest
-from codec_helpers import LINK_MODES, Link, connected, of_type, parse_frames
+
 from gateway_codecs import (
     MAX_DATAGRAM,
     CarrierEnded,
@@ -37,6 +37,7 @@ from gateway_codecs import (
 )
 from gateway_codecs.frames import MAX_CIRCUIT_ID, frame
 from gateway_codecs.session import MAX_PENDING_CONTROL_BYTES
+from tests.codec_helpers import LINK_MODES, Link, connected, of_type, parse_frames
 
 TCP = OpenRequest(CircuitKind.TCP, "db.internal", 5432, ("relay-b",))
 UDP = OpenRequest(CircuitKind.UDP, "10.0.0.53", 53)

@@ -12,6 +12,10 @@ flight, so frames cross each other the way they do on a real carrier. Invariants
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
 from gateway_codecs import (
     CarrierSession,
     CircuitClosed,
@@ -28,9 +32,6 @@ from gateway_codecs import (
     Role,
     Settings,
 )
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 SIDES = st.sampled_from((0, 1))
 REQUEST = OpenRequest(CircuitKind.TCP, "example.net", 80)

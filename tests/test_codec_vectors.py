@@ -15,9 +15,9 @@ import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import gateway_codecs
 import pytest
-from codec_helpers import parse_frames
+
+import gateway_codecs
 from gateway_codecs import (
     Capability,
     CarrierSession,
@@ -40,6 +40,7 @@ from gateway_codecs import (
     Role,
     Settings,
 )
+from tests.codec_helpers import parse_frames
 
 VECTORS_FILE = Path(gateway_codecs.__file__).parent / "vectors" / "vectors.json"
 
