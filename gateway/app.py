@@ -21,6 +21,7 @@ from gateway.identity import load_identity
 from gateway.links import Links
 from gateway.peers import PeerDirectory
 from gateway.sessions import SessionLog
+from gateway.tls import TlsContexts
 
 log = logging.getLogger("tunnelgate")
 
@@ -36,9 +37,10 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
     identity = load_identity(gw.key)
     peers = PeerDirectory(list(config.peer))
     sessions = SessionLog()
-    server = CircuitServer(config, peers, sessions)
-    links = Links(config, identity, peers, server)
-    endpoints = [TunnelEndpoint(t, config, peers, sessions) for t in config.tunnel]
+    contexts = TlsContexts(identity, [p.cert for p in config.peer if p.cert is not None], gw.ca)
+    server = CircuitServer(config, peers, sessions, contexts)
+    links = Links(config, contexts, peers, server)
+    endpoints = [TunnelEndpoint(t, config, peers, sessions, contexts) for t in config.tunnel]
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:

@@ -14,6 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
+
+from gateway.circuit import Circuit, DatagramCircuit, _CircuitBase
+from gateway.errors import CarrierLost, CircuitBroken, OpenRefused
 from gateway_codecs import (
     CarrierEnded,
     CarrierSession,
@@ -39,9 +42,6 @@ from gateway_codecs import (
     Role,
     Settings,
 )
-
-from gateway.circuit import Circuit, DatagramCircuit, _CircuitBase
-from gateway.errors import CarrierLost, CircuitBroken, OpenRefused
 
 log = logging.getLogger("tunnelgate.carrier")
 

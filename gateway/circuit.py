@@ -12,15 +12,15 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
+from trio.lowlevel import ParkingLot
+
+from gateway.errors import CircuitBroken, OpenRefused
 from gateway_codecs import (
     CircuitState,
     ErrorCode,
     LocalProtocolError,
     OpenRequest,
 )
-from trio.lowlevel import ParkingLot
-
-from gateway.errors import CircuitBroken, OpenRefused
 
 if TYPE_CHECKING:
     from gateway.carrier import Carrier

@@ -409,6 +409,12 @@ def _check(config: Config, file: str) -> Config:
                 )
             if hop in tunnel.via[:j]:
                 raise fail(f"{where}.via[{j}]", f"{hop!r} appears twice: the route would loop")
+        if tunnel.end_to_end and tunnel.via[-1] not in first_seen:
+            raise fail(
+                f"{where}.via[{len(tunnel.via) - 1}]",
+                f"end_to_end needs the exit gateway {tunnel.via[-1]!r} declared as a [[peer]]"
+                " (with its cert or fingerprint) so its identity can be verified",
+            )
         if len(tunnel.via) > gw.max_route_length:
             raise fail(
                 f"{where}.via",

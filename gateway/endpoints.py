@@ -11,16 +11,18 @@ import logging
 import socket
 
 import trio
-from gateway_codecs import CircuitKind, OpenRequest
 
 from gateway.carrier import Carrier
 from gateway.circuit import Circuit, DatagramCircuit
 from gateway.config import Config, TunnelConfig
+from gateway.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.errors import CircuitBroken, OpenRefused
 from gateway.peers import PeerDirectory
 from gateway.sessions import SessionLog
 from gateway.splice import describe_error, splice
-from gateway.udp import MAX_UDP_PAYLOAD, CircuitPort, relay_datagrams
+from gateway.tls import TlsContexts
+from gateway.udp import MAX_UDP_PAYLOAD, CircuitPort, DatagramPort, relay_datagrams
+from gateway_codecs import CircuitKind, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")
 
@@ -53,8 +55,11 @@ class _FlowPort:
 
 class TunnelEndpoint:
     def __init__(self, tunnel: TunnelConfig, config: Config, peers: PeerDirectory,
-                 sessions: SessionLog) -> None:
+                 sessions: SessionLog, contexts: TlsContexts) -> None:
         self.tunnel = tunnel
+        self.contexts = contexts
+        self.handshake_timeout = config.gateway.handshake_timeout
+        self.exit_peer = config.peer_named(tunnel.via[-1]) if tunnel.end_to_end else None
         self.peers = peers
         self.sessions = sessions
         self.wait_for_carrier = config.gateway.handshake_timeout
@@ -100,13 +105,49 @@ class TunnelEndpoint:
             return
         assert isinstance(circuit, Circuit)
         with self.sessions.track("entry", what, circuit) as record:
-            result = await splice(stream, circuit)
+            far: trio.abc.HalfCloseableStream = circuit
+            try:
+                if self.exit_peer is not None:
+                    far = await self._secure_stream(circuit)
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                reason = "end-to-end handshake timed out" if isinstance(exc, trio.TooSlowError) \
+                    else describe_error(exc)
+                log.warning("%s: failed: %s", what, reason)
+                record.finish(0, 0, reason)
+                await stream.aclose()
+                await circuit.aclose()
+                return
+            result = await splice(stream, far)
             cause = result.error.__cause__ if result.error is not None else None
-            if isinstance(cause, OpenRefused):
-                log.warning("%s: refused: %s", what, cause)
+            if isinstance(cause, CircuitBroken):
+                log.warning("%s: %s: %s", what, "refused" if isinstance(cause, OpenRefused)
+                            else "failed", cause)
             record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
 
+    async def _secure_stream(self, circuit: Circuit) -> SecureStream:
+        """TLS 1.3 with the exit gateway inside the circuit; its key must be the peer's."""
+        assert self.exit_peer is not None
+        secure = SecureStream(circuit, self.contexts.client_for(self.exit_peer.cert), server_side=False)
+        with trio.fail_after(self.handshake_timeout):
+            await secure.do_handshake()
+        self._check_exit(secure.peer_fingerprint)
+        return secure
+
+    def _check_exit(self, fingerprint: str) -> None:
+        assert self.exit_peer is not None
+        if fingerprint != self.exit_peer.fingerprint:
+            raise trio.BrokenResourceError(
+                f"end-to-end peer presented {fingerprint}, not {self.exit_peer.name}'s key")
+
     # ------------------------------------------------------------------ UDP
+
+    async def _sealed_port(self, circuit: DatagramCircuit) -> SealedPort:
+        assert self.exit_peer is not None
+        with trio.fail_after(self.handshake_timeout):
+            flow, fingerprint = await SealedFlow.establish(
+                circuit, self.contexts.client_for(self.exit_peer.cert), server_side=False)
+        self._check_exit(fingerprint)
+        return SealedPort(flow)
 
     async def _serve_udp(self, nursery: trio.Nursery,
                          task_status: trio.TaskStatus[tuple[str, int]]) -> None:
@@ -152,17 +193,24 @@ class TunnelEndpoint:
                         sock: trio.socket.SocketType, client: tuple[str, int],
                         flows: dict[tuple[str, int], trio.MemorySendChannel[bytes]]) -> None:
         what = f"tunnel {self.tunnel.name} udp {_addr(client)} -> {self.route}"
+        error: BaseException | None = None
         with self.sessions.track("entry", what, circuit, drains=False) as record:
             try:
-                counts = await relay_datagrams(_FlowPort(outbox, sock, client), CircuitPort(circuit),
-                                               self.udp_idle)
-                cause = counts.error.__cause__ if counts.error is not None else None
-                if isinstance(cause, CircuitBroken):
-                    log.warning("%s: %s", what, cause)
-                record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, describe_error(counts.error))
+                far: DatagramPort = CircuitPort(circuit)
+                if self.exit_peer is not None:
+                    far = await self._sealed_port(circuit)
+                counts = await relay_datagrams(_FlowPort(outbox, sock, client), far, self.udp_idle)
+                error = counts.error
+                record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, describe_error(error))
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                error = exc
+                record.finish(0, 0, describe_error(exc) or "end-to-end handshake timed out")
             finally:
                 flows.pop(client, None)
                 outbox.close()
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
                     await circuit.aclose()
+        cause = error.__cause__ if error is not None else None
+        if isinstance(cause, CircuitBroken):
+            log.warning("%s: %s", what, cause)

@@ -14,17 +14,20 @@ import socket
 from typing import Literal
 
 import trio
-from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 
 from gateway.carrier import AnyCircuit, Carrier
 from gateway.circuit import Circuit, DatagramCircuit
 from gateway.config import Config, PeerConfig
+from gateway.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.errors import CircuitBroken, TunnelgateError
+from gateway.faults import ByteFlipper, DatagramFlipper, fault_injection_offset
 from gateway.peers import PeerDirectory
 from gateway.policy import Policy, parse_ip
 from gateway.sessions import SessionLog
 from gateway.splice import describe_error, splice
-from gateway.udp import CircuitPort, DatagramCounts, SocketPort, relay_datagrams
+from gateway.tls import TlsContexts
+from gateway.udp import CircuitPort, DatagramCounts, DatagramPort, SocketPort, relay_datagrams
+from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 
 log = logging.getLogger("tunnelgate.exit")
 
@@ -64,8 +67,12 @@ def _classify_connect_error(exc: BaseException) -> tuple[ErrorCode, str]:
 class CircuitServer:
     """The handler every carrier calls for each circuit the peer opens."""
 
-    def __init__(self, config: Config, peers: PeerDirectory, sessions: SessionLog) -> None:
+    def __init__(self, config: Config, peers: PeerDirectory, sessions: SessionLog,
+                 contexts: TlsContexts) -> None:
         self.config = config
+        self.contexts = contexts
+        self.by_fingerprint = {p.fingerprint: p.name for p in config.peer if p.fingerprint}
+        self.flip_offset = fault_injection_offset()
         self.name = config.gateway.name
         self.peers = peers
         self.sessions = sessions
@@ -167,8 +174,28 @@ class CircuitServer:
     async def _serve_tcp(self, circuit: Circuit, stream: trio.SocketStream, what: str) -> None:
         circuit.accept()
         with self.sessions.track("exit", what, circuit) as record:
-            result = await splice(circuit, stream)
+            near: trio.abc.HalfCloseableStream = circuit
+            if circuit.request.end_to_end:
+                secure = SecureStream(circuit, self.contexts.server(), server_side=True)
+                try:
+                    with trio.fail_after(self.connect_timeout):
+                        await secure.do_handshake()
+                except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                    reason = describe_error(exc) or "end-to-end handshake timed out"
+                    log.warning("exit %s: %s", what, reason)
+                    record.finish(0, 0, reason)
+                    await circuit.aclose()
+                    await stream.aclose()
+                    return
+                record.what += f" (end-to-end with {self._who(secure.peer_fingerprint)})"
+                near = secure
+            result = await splice(near, stream)
+            if result.error is not None:
+                log.warning("exit %s: %s", what, describe_error(result.error))
             record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
+
+    def _who(self, fingerprint: str) -> str:
+        return self.by_fingerprint.get(fingerprint, fingerprint)
 
     async def _serve_udp(self, circuit: DatagramCircuit, sock: trio.socket.SocketType,
                          what: str) -> None:
@@ -176,8 +203,21 @@ class CircuitServer:
         idle = self.config.gateway.udp_idle_timeout
         with self.sessions.track("exit", what, circuit, drains=False) as record:
             try:
-                counts = await relay_datagrams(CircuitPort(circuit), SocketPort(sock), idle)
+                near: DatagramPort = CircuitPort(circuit)
+                if circuit.request.end_to_end:
+                    with trio.fail_after(self.connect_timeout):
+                        flow, fingerprint = await SealedFlow.establish(
+                            circuit, self.contexts.server(), server_side=True)
+                    record.what += f" (end-to-end with {self._who(fingerprint)})"
+                    near = SealedPort(flow)
+                counts = await relay_datagrams(near, SocketPort(sock), idle)
+                if counts.error is not None:
+                    log.warning("exit %s: %s", what, describe_error(counts.error))
                 record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, _udp_outcome(counts))
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                reason = describe_error(exc) or "end-to-end handshake timed out"
+                log.warning("exit %s: %s", what, reason)
+                record.finish(0, 0, reason)
             finally:
                 await circuit.aclose()
 
@@ -225,11 +265,17 @@ class CircuitServer:
         circuit.accept()
         with self.sessions.track("relay", f"{what} -> {next_hop}", circuit) as record:
             if isinstance(circuit, Circuit) and isinstance(onward, Circuit):
-                result = await splice(circuit, onward)
+                upstream: trio.abc.HalfCloseableStream = circuit
+                if self.flip_offset is not None:
+                    upstream = ByteFlipper(circuit, self.flip_offset)
+                result = await splice(upstream, onward)
                 record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
             elif isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
                 try:
-                    counts = await relay_datagrams(CircuitPort(circuit), CircuitPort(onward),
+                    inbound: DatagramPort = CircuitPort(circuit)
+                    if self.flip_offset is not None:
+                        inbound = DatagramFlipper(inbound, self.flip_offset)
+                    counts = await relay_datagrams(inbound, CircuitPort(onward),
                                                    self.config.gateway.udp_idle_timeout)
                     record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, _udp_outcome(counts))
                 finally:

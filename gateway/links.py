@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import logging
 import random
-import ssl
 from collections.abc import Callable
 from contextlib import suppress
 
 import trio
-from gateway_codecs import Role, Settings
 
 from gateway.carrier import Carrier, RequestHandler, Timing
 from gateway.config import CarrierAddress, Config, PeerConfig
 from gateway.errors import CarrierLost, IdentityError
-from gateway.identity import Identity, fingerprint_of_file
+from gateway.identity import fingerprint_of_file
 from gateway.peers import PeerDirectory
-from gateway.tls import client_context, describe_tls_failure, peer_fingerprint, server_context
+from gateway.tls import TlsContexts, describe_tls_failure, peer_fingerprint
+from gateway_codecs import Role, Settings
 
 log = logging.getLogger("tunnelgate.links")
 
@@ -42,11 +41,11 @@ def _remote(stream: trio.SocketStream) -> str:
 class Links:
     """Everything about carriers except what flows on them."""
 
-    def __init__(self, config: Config, identity: Identity, peers: PeerDirectory,
+    def __init__(self, config: Config, contexts: TlsContexts, peers: PeerDirectory,
                  on_request: RequestHandler) -> None:
         gw = config.gateway
         self.config = config
-        self.identity = identity
+        self.contexts = contexts
         self.peers = peers
         self.on_request = on_request
         self.timing = Timing(gw.handshake_timeout, gw.keepalive_interval, gw.keepalive_timeout)
@@ -58,13 +57,6 @@ class Links:
                 self.by_fingerprint[fingerprint_of_file(peer.cert)] = peer
             if peer.fingerprint is not None:
                 self.by_fingerprint[peer.fingerprint] = peer
-        self._server_ctx: ssl.SSLContext | None = None
-
-    def _server_context(self) -> ssl.SSLContext:
-        if self._server_ctx is None:
-            certs = [p.cert for p in self.config.peer if p.cert is not None]
-            self._server_ctx = server_context(self.identity, certs, self.config.gateway.ca)
-        return self._server_ctx
 
     async def _carry(self, carrier: Carrier, on_up: Callable[[], None] | None = None) -> None:
         """Run a carrier: register it once its HELLO exchange is done, until it ends."""
@@ -97,7 +89,7 @@ class Links:
             log.warning("carrier listener %s is plain TCP: no encryption, no peer"
                         " authentication (the peer's name is taken from its HELLO)", _where(address))
         else:
-            self._server_context()
+            self.contexts.server()
         log.info("carrier listener %s bound to %s", _where(address), bound)
         task_status.started(bound)
 
@@ -114,7 +106,7 @@ class Links:
             carrier = Carrier(stream, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
                               None, f"from {remote} (plain)")
         else:
-            tls = trio.SSLStream(stream, self._server_context(), server_side=True,
+            tls = trio.SSLStream(stream, self.contexts.server(), server_side=True,
                                  https_compatible=False)
             try:
                 with trio.fail_after(self.timing.handshake_timeout):
@@ -180,7 +172,7 @@ class Links:
                             peer.name, where)
                 return Carrier(stream, Role.DIALER, self.settings, self.timing, self.on_request,
                                peer.name, f"to {peer.name} at {where} (plain)")
-            ctx = client_context(self.identity, peer.cert, self.config.gateway.ca)
+            ctx = self.contexts.client_for(peer.cert)
             tls = trio.SSLStream(stream, ctx, server_side=False, https_compatible=False)
             try:
                 await tls.do_handshake()

@@ -61,7 +61,7 @@ class SessionLog:
             duration = trio.current_time() - record.started
             outcome = f"error: {record.error}" if record.error else "ok"
             log.info("%s session closed: %s (circuit %d): %d B out, %d B back, %.3f s, %s",
-                     role, what, record.circuit_id, record.sent, record.received, duration, outcome)
+                     role, record.what, record.circuit_id, record.sent, record.received, duration, outcome)
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

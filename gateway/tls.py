@@ -153,3 +153,30 @@ def describe_tls_failure(exc: BaseException) -> str:
             return str(current)
         current = current.__cause__ or current.__context__
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class TlsContexts:
+    """The SSL contexts one gateway needs, built once: for carriers and end-to-end circuits.
+
+    `server()` trusts every configured peer certificate (and the CA); `client_for(cert,
+    fingerprint)` verifies one peer (by certificate, CA, or a pinned fingerprint).
+    """
+
+    def __init__(self, identity: Identity, peer_certs: Iterable[StrPath],
+                 ca_path: StrPath | None) -> None:
+        self.identity = identity
+        self.peer_certs = list(peer_certs)
+        self.ca_path = ca_path
+        self._server: ssl.SSLContext | None = None
+        self._clients: dict[str | None, ssl.SSLContext] = {}
+
+    def server(self) -> ssl.SSLContext:
+        if self._server is None:
+            self._server = server_context(self.identity, self.peer_certs, self.ca_path)
+        return self._server
+
+    def client_for(self, peer_cert: StrPath | None) -> ssl.SSLContext:
+        key = None if peer_cert is None else os.fspath(peer_cert)
+        if key not in self._clients:
+            self._clients[key] = client_context(self.identity, peer_cert, self.ca_path)
+        return self._clients[key]
