@@ -201,7 +201,7 @@ def decode_open(payload: bytes, flags: int) -> OpenRequest:
     elif atype == AddressType.NAME:
         size = r.u8()
         raw = r.take(size)
-        if size == 0 or not raw.isascii() or not all(32 < b < 127 for b in raw):
+        if not 1 <= size <= MAX_HOST_NAME or not all(32 < b < 127 for b in raw):
             raise RemoteProtocolError("OPEN host name must be 1..253 printable ASCII bytes")
         host = raw.decode("ascii")
     else:

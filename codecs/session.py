@@ -574,15 +574,15 @@ class CarrierSession:
             if payload:
                 events.append(DataReceived(cid, payload))
         elif ftype == FrameType.DATAGRAM:
+            if len(payload) > MAX_DATAGRAM:
+                raise RemoteProtocolError("DATAGRAM larger than 65,507 bytes",
+                                          ErrorCode.FRAME_SIZE_ERROR)
             c = self._lookup(cid, "DATAGRAM")
             if c is None:
                 return
             if c.kind is not CircuitKind.UDP:
                 raise RemoteProtocolError(f"DATAGRAM on TCP circuit {cid}",
                                           ErrorCode.CIRCUIT_STATE_ERROR)
-            if len(payload) > MAX_DATAGRAM:
-                raise RemoteProtocolError("DATAGRAM larger than 65,507 bytes",
-                                          ErrorCode.FRAME_SIZE_ERROR)
             if c.remote_fin or (c.local and c.state is CircuitState.OPENING):
                 raise RemoteProtocolError(f"DATAGRAM in a closed direction of flow {cid}",
                                           ErrorCode.CIRCUIT_STATE_ERROR)

@@ -583,3 +583,17 @@ def test_protocol_error_closes_with_goaway_and_the_code() -> None:
     assert int.from_bytes(goaway.payload[4:6]) == ErrorCode.PROTOCOL_ERROR
     with pytest.raises(LocalProtocolError):
         b.receive_data(b"")
+
+
+def test_open_host_name_longer_than_253_bytes_is_malformed() -> None:
+    _, b, _ = connected("whole")
+    payload = bytes([1, 0, 80, 3, 254]) + b"a" * 254 + bytes([0])
+    with pytest.raises(RemoteProtocolError):
+        b.receive_data(frame(FrameType.OPEN, 0, 1, payload))
+
+
+def test_open_trailing_bytes_are_reserved_and_ignored() -> None:
+    _, b, _ = connected("whole")
+    from gateway_codecs.frames import encode_open
+    events = b.receive_data(frame(FrameType.OPEN, 0x80, 1, encode_open(TCP) + b"future"))
+    assert events == [CircuitRequested(1, TCP)]
