@@ -597,3 +597,36 @@ def test_open_trailing_bytes_are_reserved_and_ignored() -> None:
     from gateway_codecs.frames import encode_open
     events = b.receive_data(frame(FrameType.OPEN, 0x80, 1, encode_open(TCP) + b"future"))
     assert events == [CircuitRequested(1, TCP)]
+
+
+_U64_1 = (1).to_bytes(8, "big")
+VIOLATIONS = [
+    ("second HELLO", FrameType.HELLO, 0, b"TNGW\x00\x01", ErrorCode.PROTOCOL_ERROR),
+    ("reserved id bit", FrameType.PING, 1 << 31, bytes(8), ErrorCode.CIRCUIT_ID_ERROR),
+    ("PING on a circuit", FrameType.PING, 1, bytes(8), ErrorCode.CIRCUIT_ID_ERROR),
+    ("short PING", FrameType.PING, 0, bytes(7), ErrorCode.FRAME_SIZE_ERROR),
+    ("DATA on id 0", FrameType.DATA, 0, b"x", ErrorCode.CIRCUIT_ID_ERROR),
+    ("MAX_DATA of 7 bytes", FrameType.MAX_DATA, 1, bytes(7), ErrorCode.FRAME_SIZE_ERROR),
+    ("FIN with payload", FrameType.FIN, 1, b"x", ErrorCode.FRAME_SIZE_ERROR),
+    ("OPEN_OK on an open circuit", FrameType.OPEN_OK, 1, b"", ErrorCode.CIRCUIT_STATE_ERROR),
+    ("OPEN with our parity", FrameType.OPEN, 3, b"", ErrorCode.CIRCUIT_ID_ERROR),
+    ("GOAWAY raising its last id", FrameType.GOAWAY, 0,
+     (4).to_bytes(4, "big") + b"\x00\x00\x00\x00", ErrorCode.PROTOCOL_ERROR),
+    ("RST reason length past the end", FrameType.RST, 1, b"\x00\x0a\x00\x05ab",
+     ErrorCode.FRAME_SIZE_ERROR),
+]
+
+
+@pytest.mark.parametrize("what,ftype,cid,payload,code", VIOLATIONS, ids=[v[0] for v in VIOLATIONS])
+def test_violations_close_the_carrier_with_their_code(
+        what: str, ftype: int, cid: int, payload: bytes, code: ErrorCode) -> None:
+    a, b, link = connected("whole")
+    open_accepted(a, b, link)  # circuit 1 is OPEN at a
+    a.receive_data(frame(FrameType.GOAWAY, 0, 0, bytes(4) + b"\x00\x00\x00\x00")
+                   if what.startswith("GOAWAY") else b"")
+    with pytest.raises(RemoteProtocolError) as exc:
+        a.receive_data(frame(ftype, 0, cid, payload))
+    assert exc.value.code == code, what
+    (goaway,) = parse_frames(a.data_to_send())
+    assert goaway.type == FrameType.GOAWAY
+    assert int.from_bytes(goaway.payload[4:6]) == code
