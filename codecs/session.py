@@ -71,6 +71,10 @@ MAX_PENDING_CONTROL_BYTES = 1 << 20
 DEFAULT_DATAGRAM_QUEUE_BYTES = 256 * 1024
 
 
+_DATA = FrameType.DATA.value
+_TCP = CircuitKind.TCP
+
+
 class Role(enum.Enum):
     DIALER = "dialer"  # opens odd circuit ids
     ACCEPTOR = "acceptor"  # opens even circuit ids
@@ -80,6 +84,9 @@ class CircuitState(enum.Enum):
     OPENING = "opening"  # we sent OPEN, no answer yet (we may already send DATA)
     PENDING = "pending"  # the peer sent OPEN, we have not answered
     OPEN = "open"
+
+
+_OPENING = CircuitState.OPENING
 
 
 class _Circuit:
@@ -202,6 +209,7 @@ class CarrierSession:
         else:
             view = memoryview(data)
         events: list[Event] = []
+        circuits = self._circuits
         pos = 0
         end_of_data = len(view)
         unpack = HEADER.unpack_from
@@ -226,9 +234,27 @@ class CarrierSession:
                 stop = pos + HEADER_SIZE + length
                 if stop > end_of_data:
                     break
+                ftype = length_type & 0xFF
+                if ftype == _DATA and cid in circuits:
+                    # Fast path for the bulk of the traffic: DATA on a live circuit whose
+                    # receiving direction is open. Everything else takes _handle_frame.
+                    c = circuits[cid]
+                    if (c.kind is _TCP and not c.remote_fin
+                            and (c.state is not _OPENING or not c.local)):
+                        window = c.window
+                        window.received += length
+                        if window.received > window.limit:
+                            raise RemoteProtocolError(
+                                f"peer sent to offset {window.received} on circuit {cid},"
+                                f" beyond the advertised {window.limit}",
+                                ErrorCode.FLOW_CONTROL_ERROR)
+                        if length:
+                            events.append(DataReceived(cid, bytes(view[pos + HEADER_SIZE:stop])))
+                        pos = stop
+                        continue
                 payload = bytes(view[pos + HEADER_SIZE:stop])
                 pos = stop
-                self._handle_frame(length_type & 0xFF, flags, cid, payload, events)
+                self._handle_frame(ftype, flags, cid, payload, events)
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
