@@ -7,6 +7,7 @@ that find a full queue are dropped and counted, never allowed to stall the carri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 
@@ -27,6 +28,7 @@ from gateway_codecs import CircuitKind, OpenRequest
 log = logging.getLogger("tunnelgate.tunnel")
 
 FLOW_QUEUE = 32  # datagrams waiting per flow between the listener and the circuit
+UDP_LISTENER_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF asked for on UDP listeners
 
 
 def _addr(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
@@ -155,6 +157,11 @@ class TunnelEndpoint:
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         sock = trio.socket.socket(family, socket.SOCK_DGRAM)
         with sock:
+            # Every flow of this tunnel shares this one socket: the default buffer (~208 KiB)
+            # overflows on a burst of three or four 64 KiB datagrams. The kernel caps it at
+            # net.core.rmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_LISTENER_BUFFER)
             await sock.bind((listen.host, listen.port))
             bound = sock.getsockname()[:2]
             log.info("tunnel %s listening on udp://%s, to %s", self.tunnel.name, _addr(bound), self.route)

@@ -31,6 +31,8 @@ from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 
 log = logging.getLogger("tunnelgate.exit")
 
+UDP_FLOW_BUFFER = 1024 * 1024  # SO_RCVBUF of each flow's connected socket (capped by rmem_max)
+
 
 class Refusal(TunnelgateError):
     """Why this hop will not serve a circuit; becomes OPEN_FAIL."""
@@ -164,6 +166,8 @@ class CircuitServer:
         family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
         sock = trio.socket.socket(family, socket.SOCK_DGRAM)
         try:
+            # A burst of replies (a few 64 KiB datagrams) overflows the ~208 KiB default.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_FLOW_BUFFER)
             await sock.connect((str(addr), req.port))
         except OSError as exc:
             sock.close()

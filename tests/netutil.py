@@ -306,7 +306,9 @@ class HttpServer:
 class UdpEcho:
     """A UDP socket on 127.0.0.1:0 that sends every datagram back to its sender."""
 
-    def __init__(self, rcvbuf: int = 4 * MiB) -> None:
+    def __init__(self, rcvbuf: int = 4 * MiB, keep: bool = False) -> None:
+        self.keep = keep
+        self.datagrams: list[bytes] = []  # every datagram received, when `keep`
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -331,6 +333,8 @@ class UdpEcho:
                 continue
             self.received += 1
             self.peers.add(addr)
+            if self.keep:
+                self.datagrams.append(data)
             self.sock.sendto(data, addr)
 
     def __exit__(self, et: type[BaseException] | None, *exc: object) -> None:
