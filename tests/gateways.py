@@ -46,7 +46,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: f
 
 class GatewayProcess:
     def __init__(self, folder: Path, name: str, config_text: str,
-                 netns: str | None = None, extra_args: tuple[str, ...] = ("-v",)) -> None:
+                 netns: str | None = None, extra_args: tuple[str, ...] = ("-v",),
+                 env: dict[str, str] | None = None) -> None:
         self.folder = folder
         self.name = name
         self.config_path = folder / f"{name}.toml"
@@ -55,6 +56,7 @@ class GatewayProcess:
         self.log_path = folder / f"{name}.log"
         self.netns = netns
         self.extra_args = extra_args
+        self.env = env  # added to the inherited environment (e.g. test-only fault injectors)
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready: dict[str, Any] = {}
 
@@ -65,8 +67,9 @@ class GatewayProcess:
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         log = self.log_path.open("ab")
+        env = {**os.environ, **self.env} if self.env else None
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         log.close()
         try:
             wait_until(lambda: self.ready_path.exists() or self.proc.poll() is not None,  # type: ignore[union-attr]
