@@ -75,6 +75,7 @@ class Carrier:
         self.circuits: dict[int, AnyCircuit] = {}
         self.rtt: float | None = None
         self.close_reason = "closed"
+        self.read_error: BaseException | None = None
         self.closed = trio.Event()
         self._on_request = on_request
         self._established = trio.Event()
@@ -125,8 +126,10 @@ class Carrier:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
                 await self.stream.aclose()
-        if handshake_failed:
-            raise CarrierLost(ErrorCode.PROTOCOL_ERROR, self.close_reason)
+        # The reader ending before HELLO (e.g. a TLS 1.3 server refusing our certificate
+        # after our handshake "completed") cancels the nursery: the carrier never came up.
+        if handshake_failed or not self._established.is_set():
+            raise CarrierLost(ErrorCode.PROTOCOL_ERROR, self.close_reason) from self.read_error
 
     async def _serve_request(self, circuit: AnyCircuit) -> None:
         """Run the request handler; a bug in one session must not take the carrier down."""
@@ -213,6 +216,7 @@ class Carrier:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 cause = exc.__cause__ or exc
                 self.close_reason = f"read failed: {cause or type(cause).__name__}"
+                self.read_error = cause  # e.g. the ssl.SSLError of a refused TLS 1.3 client cert
                 return
             if not data:
                 clean = any(isinstance(e, CarrierEnded) and e.clean for e in session.receive_eof())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections.abc import Callable
 from contextlib import suppress
 
@@ -150,6 +151,7 @@ class Links:
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, IdentityError,
                     CarrierLost) as exc:
                 why = ("timed out" if isinstance(exc, trio.TooSlowError)
+                       else describe_tls_failure(exc) if isinstance(exc.__cause__, ssl.SSLError)
                        else exc.reason if isinstance(exc, CarrierLost)
                        else describe_tls_failure(exc) if not isinstance(exc, OSError)
                        else (exc.strerror or str(exc)))
