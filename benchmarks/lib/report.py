@@ -1,0 +1,147 @@
+"""Collecting samples, and reporting them: the table, results.json and the chart."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BASELINE = "ssh"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    digits: int = 0
+
+
+METRICS = [
+    Metric("bulk1_mbps", "bulk TCP, 1 stream", "Mbit/s", True),
+    Metric("bulk1_cpu_s_per_gb", "  CPU per GB, 1 stream", "s/GB", False, 2),
+    Metric("bulk8_mbps", "bulk TCP, 8 streams", "Mbit/s", True),
+    Metric("bulk8_cpu_s_per_gb", "  CPU per GB, 8 streams", "s/GB", False, 2),
+    Metric("lat_median_us", "ping-pong 64 B, median", "us", False, 1),
+    Metric("lat_p99_us", "ping-pong 64 B, p99", "us", False, 1),
+    Metric("sess_seq_per_s", "sessions/s, sequential", "1/s", True),
+    Metric("sess_conc50_per_s", "sessions/s, 50 concurrent", "1/s", True),
+    Metric("udp_mbps", "UDP received (-b 0 -l 1400)", "Mbit/s", True),
+    Metric("udp_loss_pct", "  UDP loss", "%", False, 1),
+    Metric("fair_mbps", "bulk beside a stalled circuit", "Mbit/s", True),
+    Metric("fair_stalled_mib", "  buffered into stalled circuit", "MiB", False, 1),
+]
+MEMORY_ROLES = ("entry", "hub", "exit")
+
+
+def memory_metrics(counts: tuple[int, ...]) -> list[Metric]:
+    return [Metric(f"mem_{role}_{n}_b_per_circ", f"RSS/circuit, {role}, {n} idle", "B", False)
+            for n in counts for role in MEMORY_ROLES]
+
+
+@dataclass
+class Results:
+    contenders: list[str]
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # contender -> why
+
+    def add(self, contender: str, values: dict[str, float | None]) -> None:
+        for key, value in values.items():
+            if value is not None:
+                self.samples.setdefault(key, {}).setdefault(contender, []).append(value)
+
+    def error(self, contender: str, message: str) -> None:
+        self.errors.setdefault(contender, []).append(message)
+
+    def median(self, key: str, contender: str) -> float | None:
+        values = self.samples.get(key, {}).get(contender)
+        return statistics.median(values) if values else None
+
+    def ratio(self, key: str, contender: str) -> float | None:
+        value, base = self.median(key, contender), self.median(key, BASELINE)
+        if value is None or not base:
+            return None
+        return value / base
+
+
+def _cell(value: float | None, ratio: float | None, digits: int) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:,.{digits}f}"
+    return f"{text} ({ratio:.2f}x)" if ratio is not None else text
+
+
+def table(results: Results, metrics: list[Metric]) -> str:
+    shown = [m for m in metrics if m.key in results.samples]
+    names = results.contenders
+    rows = [[f"{m.label} [{m.unit}]"] + [
+        _cell(results.median(m.key, n), results.ratio(m.key, n), m.digits) for n in names
+    ] for m in shown]
+    header = ["metric (median; ratio to ssh -L)", *names]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+    out = [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+    return "\n".join(out)
+
+
+def to_json(results: Results, metrics: list[Metric], meta: dict) -> dict:
+    data: dict = {"meta": meta, "baseline": BASELINE, "contenders": {}, "metrics": {}}
+    for name in results.contenders:
+        data["contenders"][name] = {
+            "status": "skipped" if name in results.skipped else "ran",
+            "skipped_because": results.skipped.get(name),
+            "errors": results.errors.get(name, []),
+        }
+    for m in metrics:
+        if m.key not in results.samples:
+            continue
+        data["metrics"][m.key] = {
+            "label": m.label.strip(), "unit": m.unit, "higher_is_better": m.higher_is_better,
+            "by_contender": {
+                n: {"median": results.median(m.key, n), "ratio_to_ssh": results.ratio(m.key, n),
+                    "samples": results.samples[m.key].get(n, [])}
+                for n in results.contenders if n in results.samples[m.key]
+            },
+        }
+    return data
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_chart(path: Path, results: Results, metrics: list[Metric], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in metrics if m.key in results.samples]
+    if not shown:
+        return
+    cols = 3
+    rows = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, shown, strict=False):
+        names = [n for n in results.contenders if results.median(m.key, n) is not None]
+        values = [results.median(m.key, n) for n in names]
+        colors = ["tab:red" if n == BASELINE else
+                  "tab:blue" if n.startswith("tg-") else "tab:gray" for n in names]
+        ax.bar(names, values, color=colors)
+        better = "higher" if m.higher_is_better else "lower"
+        ax.set_title(f"{m.label.strip()} [{m.unit}] ({better} is better)", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
