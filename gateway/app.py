@@ -50,7 +50,8 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
             async def listen(*, task_status: trio.TaskStatus[dict[str, object]]) -> None:
                 with accepting:
                     async with trio.open_nursery() as nursery:
-                        carriers = [await nursery.start(links.serve, address) for address in gw.listen]
+                        carriers = [await nursery.start(links.serve, address, handlers)
+                                    for address in gw.listen]
                         tunnels = {e.tunnel.name: await nursery.start(e.serve, handlers) for e in endpoints}
                         for peer in config.peer:
                             if peer.dial is not None:

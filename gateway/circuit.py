@@ -8,6 +8,7 @@ carrier's session to queue frames and waking the carrier's writer.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -110,12 +111,17 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
 
     # ---- fed by the carrier's reader (synchronous, in the reader task)
     def on_data(self, data: bytes) -> None:
+        if self._closed:
+            self.reset(ErrorCode.CANCELLED, "data arrived after the circuit was closed")
+            return
         self._inbound.append(data)
         self._inbound_bytes += len(data)
         self._lot.unpark_all()
 
     def on_eof(self) -> None:
         self._eof_received = True
+        if self._closed:
+            self.carrier.forget(self)
         self._lot.unpark_all()
 
     def on_credit(self) -> None:
@@ -150,6 +156,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
         self._raise_if_broken()
         while self.carrier.session.send_credit(self.id) <= 0:
             await self._lot.park()
@@ -171,8 +178,10 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this circuit")
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         self._receiving = True
         try:
             while True:
@@ -210,14 +219,34 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
         return data
 
     async def aclose(self) -> None:
+        """Close like a TCP socket: FIN if everything received was read, else RST.
+
+        After a graceful close the circuit waits for the peer's FIN; data arriving
+        meanwhile has no reader, so it resets the circuit (as TCP answers with RST).
+        """
         if not self._closed:
-            if not (self._eof_sent and self._eof_received) or self._inbound:
-                self.reset(ErrorCode.CANCELLED, "closed before both directions finished")
             self._closed = True
+            if self.broken is not None:
+                self.carrier.forget(self)
+            elif self._inbound:
+                self.reset(ErrorCode.CANCELLED, "closed with unread data")
+            else:
+                if not self._eof_sent:
+                    self._eof_sent = True
+                    self.carrier.session.send_eof(self.id)
+                    self.carrier.wake_writer()
+                if self._eof_received:
+                    self.carrier.forget(self)
             self._inbound.clear()
             self._lot.unpark_all()
-            self.carrier.forget(self)
         await trio.lowlevel.checkpoint()
+
+    def abort(self, reason: str) -> None:
+        """Reset now (both directions), e.g. because the other side of a splice broke."""
+        if not self._closed or self.broken is None:
+            self.reset(ErrorCode.CANCELLED, reason)
+        self._closed = True
+        self._lot.unpark_all()
 
     @property
     def state(self) -> CircuitState | None:

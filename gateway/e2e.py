@@ -155,6 +155,10 @@ class SecureStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         await self.transport.aclose()
 
+    def abort(self, reason: str) -> None:
+        if isinstance(self.transport, Circuit):
+            self.transport.abort(reason)
+
 
 class _DatagramTransport(trio.abc.HalfCloseableStream):
     """A datagram circuit seen as a stream, only for the TLS handshake of a UDP flow."""

@@ -272,7 +272,7 @@ class CircuitServer:
                 upstream: trio.abc.HalfCloseableStream = circuit
                 if self.flip_offset is not None:
                     upstream = ByteFlipper(circuit, self.flip_offset)
-                result = await splice(upstream, onward)
+                result = await splice(_PassReset(upstream, onward), _PassReset(onward, circuit))
                 record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
             elif isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
                 try:
@@ -285,6 +285,48 @@ class CircuitServer:
                 finally:
                     await circuit.aclose()
                     await onward.aclose()
+
+
+class _PassReset(trio.abc.HalfCloseableStream):
+    """One leg of a relayed circuit: when it breaks with a code (RST from its far side,
+    e.g. INTEGRITY_ERROR from an end-to-end exit, or its carrier lost), the other leg
+    is reset with the same code and reason rather than a bare CANCELLED, so the RST
+    travels the whole chain and every hop's log says why the session ended."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, other: Circuit) -> None:
+        self.inner = inner
+        self.other = other
+
+    def _pass_on(self, exc: trio.BrokenResourceError) -> None:
+        if isinstance(exc.__cause__, CircuitBroken):
+            self.other.reset(exc.__cause__.code, exc.__cause__.reason)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            return await self.inner.receive_some(max_bytes)
+        except trio.BrokenResourceError as exc:
+            self._pass_on(exc)
+            raise
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.inner.send_all(data)
+        except trio.BrokenResourceError as exc:
+            self._pass_on(exc)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        try:
+            await self.inner.send_eof()
+        except trio.BrokenResourceError as exc:
+            self._pass_on(exc)
+            raise
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def _udp_outcome(counts: DatagramCounts) -> str:

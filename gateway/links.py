@@ -81,7 +81,7 @@ class Links:
 
     # ------------------------------------------------------------------ accepting
 
-    async def serve(self, address: CarrierAddress, *,
+    async def serve(self, address: CarrierAddress, handler_nursery: trio.Nursery | None = None, *,
                     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
@@ -97,7 +97,9 @@ class Links:
         async def accepted(stream: trio.SocketStream) -> None:
             await self._accepted(stream, address.scheme)
 
-        await trio.serve_listeners(accepted, listeners)
+        # Accepted carriers run in `handler_nursery`, so closing the listener (a drain)
+        # does not cancel them and the sessions on them.
+        await trio.serve_listeners(accepted, listeners, handler_nursery=handler_nursery)
 
     async def _accepted(self, stream: trio.SocketStream, scheme: str) -> None:
         remote = _remote(stream)

@@ -9,11 +9,19 @@ still gets the full reply. A broken side aborts both.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import trio
 
 # Bytes per read. The circuit side hands over whole queued frames up to this much.
 SPLICE_CHUNK = 256 * 1024
+
+
+@runtime_checkable
+class Abortable(Protocol):
+    """A stream that can signal an abort (a circuit: RST) instead of a clean close."""
+
+    def abort(self, reason: str) -> None: ...
 
 
 @dataclass
@@ -50,6 +58,11 @@ async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStrea
             nursery.start_soon(pump, a, b, True, nursery.cancel_scope)
             nursery.start_soon(pump, b, a, False, nursery.cancel_scope)
     finally:
+        if result.error is not None:
+            # One side broke: abort the other rather than let it look like a clean end.
+            for side in (a, b):
+                if isinstance(side, Abortable):
+                    side.abort(str(result.error) or "the other side of the relay broke")
         with trio.move_on_after(2) as cleanup:
             cleanup.shield = True
             await a.aclose()

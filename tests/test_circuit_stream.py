@@ -1,0 +1,81 @@
+"""Circuits honour the trio stream contract (trio.testing.check_half_closeable_stream)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+import trio.testing
+
+from gateway.carrier import AnyCircuit, Carrier, Timing
+from gateway.circuit import Circuit
+from gateway_codecs import CircuitKind, OpenRequest, Role, Settings
+
+
+@asynccontextmanager
+async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier, trio.MemoryReceiveChannel[AnyCircuit]]]:
+    """Two carriers back to back over an in-memory link; the acceptor's circuits are
+    delivered, unanswered, on the channel."""
+    left, right = trio.testing.memory_stream_pair()
+    inbound_send, inbound_receive = trio.open_memory_channel[AnyCircuit](16)
+
+    async def on_request(carrier: Carrier, circuit: AnyCircuit) -> None:
+        await inbound_send.send(circuit)
+
+    async def refuse_all(carrier: Carrier, circuit: AnyCircuit) -> None:
+        circuit.refuse(0x0101, "test")
+
+    settings = Settings(initial_window=window)
+    dialer = Carrier(left, Role.DIALER, settings, Timing(), refuse_all, "acceptor", "test dialer")
+    acceptor = Carrier(right, Role.ACCEPTOR, settings, Timing(), on_request, "dialer", "test acceptor")
+    async with trio.open_nursery() as nursery:
+        ready = trio.Event()
+        count = 0
+
+        def up(_: Carrier) -> None:
+            nonlocal count
+            count += 1
+            if count == 2:
+                ready.set()
+
+        nursery.start_soon(dialer.run, up)
+        nursery.start_soon(acceptor.run, up)
+        await ready.wait()
+        yield dialer, inbound_receive
+        nursery.cancel_scope.cancel()
+
+
+async def open_pair(dialer: Carrier, inbound: trio.MemoryReceiveChannel[AnyCircuit]) -> tuple[Circuit, Circuit]:
+    a = dialer.open(OpenRequest(CircuitKind.TCP, "127.0.0.1", 9))
+    b = await inbound.receive()
+    b.accept()
+    await a.wait_open()
+    assert isinstance(a, Circuit) and isinstance(b, Circuit)
+    return a, b
+
+
+async def test_circuits_pass_trio_half_closeable_stream_conformance() -> None:
+    async with carrier_pair() as (dialer, inbound):
+
+        async def maker() -> tuple[Circuit, Circuit]:
+            return await open_pair(dialer, inbound)
+
+        await trio.testing.check_half_closeable_stream(maker, None)
+
+
+async def test_small_window_still_moves_a_large_transfer_in_order() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB through a 16 KiB window
+    async with carrier_pair(window=16384) as (dialer, inbound):
+        a, b = await open_pair(dialer, inbound)
+        received = bytearray()
+
+        async def reader() -> None:
+            while chunk := await b.receive_some(7000):
+                received.extend(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await a.send_all(payload)
+            await a.send_eof()
+        assert bytes(received) == payload
