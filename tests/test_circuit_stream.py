@@ -12,9 +12,11 @@ from gateway.carrier import AnyCircuit, Carrier, Timing
 from gateway.circuit import Circuit
 from gateway_codecs import CircuitKind, OpenRequest, Role, Settings
 
+Inbound = trio.MemoryReceiveChannel[AnyCircuit]
+
 
 @asynccontextmanager
-async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier, trio.MemoryReceiveChannel[AnyCircuit]]]:
+async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier, Inbound]]:
     """Two carriers back to back over an in-memory link; the acceptor's circuits are
     delivered, unanswered, on the channel."""
     left, right = trio.testing.memory_stream_pair()
@@ -46,7 +48,7 @@ async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier,
         nursery.cancel_scope.cancel()
 
 
-async def open_pair(dialer: Carrier, inbound: trio.MemoryReceiveChannel[AnyCircuit]) -> tuple[Circuit, Circuit]:
+async def open_pair(dialer: Carrier, inbound: Inbound) -> tuple[Circuit, Circuit]:
     a = dialer.open(OpenRequest(CircuitKind.TCP, "127.0.0.1", 9))
     b = await inbound.receive()
     b.accept()
