@@ -24,7 +24,9 @@ _U64 = struct.Struct("!Q")
 _CODE_AND_LEN = struct.Struct("!HH")
 
 MAX_REASON_BYTES = 1024  # a reason is for a log line, not a document
-MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
+# The largest DATAGRAM payload: a u16-sized UDP payload. It holds any IPv4 UDP payload
+# (65,507 bytes) plus the 24 bytes an end-to-end sealed flow adds to each datagram.
+MAX_DATAGRAM = 65535
 MAX_HOST_NAME = 253  # DNS limit
 MAX_HOP_NAME = 63  # gateway names are DNS labels
 MAX_ROUTE_HOPS = 32  # hard wire cap; gateways enforce a smaller configured limit

@@ -17,7 +17,7 @@ MAGIC = b"TNGW"
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 MAX_HELLO_PAYLOAD = 4096  # bounds what we buffer before we know who the peer is
-MIN_MAX_FRAME_PAYLOAD = 65536  # every DATAGRAM (<= 65,507 bytes) must fit in one frame
+MIN_MAX_FRAME_PAYLOAD = 65536  # every DATAGRAM (<= 65,535 bytes) must fit in one frame
 SESSION_ID_SIZE = 16
 
 _ENTRY = struct.Struct("!HH")

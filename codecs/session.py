@@ -601,7 +601,7 @@ class CarrierSession:
                 events.append(DataReceived(cid, payload))
         elif ftype == FrameType.DATAGRAM:
             if len(payload) > MAX_DATAGRAM:
-                raise RemoteProtocolError("DATAGRAM larger than 65,507 bytes",
+                raise RemoteProtocolError("DATAGRAM larger than 65,535 bytes",
                                           ErrorCode.FRAME_SIZE_ERROR)
             c = self._lookup(cid, "DATAGRAM")
             if c is None:

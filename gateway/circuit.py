@@ -17,6 +17,7 @@ from trio.lowlevel import ParkingLot
 
 from gateway.errors import CircuitBroken, OpenRefused
 from gateway_codecs import (
+    MAX_DATAGRAM,
     CircuitState,
     ErrorCode,
     LocalProtocolError,
@@ -287,6 +288,9 @@ class DatagramCircuit(_CircuitBase):
     def send(self, datagram: bytes) -> bool:
         """Queue one datagram for the carrier; False if it was dropped (queue full)."""
         self._raise_if_broken()
+        if len(datagram) > MAX_DATAGRAM:
+            self.dropped_out += 1  # only an IPv6 jumbo-sized payload, sealed, gets here
+            return False
         try:
             queued = self.carrier.session.send_datagram(self.id, datagram)
         except LocalProtocolError as exc:
