@@ -272,7 +272,8 @@ class CircuitServer:
                 upstream: trio.abc.HalfCloseableStream = circuit
                 if self.flip_offset is not None:
                     upstream = ByteFlipper(circuit, self.flip_offset)
-                result = await splice(_PassReset(upstream, onward), _PassReset(onward, circuit))
+                result = await splice(_PassReset(upstream, circuit, onward),
+                                      _PassReset(onward, onward, circuit))
                 record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
             elif isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
                 try:
@@ -293,9 +294,14 @@ class _PassReset(trio.abc.HalfCloseableStream):
     is reset with the same code and reason rather than a bare CANCELLED, so the RST
     travels the whole chain and every hop's log says why the session ended."""
 
-    def __init__(self, inner: trio.abc.HalfCloseableStream, other: Circuit) -> None:
-        self.inner = inner
+    def __init__(self, inner: trio.abc.HalfCloseableStream, own: Circuit, other: Circuit) -> None:
+        self.inner = inner  # `own`, possibly wrapped (the test-only byte flipper)
+        self.own = own
         self.other = other
+
+    def abort(self, reason: str) -> None:
+        """splice aborts both sides when one broke (see splice.Abortable)."""
+        self.own.abort(reason)
 
     def _pass_on(self, exc: trio.BrokenResourceError) -> None:
         if isinstance(exc.__cause__, CircuitBroken):

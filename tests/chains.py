@@ -53,7 +53,8 @@ def chain_gateways(topo: Topology, folder: Path, *,
                    alias: dict[tuple[str, str], str] | None = None,
                    tunnels: dict[str, str] | None = None,
                    extra: dict[str, str] | None = None,
-                   env: dict[str, dict[str, str]] | None = None) -> dict[str, GatewayProcess]:
+                   env: dict[str, dict[str, str]] | None = None,
+                   known: dict[str, list[str]] | None = None) -> dict[str, GatewayProcess]:
     """One GatewayProcess per host of `topo`, in its namespace (not started).
 
     dialer[i]: "left" (default) or "right", which end of link i dials the carrier.
@@ -63,7 +64,7 @@ def chain_gateways(topo: Topology, folder: Path, *,
     tunnels[gw] / extra[gw]: TOML appended to the file / to its [gateway] table.
     """
     dialer, allow, route, alias = dialer or {}, allow or {}, route or {}, alias or {}
-    tunnels, extra, env = tunnels or {}, extra or {}, env or {}
+    tunnels, extra, env, known = tunnels or {}, extra or {}, env or {}, known or {}
     hosts = topo.hosts
     copy_keys(folder, hosts)
 
@@ -88,6 +89,8 @@ def chain_gateways(topo: Topology, folder: Path, *,
             lines.append(f"allow = {json.dumps(allow.get((gw, nb), []))}")
             lines.append(f"route = {json.dumps(route.get((gw, nb), onward))}")
             peers.append("[[peer]]\n" + "\n".join(lines) + "\n")
+        for far in known.get(gw, []):
+            peers.append(f'[[peer]]\nname = "{far}"\ncert = "{far}.crt"\n')
         text = (f'[gateway]\nname = "{gw}"\nkey = "{gw}.key"\nlisten = {json.dumps(listen)}\n'
                 f"{TIMERS}{extra.get(gw, '')}\n" + "\n".join(peers) + "\n" + tunnels.get(gw, ""))
         gateways[gw] = GatewayProcess(folder, gw, text, netns=topo.ns[gw], env=env.get(gw))
@@ -215,6 +218,58 @@ def hash_round_trip(topo: Topology, host: str, addr: str, port: int, size: int, 
                       timeout=timeout)
     result: dict[str, object] = json.loads(out.stdout)
     return result
+
+
+UDP_HASH_SERVER = r"""
+import hashlib, socket, sys
+addr, port, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((addr, port))
+print("ready", flush=True)
+while True:
+    data, peer = sock.recvfrom(65535)
+    answer = f"{hashlib.sha256(data).hexdigest()} {len(data)}"
+    with open(log, "a") as f:
+        f.write(answer + "\n")
+    sock.sendto(answer.encode(), peer)
+"""
+
+UDP_HASH_CLIENT = r"""
+import hashlib, json, random, socket, sys, time
+addr, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+sizes = [int(n) for n in sys.argv[4].split(",")]
+results = []
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # one flow for all
+    for i, size in enumerate(sizes):
+        data = random.Random(100 + i).randbytes(size)
+        sock.sendto(data, (addr, port))
+        sock.settimeout(wait)
+        try:
+            reply = sock.recv(65535).decode()
+        except (TimeoutError, OSError) as exc:
+            reply = None
+        results.append({"expected": f"{hashlib.sha256(data).hexdigest()} {size}", "reply": reply})
+print(json.dumps(results))
+"""
+
+
+def start_udp_hash_server(topo: Topology, host: str, addr: str, port: int, folder: Path) -> Path:
+    """A UDP server in `host` answering each datagram with "SHA256 LENGTH" of what it got;
+    returns the file where it records every datagram's hash."""
+    record = folder / f"udphash-{host}-{port}.log"
+    topo.spawn_python(host, UDP_HASH_SERVER, addr, str(port), str(record),
+                      log=folder / f"udphash-{host}.err")
+    return record
+
+
+def udp_hash_exchange(topo: Topology, host: str, addr: str, port: int, sizes: list[int],
+                      wait: float = 3.0) -> list[dict[str, str | None]]:
+    """From one client socket in `host`, send one datagram per size to addr:port and wait
+    up to `wait` s for each answer; per datagram, the expected answer and the reply (or None)."""
+    out = topo.python(host, UDP_HASH_CLIENT, addr, str(port), str(wait), ",".join(map(str, sizes)),
+                      timeout=wait * len(sizes) + 15)
+    results: list[dict[str, str | None]] = json.loads(out.stdout)
+    return results
 
 
 def direct_connect(topo: Topology, host: str, addr: str, port: int) -> str:
