@@ -276,12 +276,12 @@ def direct_connect(topo: Topology, host: str, addr: str, port: int) -> str:
     return topo.python(host, DIRECT_CONNECT, addr, str(port)).stdout.strip()
 
 
-def start_dnsmasq(topo: Topology, host: str, addr: str, folder: Path) -> None:
+def start_dnsmasq(topo: Topology, host: str, addr: str, folder: Path, port: int = DNS_PORT) -> None:
     topo.spawn(host, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
                f"--address=/{DNS_NAME}/{DNS_ANSWER}", f"--listen-address={addr}",
-               f"--port={DNS_PORT}", "--bind-interfaces", "-u", "root",
+               f"--port={port}", "--bind-interfaces", "-u", "root",
                log=folder / f"dnsmasq-{host}.log")
-    topo.wait_listening(host, "udp", DNS_PORT)
+    topo.wait_listening(host, "udp", port)
 
 
 def dig(topo: Topology, host: str, server: str, port: int, name: str = DNS_NAME) -> str:

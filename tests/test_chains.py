@@ -22,6 +22,7 @@ from tests.chains import (
     KEEPALIVE_INTERVAL,
     KEEPALIVE_TIMEOUT,
     chain_gateways,
+    copy_keys,
     dig,
     direct_connect,
     hash_round_trip,
@@ -29,8 +30,9 @@ from tests.chains import (
     start_dnsmasq,
     start_hash_server,
     tunnel,
+    wait_chain_up,
 )
-from tests.gateways import GatewayProcess, wait_until
+from tests.gateways import GatewayProcess, running, wait_until
 from tests.netns import Topology, topology
 
 pytestmark = [pytest.mark.netns]
@@ -231,3 +233,38 @@ def test_cut_link_carriers_die_within_keepalive_timeout_and_come_back(tmp_path: 
         assert dig(topo, "edge", "127.0.0.1", UDP_PORT) == DNS_ANSWER
         reverse = hash_round_trip(topo, "dc", "127.0.0.1", TCP_PORT, 4 * MIB, seed=10)
         assert reverse["line"] == f"{reverse['sent_sha']} {4 * MIB}", reverse
+
+
+# --- the README's worked example -----------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "three-hosts"
+
+
+def test_the_readme_three_host_example_works_as_written(tmp_path: Path) -> None:
+    """deploy/examples/three-hosts as shipped, with only its addresses swapped for the
+    namespaces' (hub.example.net, the datacenter and office services)."""
+    with topology("edge", "hub", "dc") as topo, ExitStack() as stack:
+        dc_addr, edge_addr = topo.addr("dc", "hub"), topo.addr("edge", "hub")
+        start_hash_server(topo, "dc", dc_addr, tmp_path, port=5432)
+        start_dnsmasq(topo, "dc", dc_addr, tmp_path, port=53)
+        start_hash_server(topo, "edge", edge_addr, tmp_path, port=22)
+        copy_keys(tmp_path, ["edge", "hub", "dc"])
+        swap = {"db.dc.internal": dc_addr, "10.2.0.53": dc_addr, "10.1.0.10": edge_addr}
+        gateways = {}
+        for host in ("edge", "hub", "dc"):
+            text = (EXAMPLE / f"{host}.toml").read_text()
+            if host != "hub":  # each spoke dials the hub's address on its own link
+                text = text.replace("hub.example.net", topo.addr("hub", host))
+            for old, new in swap.items():
+                text = text.replace(old, new)
+            gateways[host] = GatewayProcess(tmp_path, host, text, netns=topo.ns[host])
+        stack.enter_context(running(*gateways.values()))
+        wait_chain_up(topo, gateways)
+
+        result = hash_round_trip(topo, "edge", "127.0.0.1", 5432, 4 * MIB)  # the "postgres" tunnel
+        assert result["line"] == f"{result['sent_sha']} {4 * MIB}", result
+        assert dig(topo, "edge", "127.0.0.1", 5353) == DNS_ANSWER  # "dns"
+        back = hash_round_trip(topo, "dc", "127.0.0.1", 2222, MIB)  # "office-ssh", the reverse one
+        assert back["line"] == f"{back['sent_sha']} {MIB}", back
+        assert "end-to-end with edge" in gateways["dc"].log()
+        assert "end-to-end with dc" in gateways["edge"].log()
