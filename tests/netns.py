@@ -279,9 +279,10 @@ class Topology:
             if how == "down":
                 self.exec(host, "ip", "link", "set", dev, "down")
             elif how == "nft":
-                rules = (f"table inet tgcut {{ chain in {{ type filter hook input priority 0; "
-                         f"iifname \"{dev}\" drop; }} chain out {{ type filter hook output priority 0; "
-                         f"oifname \"{dev}\" drop; }} }}")
+                rules = (f"table inet tgcut {{\n"
+                         f"  chain in {{ type filter hook input priority 0; iifname \"{dev}\" drop; }}\n"
+                         f"  chain out {{ type filter hook output priority 0; oifname \"{dev}\" drop; }}\n"
+                         f"}}\n")
                 self.exec(host, "nft", "-f", "-", input=rules.encode())
                 self._cut_rules.add((host, dev))
             else:
