@@ -41,6 +41,7 @@ class Settings:
     conc_workers: int = 50
     conc_per_worker: int = 40
     memory_counts: tuple[int, ...] = (1000, 10000)
+    udp_bitrate: str = "0"  # iperf3 -b: 0 is unlimited
 
     @classmethod
     def quick(cls) -> Settings:
@@ -56,7 +57,7 @@ def iperf3(targets: Targets, port: int, seconds: int, *extra: str) -> dict:
     argv = ["iperf3", "-c", HOST, "-p", str(port), "-J", "-t", str(max(1, int(seconds))),
             "--connect-timeout", "5000", *extra]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 20)
         data = json.loads(done.stdout or "{}")
     except (subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
         targets.restart_iperf()
@@ -81,8 +82,9 @@ def bulk(targets: Targets, c: Contender, streams: int, seconds: int) -> dict[str
     }
 
 
-def udp(targets: Targets, c: Contender, seconds: int) -> dict[str, float | None]:
-    data = iperf3(targets, c.ports["iperf"], seconds, "-u", "-b", "0", "-l", "1400")
+def udp(targets: Targets, c: Contender, seconds: int,
+        bitrate: str = "0") -> dict[str, float | None]:
+    data = iperf3(targets, c.ports["iperf"], seconds, "-u", "-b", bitrate, "-l", "1400")
     received = data["end"]["sum_received"]
     return {"udp_mbps": received["bits_per_second"] / 1e6,
             "udp_loss_pct": received.get("lost_percent")}
