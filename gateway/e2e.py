@@ -62,16 +62,16 @@ class SecureStream(trio.abc.HalfCloseableStream):
             raise IdentityError("the end-to-end peer presented no certificate")
         return fingerprint_of_der_cert(der)
 
-    def _fail(self, reason: str, exc: BaseException | None = None) -> trio.BrokenResourceError:
-        """Reset the circuit with INTEGRITY_ERROR so both ends log the same reason."""
+    def _fail(self, reason: str, exc: BaseException | None = None) -> CircuitBroken:
+        """Reset the circuit with INTEGRITY_ERROR so both ends log the same reason.
+
+        Callers raise ``trio.BrokenResourceError(str(error)) from error``.
+        """
         error = _integrity(reason)
+        error.__cause__ = exc
         if isinstance(self.transport, Circuit):
             self.transport.reset(ErrorCode.INTEGRITY_ERROR, reason)
-        broken = trio.BrokenResourceError(str(error))
-        broken.__cause__ = error
-        if exc is not None:
-            error.__cause__ = exc
-        return broken
+        return error
 
     async def _flush(self) -> None:
         data = self._out.read()
@@ -93,11 +93,13 @@ class SecureStream(trio.abc.HalfCloseableStream):
             except ssl.SSLWantReadError:
                 await self._flush()
                 if not await self._fill():
-                    raise self._fail("the circuit ended during the end-to-end TLS handshake") from None
+                    error = self._fail("the circuit ended during the end-to-end TLS handshake")
+                    raise trio.BrokenResourceError(str(error)) from error
                 continue
             except ssl.SSLError as exc:
                 await self._flush_quietly()
-                raise self._fail(f"end-to-end TLS handshake failed: {exc.reason or exc}", exc) from exc
+                error = self._fail(f"end-to-end TLS handshake failed: {exc.reason or exc}", exc)
+                raise trio.BrokenResourceError(str(error)) from error
             await self._flush()
             return
 
@@ -116,7 +118,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
                 n = self._ssl.write(view[:READ_SIZE])
                 view = view[n:]
         except ssl.SSLError as exc:
-            raise self._fail(f"end-to-end TLS write failed: {exc.reason or exc}", exc) from exc
+            error = self._fail(f"end-to-end TLS write failed: {exc.reason or exc}", exc)
+            raise trio.BrokenResourceError(str(error)) from error
         await self._flush()
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -132,7 +135,8 @@ class SecureStream(trio.abc.HalfCloseableStream):
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLError as exc:
-            raise self._fail(f"end-to-end TLS close failed: {exc.reason or exc}", exc) from exc
+            error = self._fail(f"end-to-end TLS close failed: {exc.reason or exc}", exc)
+            raise trio.BrokenResourceError(str(error)) from error
         await self._flush()
         await self.transport.send_eof()
 
@@ -143,13 +147,15 @@ class SecureStream(trio.abc.HalfCloseableStream):
             except ssl.SSLWantReadError:
                 await self._flush()  # e.g. a KeyUpdate answer
                 if not await self._fill():
-                    raise self._fail("the circuit ended without TLS close_notify: truncated") from None
+                    error = self._fail("the circuit ended without TLS close_notify: truncated")
+                    raise trio.BrokenResourceError(str(error)) from error
                 continue
             except ssl.SSLZeroReturnError:
                 return b""
             except ssl.SSLError as exc:
-                raise self._fail(f"end-to-end TLS record failed authentication: {exc.reason or exc}",
-                                 exc) from exc
+                error = self._fail(f"end-to-end TLS record failed authentication: {exc.reason or exc}",
+                                   exc)
+                raise trio.BrokenResourceError(str(error)) from error
             return data
 
     async def aclose(self) -> None:
