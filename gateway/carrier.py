@@ -17,6 +17,7 @@ import trio
 
 from gateway.circuit import Circuit, DatagramCircuit, _CircuitBase
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused
+from gateway.transport import CarrierTransport, TransportBroken
 from gateway_codecs import (
     CarrierEnded,
     CarrierSession,
@@ -48,7 +49,6 @@ log = logging.getLogger("tunnelgate.carrier")
 READ_SIZE = 256 * 1024  # one read takes several full frames: fewer wakeups per byte
 WRITE_CHUNK = 256 * 1024  # payload per write: big enough to amortize a TLS record
 # batch, small enough that a late small write on another circuit waits little.
-CLOSE_GRACE = 2.0  # seconds to flush a GOAWAY and close_notify before dropping the link
 
 AnyCircuit = Circuit | DatagramCircuit
 RequestHandler = Callable[["Carrier", AnyCircuit], Awaitable[None]]
@@ -64,10 +64,10 @@ class Timing:
 class Carrier:
     """One live carrier to `peer_name`; opens circuits and serves the peer's."""
 
-    def __init__(self, stream: trio.abc.Stream, role: Role, settings: Settings,
+    def __init__(self, transport: CarrierTransport, role: Role, settings: Settings,
                  timing: Timing, on_request: RequestHandler, peer_name: str | None,
                  description: str) -> None:
-        self.stream = stream
+        self.transport = transport
         self.session = CarrierSession(role, settings)
         self.timing = timing
         self.peer_name = peer_name
@@ -79,8 +79,9 @@ class Carrier:
         self.closed = trio.Event()
         self._on_request = on_request
         self._established = trio.Event()
-        self._wake = trio.Event()
-        self._wake.set()  # HELLO is already queued
+        self._wake = trio.Event()  # the writer task waits for the socket only when it is full
+        self._pending: memoryview | None = None  # bytes taken from the session, not yet written
+        self._write_blocked = False
         self._last_heard = trio.current_time()
         self._pings: dict[bytes, float] = {}
         self._nursery: trio.Nursery | None = None
@@ -119,13 +120,9 @@ class Carrier:
             for circuit in list(self.circuits.values()):
                 circuit.on_broken(lost)
             self.circuits.clear()
-            with trio.move_on_after(CLOSE_GRACE) as scope:
-                scope.shield = True
-                try:
-                    await self._flush()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                await self.stream.aclose()
+            self._write_blocked = False
+            self.flush()  # a GOAWAY saying why, if the socket takes it now
+            self.transport.close()
         # The reader ending before HELLO (e.g. a TLS 1.3 server refusing our certificate
         # after our handshake "completed") cancels the nursery: the carrier never came up.
         if handshake_failed or not self._established.is_set():
@@ -152,7 +149,7 @@ class Carrier:
     def goaway(self, reason: str = "draining") -> None:
         """Stop accepting the peer's new circuits; existing ones continue."""
         self.session.goaway(ErrorCode.NO_ERROR, reason)
-        self.wake_writer()
+        self.flush()
 
     @property
     def usable(self) -> bool:
@@ -169,7 +166,7 @@ class Carrier:
         cls = DatagramCircuit if request.kind is CircuitKind.UDP else Circuit
         circuit = cls(self, cid, request, opened_here=True)
         self.circuits[cid] = circuit
-        self.wake_writer()
+        self.flush()
         return circuit
 
     def forget(self, circuit: _CircuitBase) -> None:
@@ -177,29 +174,54 @@ class Carrier:
             del self.circuits[circuit.id]
 
     def wake_writer(self) -> None:
-        self._wake.set()
+        """Frames were queued: write them now (see `flush`)."""
+        self.flush()
 
-    # ------------------------------------------------------------------ tasks
+    def flush(self) -> None:
+        """Write what the session has queued, from the calling task, as far as the socket
+        takes it without blocking; the writer task finishes the rest when it drains.
 
-    async def _flush(self) -> None:
-        data = self.session.data_to_send()
-        if data:
-            await self.stream.send_all(data)
+        Writing inline saves a task switch per message (latency), and a writer that only
+        runs when the socket is full keeps bulk transfers to one syscall per chunk.
+        """
+        if self._write_blocked or (self.closed.is_set() and self._nursery is None):
+            return
+        transport = self.transport
+        while True:
+            pending = self._pending
+            if not pending:
+                data = self.session.data_to_send(WRITE_CHUNK)
+                if not data:
+                    self._pending = None
+                    return
+                pending = memoryview(data)
+            try:
+                sent = transport.try_send(pending)
+            except TransportBroken as exc:
+                self._pending = None
+                self._fail(f"write failed: {exc}")
+                return
+            if sent is None:
+                self._pending = pending
+                self._write_blocked = True
+                self._wake.set()
+                return
+            self._pending = pending[sent:]
+
+    def _fail(self, reason: str) -> None:
+        if not self.closed.is_set():
+            self.close_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def _writer(self) -> None:
-        session = self.session
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                data = session.data_to_send(WRITE_CHUNK)
-                while data:
-                    await self.stream.send_all(data)
-                    data = session.data_to_send(WRITE_CHUNK)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.close_reason = f"write failed: {exc}"
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._write_blocked:
+                await self.transport.wait_writable()
+                self._write_blocked = False
+                self.flush()
 
     async def _reader_then_stop(self, scope: trio.CancelScope) -> None:
         try:
@@ -209,29 +231,34 @@ class Carrier:
 
     async def _reader(self) -> None:
         session = self.session
-        stream = self.stream
+        transport = self.transport
+        buffer = memoryview(bytearray(READ_SIZE))
+        self.flush()  # our HELLO
         while True:
             try:
-                data = await stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                cause = exc.__cause__ or exc
-                self.close_reason = f"read failed: {cause or type(cause).__name__}"
-                self.read_error = cause  # e.g. the ssl.SSLError of a refused TLS 1.3 client cert
+                n = transport.try_recv_into(buffer)
+            except TransportBroken as exc:
+                self.read_error = exc
+                self.close_reason = f"read failed: {exc}"
                 return
-            if not data:
+            if n is None:
+                await transport.wait_readable()
+                continue
+            if n == 0:
                 clean = any(isinstance(e, CarrierEnded) and e.clean for e in session.receive_eof())
                 self.close_reason = "closed by peer after GOAWAY" if clean else "peer closed the link"
                 return
             self._last_heard = trio.current_time()
             try:
-                events = session.receive_data(data)
+                events = session.receive_data(buffer[:n])
             except RemoteProtocolError as exc:
                 self.close_reason = f"protocol violation by peer: {exc}"
                 log.warning("carrier %s: %s; closing it", self.description, self.close_reason)
                 return
             for event in events:
                 self._dispatch(event)
-            self._wake.set()
+            self.flush()  # PONGs, credit updates, refusals
+            await trio.lowlevel.checkpoint()  # let the circuits just fed run
 
     def _dispatch(self, event: Event) -> None:
         match event:
@@ -296,6 +323,6 @@ class Carrier:
                 if len(self._pings) > 16:
                     self._pings.clear()
                 self._pings[self.session.ping(os.urandom(8))] = now
-                self.wake_writer()
+                self.flush()
                 next_ping = now + interval
             await trio.sleep(tick)

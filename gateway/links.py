@@ -11,7 +11,6 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from contextlib import suppress
 
 import trio
 
@@ -20,7 +19,8 @@ from gateway.config import CarrierAddress, Config, PeerConfig
 from gateway.errors import CarrierLost, IdentityError
 from gateway.identity import fingerprint_of_file
 from gateway.peers import PeerDirectory
-from gateway.tls import TlsContexts, describe_tls_failure, peer_fingerprint
+from gateway.tls import TlsContexts, describe_tls_failure
+from gateway.transport import CarrierTransport
 from gateway_codecs import Role, Settings
 
 log = logging.getLogger("tunnelgate.links")
@@ -31,12 +31,27 @@ def _where(address: CarrierAddress) -> str:
     return f"{address.scheme}://{host}:{address.port}"
 
 
-def _remote(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _has_tls_cause(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _connect_failure(exc: OSError) -> str:
+    """trio reports a failed connect as 'all attempts failed'; say why the last one did."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        group = cause.__cause__
+        if isinstance(group, BaseExceptionGroup) and group.exceptions:
+            cause = group.exceptions[-1]
+        else:
+            cause = group
+    return str(exc)
 
 
 class Links:
@@ -102,30 +117,26 @@ class Links:
         await trio.serve_listeners(accepted, listeners, handler_nursery=handler_nursery)
 
     async def _accepted(self, stream: trio.SocketStream, scheme: str) -> None:
-        remote = _remote(stream)
-        with suppress(OSError):
-            stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, True)
+        transport = CarrierTransport.from_trio(stream)
+        remote = transport.remote()
         if scheme == "tcp":
-            carrier = Carrier(stream, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
+            carrier = Carrier(transport, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
                               None, f"from {remote} (plain)")
         else:
-            tls = trio.SSLStream(stream, self.contexts.server(), server_side=True,
-                                 https_compatible=False)
             try:
                 with trio.fail_after(self.timing.handshake_timeout):
-                    await tls.do_handshake()
-                peer = self.by_fingerprint.get(peer_fingerprint(tls))
+                    await transport.start_tls(self.contexts.server(), server_side=True)
+                fingerprint = transport.peer_fingerprint()
+                peer = self.by_fingerprint.get(fingerprint)
                 if peer is None:
-                    raise IdentityError(f"certificate {peer_fingerprint(tls)} is not a configured peer")
-            except (trio.BrokenResourceError, trio.TooSlowError, IdentityError) as exc:
+                    raise IdentityError(f"certificate {fingerprint} is not a configured peer")
+            except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError) as exc:
                 why = ("TLS handshake timed out" if isinstance(exc, trio.TooSlowError)
                        else describe_tls_failure(exc))
                 log.warning("carrier from %s refused: %s", remote, why)
-                with trio.move_on_after(1) as scope:
-                    scope.shield = True
-                    await stream.aclose()
+                transport.close()
                 return
-            carrier = Carrier(tls, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
+            carrier = Carrier(transport, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
                               peer.name, f"from {peer.name} at {remote}")
         try:
             await self._carry(carrier)
@@ -150,13 +161,12 @@ class Links:
             try:
                 carrier = await self._dial(peer)
                 await self._carry(carrier, up)
-            except (OSError, trio.BrokenResourceError, trio.TooSlowError, IdentityError,
-                    CarrierLost) as exc:
+            except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError, CarrierLost) as exc:
                 why = ("timed out" if isinstance(exc, trio.TooSlowError)
-                       else describe_tls_failure(exc) if isinstance(exc.__cause__, ssl.SSLError)
+                       else describe_tls_failure(exc) if _has_tls_cause(exc)
                        else exc.reason if isinstance(exc, CarrierLost)
                        else describe_tls_failure(exc) if not isinstance(exc, OSError)
-                       else (exc.strerror or str(exc)))
+                       else _connect_failure(exc))
                 log.warning("dial %s (%s) failed: %s; retrying in %.1f s", peer.name, where, why, delay)
             if came_up:
                 delay = gw.reconnect_min
@@ -168,27 +178,22 @@ class Links:
         assert peer.dial is not None
         where = _where(peer.dial)
         with trio.fail_after(self.timing.handshake_timeout):
-            stream = await trio.open_tcp_stream(peer.dial.host, peer.dial.port)
-            with suppress(OSError):
-                stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, True)
+            transport = CarrierTransport.from_trio(
+                await trio.open_tcp_stream(peer.dial.host, peer.dial.port))
             if peer.dial.scheme == "tcp":
                 log.warning("carrier to %s (%s) is plain TCP: unencrypted and unauthenticated",
                             peer.name, where)
-                return Carrier(stream, Role.DIALER, self.settings, self.timing, self.on_request,
+                return Carrier(transport, Role.DIALER, self.settings, self.timing, self.on_request,
                                peer.name, f"to {peer.name} at {where} (plain)")
-            ctx = self.contexts.client_for(peer.cert)
-            tls = trio.SSLStream(stream, ctx, server_side=False, https_compatible=False)
             try:
-                await tls.do_handshake()
+                await transport.start_tls(self.contexts.client_for(peer.cert), server_side=False)
+                got = transport.peer_fingerprint()
             except BaseException:
-                with trio.move_on_after(1) as scope:
-                    scope.shield = True
-                    await stream.aclose()
+                transport.close()
                 raise
-        got = peer_fingerprint(tls)
         expected = {fp for fp, p in self.by_fingerprint.items() if p is peer}
         if expected and got not in expected:
-            await tls.aclose()
+            transport.close()
             raise IdentityError(f"{where} presented {got}, not {peer.name}'s key")
-        return Carrier(tls, Role.DIALER, self.settings, self.timing, self.on_request,
+        return Carrier(transport, Role.DIALER, self.settings, self.timing, self.on_request,
                        peer.name, f"to {peer.name} at {where}")

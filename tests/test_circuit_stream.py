@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,6 +11,7 @@ import trio.testing
 
 from gateway.carrier import AnyCircuit, Carrier, Timing
 from gateway.circuit import Circuit
+from gateway.transport import CarrierTransport
 from gateway_codecs import CircuitKind, OpenRequest, Role, Settings
 
 Inbound = trio.MemoryReceiveChannel[AnyCircuit]
@@ -19,7 +21,10 @@ Inbound = trio.MemoryReceiveChannel[AnyCircuit]
 async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier, Inbound]]:
     """Two carriers back to back over an in-memory link; the acceptor's circuits are
     delivered, unanswered, on the channel."""
-    left, right = trio.testing.memory_stream_pair()
+    left_sock, right_sock = socket.socketpair()
+    for sock in (left_sock, right_sock):
+        sock.setblocking(False)
+    left, right = CarrierTransport(left_sock), CarrierTransport(right_sock)
     inbound_send, inbound_receive = trio.open_memory_channel[AnyCircuit](16)
 
     async def on_request(carrier: Carrier, circuit: AnyCircuit) -> None:
