@@ -46,7 +46,8 @@ from gateway_codecs import (
 
 log = logging.getLogger("tunnelgate.carrier")
 
-READ_SIZE = 256 * 1024  # one read takes several full frames: fewer wakeups per byte
+READ_SIZE = 256 * 1024  # one batch takes several full frames: fewer wakeups per byte
+READ_MIN_ROOM = 16 * 1024  # stop batching when less than a TLS record would fit
 WRITE_CHUNK = 256 * 1024  # payload per write: big enough to amortize a TLS record
 # batch, small enough that a late small write on another circuit waits little.
 
@@ -235,22 +236,34 @@ class Carrier:
         buffer = memoryview(bytearray(READ_SIZE))
         self.flush()  # our HELLO
         while True:
+            # TLS hands over one record (<= 16 KiB) per read: keep reading until the
+            # buffer is nearly full or nothing is ready, then parse the batch at once.
+            filled = 0
+            ended = False
             try:
-                n = transport.try_recv_into(buffer)
+                while filled < READ_SIZE - READ_MIN_ROOM:
+                    n = transport.try_recv_into(buffer[filled:])
+                    if n is None:
+                        break
+                    if n == 0:
+                        ended = True
+                        break
+                    filled += n
             except TransportBroken as exc:
                 self.read_error = exc
                 self.close_reason = f"read failed: {exc}"
                 return
-            if n is None:
+            if not filled and not ended:
                 await transport.wait_readable()
                 continue
-            if n == 0:
+            if filled:
+                self._last_heard = trio.current_time()
+            if ended and not filled:
                 clean = any(isinstance(e, CarrierEnded) and e.clean for e in session.receive_eof())
                 self.close_reason = "closed by peer after GOAWAY" if clean else "peer closed the link"
                 return
-            self._last_heard = trio.current_time()
             try:
-                events = session.receive_data(buffer[:n])
+                events = session.receive_data(buffer[:filled])
             except RemoteProtocolError as exc:
                 self.close_reason = f"protocol violation by peer: {exc}"
                 log.warning("carrier %s: %s; closing it", self.description, self.close_reason)
