@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -269,8 +270,28 @@ class DatagramCircuit(_CircuitBase):
         self.datagrams_received = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Optional non-blocking consumer of inbound datagrams (a UDP socket's send);
+        # when set, `receive` is not used for that direction.
+        self.sink: Callable[[bytes], None] | None = None
+        self.ended = trio.Event()  # the far side closed the flow, or it broke
+
+    def attach_sink(self, sink: Callable[[bytes], None]) -> None:
+        """Deliver inbound datagrams to `sink` from now on, starting with any queued."""
+        self.sink = sink
+        while self._inbound:
+            data = self._inbound.popleft()
+            self._inbound_bytes -= len(data)
+            self.datagrams_received += 1
+            self.bytes_received += len(data)
+            sink(data)
 
     def on_datagram(self, data: bytes) -> None:
+        if self.sink is not None and not self._inbound:
+            # Straight to the local socket from the carrier's reader: no task switch.
+            self.datagrams_received += 1
+            self.bytes_received += len(data)
+            self.sink(data)
+            return
         if self._inbound_bytes + len(data) > DATAGRAM_QUEUE_BYTES:
             self.dropped_in += 1
             return
@@ -280,13 +301,22 @@ class DatagramCircuit(_CircuitBase):
 
     def on_eof(self) -> None:
         self._eof_received = True
+        self.ended.set()
         self._lot.unpark_all()
 
     def on_credit(self) -> None:
         pass
 
-    def send(self, datagram: bytes) -> bool:
-        """Queue one datagram for the carrier; False if it was dropped (queue full)."""
+    def _fail(self, error: CircuitBroken) -> None:
+        super()._fail(error)
+        self.ended.set()
+
+    def send(self, datagram: bytes, flush: bool = True) -> bool:
+        """Queue one datagram for the carrier; False if it was dropped (queue full).
+
+        `flush=False` leaves the write to the caller (`carrier.flush()` after a batch):
+        one TLS write for many datagrams.
+        """
         self._raise_if_broken()
         if len(datagram) > MAX_DATAGRAM:
             self.dropped_out += 1  # only an IPv6 jumbo-sized payload, sealed, gets here
@@ -298,7 +328,8 @@ class DatagramCircuit(_CircuitBase):
         if queued:
             self.datagrams_sent += 1
             self.bytes_sent += len(datagram)
-            self.carrier.wake_writer()
+            if flush:
+                self.carrier.wake_writer()
         else:
             self.dropped_out += 1
         return queued

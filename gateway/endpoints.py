@@ -22,7 +22,7 @@ from gateway.peers import PeerDirectory
 from gateway.sessions import SessionLog
 from gateway.splice import describe_error, splice
 from gateway.tls import TlsContexts
-from gateway.udp import MAX_UDP_PAYLOAD, CircuitPort, DatagramPort, relay_datagrams
+from gateway.udp import MAX_UDP_PAYLOAD, SOCKET_BATCH, PlainFlow, relay_datagrams
 from gateway_codecs import CircuitKind, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")
@@ -36,10 +36,22 @@ def _addr(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class _Flow:
+    """One client address:port of a UDP tunnel: its circuit, and how datagrams reach it."""
+
+    __slots__ = ("circuit", "inbox", "outbox", "plain")
+
+    def __init__(self, circuit: DatagramCircuit) -> None:
+        self.circuit = circuit
+        self.plain: PlainFlow | None = None  # the fast path, without end-to-end sealing
+        self.inbox: trio.MemorySendChannel[bytes] | None = None  # sealed flows: via a task
+        self.outbox: trio.MemoryReceiveChannel[bytes] | None = None
+
+
 class _FlowPort:
     """The client side of one UDP flow: datagrams routed to it by the listener loop."""
 
-    def __init__(self, inbox: trio.MemoryReceiveChannel[bytes], sock: trio.socket.SocketType,
+    def __init__(self, inbox: trio.MemoryReceiveChannel[bytes], sock: socket.socket,
                  client: tuple[str, int]) -> None:
         self.inbox = inbox
         self.sock = sock
@@ -50,9 +62,10 @@ class _FlowPort:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.sock.sendto(data, self.client)
+            self.sock.sendto(data, self.client)
         except OSError:
-            pass  # the client went away; the idle timeout ends the flow
+            pass  # full, or the client went away: dropped, as UDP would
+        await trio.lowlevel.checkpoint()
 
 
 class TunnelEndpoint:
@@ -155,58 +168,89 @@ class TunnelEndpoint:
                          task_status: trio.TaskStatus[tuple[str, int]]) -> None:
         listen = self.tunnel.listen
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-        with sock:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
             # Every flow of this tunnel shares this one socket: the default buffer (~208 KiB)
             # overflows on a burst of three or four 64 KiB datagrams. The kernel caps it at
             # net.core.rmem_max.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_LISTENER_BUFFER)
-            await sock.bind((listen.host, listen.port))
+            sock.bind((listen.host, listen.port))
             bound = sock.getsockname()[:2]
             log.info("tunnel %s listening on udp://%s, to %s", self.tunnel.name, _addr(bound), self.route)
             task_status.started(bound)
-            flows: dict[tuple[str, int], trio.MemorySendChannel[bytes]] = {}
+            flows: dict[tuple[str, int], _Flow] = {}
             while True:
-                data, client = await sock.recvfrom(MAX_UDP_PAYLOAD)
-                inbox = flows.get(client)
-                if inbox is None:
-                    if not self.accepting:
-                        self.dropped += 1
-                        continue
-                    carrier = self.peers.current(self.tunnel.via[0])
-                    if carrier is None:
-                        self.dropped += 1
-                        log.debug("tunnel %s: no carrier for a new flow from %s; dropped",
-                                  self.tunnel.name, _addr(client))
-                        continue
+                await trio.lowlevel.wait_readable(sock)
+                touched: set[Carrier] = set()
+                for _ in range(SOCKET_BATCH):
                     try:
-                        circuit = carrier.open(self.request)
-                    except OpenRefused as exc:
-                        self.dropped += 1
-                        log.warning("tunnel %s: flow from %s not opened: %s", self.tunnel.name,
-                                    _addr(client), exc)
-                        continue
-                    assert isinstance(circuit, DatagramCircuit)
-                    inbox, outbox = trio.open_memory_channel[bytes](FLOW_QUEUE)
-                    flows[client] = inbox
-                    nursery.start_soon(self._udp_flow, circuit, outbox, sock, client, flows)
-                try:
-                    inbox.send_nowait(data)
-                except (trio.WouldBlock, trio.BrokenResourceError):
-                    self.dropped += 1
+                        data, client = sock.recvfrom(MAX_UDP_PAYLOAD)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        continue  # an ICMP error for an earlier reply; the flow's timeout handles it
+                    flow = flows.get(client)
+                    if flow is None:
+                        flow = self._new_flow(sock, client, flows, nursery)
+                        if flow is None:
+                            self.dropped += 1
+                            continue
+                    if flow.plain is not None:
+                        flow.plain.from_local(data)
+                        touched.add(flow.circuit.carrier)
+                    else:
+                        assert flow.inbox is not None
+                        try:
+                            flow.inbox.send_nowait(data)
+                        except (trio.WouldBlock, trio.BrokenResourceError):
+                            self.dropped += 1
+                for carrier in touched:
+                    carrier.flush()
 
-    async def _udp_flow(self, circuit: DatagramCircuit, outbox: trio.MemoryReceiveChannel[bytes],
-                        sock: trio.socket.SocketType, client: tuple[str, int],
-                        flows: dict[tuple[str, int], trio.MemorySendChannel[bytes]]) -> None:
+    def _new_flow(self, sock: socket.socket, client: tuple[str, int],
+                  flows: dict[tuple[str, int], _Flow], nursery: trio.Nursery) -> _Flow | None:
+        if not self.accepting:
+            return None
+        carrier = self.peers.current(self.tunnel.via[0])
+        if carrier is None:
+            log.debug("tunnel %s: no carrier for a new flow from %s; dropped",
+                      self.tunnel.name, _addr(client))
+            return None
+        try:
+            circuit = carrier.open(self.request)
+        except OpenRefused as exc:
+            log.warning("tunnel %s: flow from %s not opened: %s", self.tunnel.name, _addr(client), exc)
+            return None
+        assert isinstance(circuit, DatagramCircuit)
+
+        def reply(data: bytes) -> None:
+            sock.sendto(data, client)
+
+        flow = _Flow(circuit)
+        if self.exit_peer is None:
+            flow.plain = PlainFlow(circuit, reply)
+        else:
+            flow.inbox, outbox = trio.open_memory_channel[bytes](FLOW_QUEUE)
+            flow.outbox = outbox
+        flows[client] = flow
+        nursery.start_soon(self._udp_flow, flow, sock, client, flows)
+        return flow
+
+    async def _udp_flow(self, flow: _Flow, sock: socket.socket, client: tuple[str, int],
+                        flows: dict[tuple[str, int], _Flow]) -> None:
         what = f"tunnel {self.tunnel.name} udp {_addr(client)} -> {self.route}"
+        circuit = flow.circuit
         error: BaseException | None = None
         with self.sessions.track("entry", what, circuit, drains=False) as record:
             try:
-                far: DatagramPort = CircuitPort(circuit)
-                if self.exit_peer is not None:
-                    far = await self._sealed_port(circuit)
-                counts = await relay_datagrams(_FlowPort(outbox, sock, client), far, self.udp_idle)
+                if flow.plain is not None:
+                    counts = await flow.plain.run(self.udp_idle)
+                else:
+                    assert flow.outbox is not None
+                    sealed = await self._sealed_port(circuit)
+                    counts = await relay_datagrams(_FlowPort(flow.outbox, sock, client), sealed,
+                                                   self.udp_idle)
                 error = counts.error
                 record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, describe_error(error))
             except (trio.BrokenResourceError, trio.TooSlowError) as exc:
@@ -214,7 +258,8 @@ class TunnelEndpoint:
                 record.finish(0, 0, describe_error(exc) or "end-to-end handshake timed out")
             finally:
                 flows.pop(client, None)
-                outbox.close()
+                if flow.outbox is not None:
+                    flow.outbox.close()
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
                     await circuit.aclose()

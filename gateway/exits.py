@@ -26,7 +26,14 @@ from gateway.policy import Policy, parse_ip
 from gateway.sessions import SessionLog
 from gateway.splice import describe_error, splice
 from gateway.tls import TlsContexts
-from gateway.udp import CircuitPort, DatagramCounts, DatagramPort, SocketPort, relay_datagrams
+from gateway.udp import (
+    CircuitPort,
+    DatagramCounts,
+    DatagramPort,
+    PlainFlow,
+    SocketPort,
+    relay_datagrams,
+)
 from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 
 log = logging.getLogger("tunnelgate.exit")
@@ -207,17 +214,23 @@ class CircuitServer:
         idle = self.config.gateway.udp_idle_timeout
         with self.sessions.track("exit", what, circuit, drains=False) as record:
             try:
-                near: DatagramPort = CircuitPort(circuit)
                 if circuit.request.end_to_end:
                     with trio.fail_after(self.connect_timeout):
-                        flow, fingerprint = await SealedFlow.establish(
+                        sealed, fingerprint = await SealedFlow.establish(
                             circuit, self.contexts.server(), server_side=True)
                     record.what += f" (end-to-end with {self._who(fingerprint)})"
-                    near = SealedPort(flow)
-                counts = await relay_datagrams(near, SocketPort(sock), idle)
+                    counts = await relay_datagrams(SealedPort(sealed), SocketPort(sock), idle)
+                    sent, back = counts.bytes_a_to_b, counts.bytes_b_to_a
+                else:
+                    local = socket.socket(fileno=sock.detach())
+                    local.setblocking(False)
+                    with local:
+                        flow = PlainFlow(circuit, local.send)
+                        counts = await flow.run(idle, local)
+                    sent, back = counts.bytes_b_to_a, counts.bytes_a_to_b
                 if counts.error is not None:
                     log.warning("exit %s: %s", what, describe_error(counts.error))
-                record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, _udp_outcome(counts))
+                record.finish(sent, back, _udp_outcome(counts))
             except (trio.BrokenResourceError, trio.TooSlowError) as exc:
                 reason = describe_error(exc) or "end-to-end handshake timed out"
                 log.warning("exit %s: %s", what, reason)

@@ -8,6 +8,8 @@ middle relay. Nothing here ever blocks the carrier: circuits drop (and count) in
 from __future__ import annotations
 
 import errno
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -112,3 +114,94 @@ async def relay_datagrams(a: DatagramPort, b: DatagramPort, idle_timeout: float)
                 nursery.cancel_scope.cancel()
                 break
     return counts
+
+
+# Datagrams read from a socket per wakeup before the carrier is flushed once: one TLS
+# write carries the batch.
+SOCKET_BATCH = 64
+
+
+class PlainFlow:
+    """The fast path of an unprotected UDP flow (no end-to-end sealing).
+
+    Datagrams from the circuit go to the local socket from the carrier's reader task
+    (`circuit.sink`, a non-blocking send: dropped if the socket is full, as UDP would);
+    datagrams from the local socket are read in batches by whoever owns that socket and
+    queued without a flush per datagram. No task switch per datagram in either direction.
+    """
+
+    def __init__(self, circuit: DatagramCircuit, send_local: Callable[[bytes], object]) -> None:
+        self.circuit = circuit
+        self.counts = DatagramCounts()
+        self.last = trio.current_time()
+        self.dropped = 0
+        self._send_local = send_local
+        circuit.attach_sink(self._to_local)
+
+    def _to_local(self, data: bytes) -> None:
+        self.last = trio.current_time()
+        self.counts.b_to_a += 1
+        self.counts.bytes_b_to_a += len(data)
+        try:
+            self._send_local(data)
+        except OSError:
+            # Full socket buffer or an ICMP error from an earlier datagram: dropped, as
+            # UDP would. Never raised: this runs in the carrier's reader task.
+            self.dropped += 1
+
+    def from_local(self, data: bytes) -> None:
+        """Queue a datagram from the local side (the caller flushes the carrier)."""
+        self.last = trio.current_time()
+        self.counts.a_to_b += 1
+        self.counts.bytes_a_to_b += len(data)
+        if not self.circuit.send(data, flush=False):
+            self.dropped += 1
+
+    async def run(self, idle_timeout: float, local: socket.socket | None = None) -> DatagramCounts:
+        """Until the far side ends the flow, it breaks, or `idle_timeout` of silence.
+
+        With `local` (a connected socket: the exit side), also read it in batches.
+        """
+        circuit = self.circuit
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def end_when_circuit_ends() -> None:
+                    await circuit.ended.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(end_when_circuit_ends)
+                while True:
+                    with trio.move_on_at(self.last + idle_timeout) as waiting:
+                        if local is None:
+                            await trio.sleep_forever()
+                        await trio.lowlevel.wait_readable(local)
+                    if waiting.cancelled_caught:
+                        if trio.current_time() >= self.last + idle_timeout:
+                            self.counts.idle = True
+                            nursery.cancel_scope.cancel()
+                            break
+                        continue
+                    assert local is not None
+                    self._drain(local)
+        finally:
+            circuit.sink = None
+        if circuit.broken is not None:
+            error = trio.BrokenResourceError(str(circuit.broken))
+            error.__cause__ = circuit.broken
+            self.counts.error = error
+        return self.counts
+
+    def _drain(self, local: socket.socket) -> None:
+        for _ in range(SOCKET_BATCH):
+            try:
+                data = local.recv(MAX_UDP_PAYLOAD)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno not in _TRANSIENT:
+                    raise
+                continue
+            self.from_local(data)
+        if not self.circuit.broken:
+            self.circuit.carrier.flush()
