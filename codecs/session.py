@@ -115,7 +115,8 @@ class _Circuit:
         self.state = state
         self.credit = SendCredit(send_limit)
         self.window = ReceiveWindow(window)
-        self.queue: deque[bytes | memoryview] = deque()
+        # Created on first use: most idle circuits never queue anything (memory).
+        self.queue: deque[bytes | memoryview] | None = None
         self.queued = 0  # stream bytes waiting in `queue`
         self.dgram_bytes = 0  # datagram bytes waiting in `queue`
         self.fin_queued = False
@@ -303,6 +304,7 @@ class CarrierSession:
         while ready and budget != 0:
             c = ready.popleft()
             if c.kind is CircuitKind.UDP:
+                assert c.queue is not None
                 dgram = c.queue.popleft()
                 c.dgram_bytes -= len(dgram)
                 out.append(header(FrameType.DATAGRAM, 0, c.id, len(dgram)))
@@ -315,6 +317,7 @@ class CarrierSession:
             if c.queue:
                 ready.append(c)
             else:
+                c.queue = None  # an idle circuit keeps no queue (memory)
                 self._in_ready.discard(c.id)
                 if c.fin_queued and not c.fin_sent:
                     out.append(self._fin_frame(c))
@@ -323,6 +326,7 @@ class CarrierSession:
     def _take_stream_frame(self, c: _Circuit, max_payload: int,
                            out: list[bytes | memoryview]) -> int:
         q = c.queue
+        assert q is not None
         first = q[0]
         if len(first) >= max_payload:
             chunk = first[:max_payload]
@@ -417,6 +421,8 @@ class CarrierSession:
         if not n:
             return
         c.credit.spend(n)
+        if c.queue is None:
+            c.queue = deque()
         c.queue.append(data)
         c.queued += n
         self._mark_ready(c)
@@ -434,6 +440,8 @@ class CarrierSession:
             raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
         if c.dgram_bytes + len(data) > self._datagram_queue_bytes:
             return False
+        if c.queue is None:
+            c.queue = deque()
         c.queue.append(data)
         c.dgram_bytes += len(data)
         self._mark_ready(c)
@@ -532,7 +540,7 @@ class CarrierSession:
         if c.id in self._in_ready:
             self._in_ready.discard(c.id)
             self._ready.remove(c)
-        c.queue.clear()
+        c.queue = None
 
     def _maybe_retire(self, c: _Circuit) -> bool:
         if c.fin_sent and c.remote_fin and c.state is CircuitState.OPEN:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 # A UDP flow's inbound queue: datagrams beyond this are dropped and counted, so a
 # slow UDP target never makes the carrier's reader wait.
 DATAGRAM_QUEUE_BYTES = 256 * 1024
+# Shared, always empty, never appended to: an idle circuit allocates no queue (a deque
+# costs ~600 bytes, a good part of an idle circuit's footprint).
+_NO_DATA: deque[bytes] = deque(maxlen=0)
 
 
 class _CircuitBase:
@@ -44,20 +47,23 @@ class _CircuitBase:
         self.opened_here = opened_here
         self.broken: CircuitBroken | None = None
         self._closed = False  # aclose() was called on this end
-        self._answered = trio.Event()  # OPEN_OK/OPEN_FAIL seen (opener) or sent (acceptor)
+        self._answered = False  # OPEN_OK/OPEN_FAIL seen (opener) or sent (acceptor)
         self._lot = ParkingLot()  # readers/writers waiting for data, credit or an answer
 
     # ---- opener side
     async def wait_open(self) -> None:
         """Wait for OPEN_OK; raises OpenRefused or CarrierLost otherwise."""
-        await self._answered.wait()
+        if self._answered:
+            await trio.lowlevel.checkpoint()
+        while not self._answered:
+            await self._lot.park()
         self._raise_if_broken()
 
     # ---- acceptor side
     def accept(self) -> None:
         self._raise_if_broken()
         self.carrier.session.accept_circuit(self.id)
-        self._answered.set()
+        self._answered = True
         self.carrier.wake_writer()
 
     def refuse(self, code: int, reason: str) -> None:
@@ -69,7 +75,7 @@ class _CircuitBase:
 
     # ---- fed by the carrier's reader
     def on_accepted(self) -> None:
-        self._answered.set()
+        self._answered = True
         self._lot.unpark_all()
 
     def on_broken(self, error: CircuitBroken) -> None:
@@ -78,7 +84,7 @@ class _CircuitBase:
     def _fail(self, error: CircuitBroken) -> None:
         if self.broken is None:
             self.broken = error
-        self._answered.set()
+        self._answered = True
         self._lot.unpark_all()
 
     def _raise_if_broken(self) -> None:
@@ -102,7 +108,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
     def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
                  opened_here: bool) -> None:
         super().__init__(carrier, circuit_id, request, opened_here)
-        self._inbound: deque[bytes] = deque()
+        self._inbound: deque[bytes] = _NO_DATA  # replaced by a real deque on first data
         self._inbound_bytes = 0
         self._eof_received = False
         self._eof_sent = False
@@ -116,6 +122,8 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
         if self._closed:
             self.reset(ErrorCode.CANCELLED, "data arrived after the circuit was closed")
             return
+        if self._inbound is _NO_DATA:
+            self._inbound = deque()
         self._inbound.append(data)
         self._inbound_bytes += len(data)
         self._lot.unpark_all()
@@ -202,16 +210,24 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
             self._receiving = False
 
     def _take(self, max_bytes: int | None) -> bytes:
-        first = self._inbound[0]
-        if max_bytes is None or len(first) <= max_bytes:
-            self._inbound.popleft()
-            data = first
-            # Hand over several small frames at once: fewer wakeups per byte.
-            while self._inbound and (max_bytes is None or len(data) + len(self._inbound[0]) <= max_bytes):
-                data += self._inbound.popleft()
-        else:
+        inbound = self._inbound
+        first = inbound.popleft()
+        if max_bytes is not None and len(first) > max_bytes:
             data = first[:max_bytes]
-            self._inbound[0] = first[max_bytes:]
+            inbound.appendleft(first[max_bytes:])
+        elif inbound:
+            # Hand over several frames at once: fewer wakeups and writes per byte.
+            parts = [first]
+            size = len(first)
+            while inbound and (max_bytes is None or size + len(inbound[0]) <= max_bytes):
+                piece = inbound.popleft()
+                parts.append(piece)
+                size += len(piece)
+            data = b"".join(parts)
+        else:
+            data = first
+        if not inbound:
+            self._inbound = _NO_DATA  # an idle circuit keeps no queue
         n = len(data)
         self._inbound_bytes -= n
         self.bytes_received += n
@@ -261,7 +277,7 @@ class DatagramCircuit(_CircuitBase):
     def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
                  opened_here: bool) -> None:
         super().__init__(carrier, circuit_id, request, opened_here)
-        self._inbound: deque[bytes] = deque()
+        self._inbound: deque[bytes] = _NO_DATA  # replaced by a real deque on first data
         self._inbound_bytes = 0
         self._eof_received = False
         self.dropped_in = 0
@@ -295,6 +311,8 @@ class DatagramCircuit(_CircuitBase):
         if self._inbound_bytes + len(data) > DATAGRAM_QUEUE_BYTES:
             self.dropped_in += 1
             return
+        if self._inbound is _NO_DATA:
+            self._inbound = deque()
         self._inbound.append(data)
         self._inbound_bytes += len(data)
         self._lot.unpark_all()

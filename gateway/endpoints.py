@@ -18,6 +18,7 @@ from gateway.circuit import Circuit, DatagramCircuit
 from gateway.config import Config, TunnelConfig
 from gateway.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.errors import CircuitBroken, OpenRefused
+from gateway.localsock import LocalStream
 from gateway.peers import PeerDirectory
 from gateway.sessions import SessionLog
 from gateway.splice import describe_error, splice
@@ -105,10 +106,9 @@ class TunnelEndpoint:
 
     # ------------------------------------------------------------------ TCP
 
-    async def _tcp_client(self, stream: trio.SocketStream) -> None:
-        client = _addr(stream.socket.getpeername())
-        what = f"tunnel {self.tunnel.name} {client} -> {self.route}"
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    async def _tcp_client(self, accepted: trio.SocketStream) -> None:
+        stream = LocalStream.from_trio(accepted)
+        what = f"tunnel {self.tunnel.name} {stream.peer()} -> {self.route}"
         carrier = await self._carrier()
         try:
             if carrier is None:

@@ -21,6 +21,7 @@ from gateway.config import Config, PeerConfig
 from gateway.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.errors import CircuitBroken, TunnelgateError
 from gateway.faults import ByteFlipper, DatagramFlipper, fault_injection_offset
+from gateway.localsock import LocalStream
 from gateway.peers import PeerDirectory
 from gateway.policy import Policy, parse_ip
 from gateway.sessions import SessionLog
@@ -147,18 +148,19 @@ class CircuitServer:
                           f"{_target(req)} resolves only to addresses outside the allow list")
         return [str(a) for a in allowed]
 
-    async def _connect_tcp(self, policy: Policy, req: OpenRequest) -> trio.SocketStream:
+    async def _connect_tcp(self, policy: Policy, req: OpenRequest) -> LocalStream:
         candidates = await self._permitted(policy, req, "tcp", socket.SOCK_STREAM)
         last: BaseException | None = None
         with trio.move_on_after(self.connect_timeout):
             for host in candidates:
                 try:
+                    if parse_ip(host) is not None:
+                        return await LocalStream.connect(host, req.port)
+                    # A name allowed by name: trio resolves it and races the addresses.
                     stream = await trio.open_tcp_stream(host, req.port, happy_eyeballs_delay=0.25)
+                    return LocalStream.from_trio(stream)
                 except OSError as exc:
                     last = exc
-                    continue
-                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-                return stream
         if last is None:
             raise Refusal(ErrorCode.CONNECT_TIMEOUT,
                           f"connect to {_target(req)} timed out after {self.connect_timeout:g} s")
@@ -182,7 +184,7 @@ class CircuitServer:
             raise Refusal(code, f"udp {_target(req)}: {reason}") from exc
         return sock
 
-    async def _serve_tcp(self, circuit: Circuit, stream: trio.SocketStream, what: str) -> None:
+    async def _serve_tcp(self, circuit: Circuit, stream: LocalStream, what: str) -> None:
         circuit.accept()
         with self.sessions.track("exit", what, circuit) as record:
             near: trio.abc.HalfCloseableStream = circuit

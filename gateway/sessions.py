@@ -6,8 +6,7 @@ It also counts live sessions, so a draining gateway knows when it may exit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 import trio
 
@@ -15,19 +14,45 @@ log = logging.getLogger("tunnelgate.session")
 
 
 class SessionRecord:
-    def __init__(self, role: str, what: str, circuit_id: int) -> None:
+    """One session, as a context manager: logs its open on enter, its close on exit.
+
+    A plain class with slots rather than @contextmanager: thousands of idle sessions
+    each hold one, and a generator-based manager costs several times the memory.
+    """
+
+    __slots__ = ("circuit_id", "drains", "error", "log", "received", "role", "sent", "started", "what")
+
+    def __init__(self, sessions: SessionLog, role: str, what: str, circuit_id: int,
+                 drains: bool) -> None:
+        self.log = sessions
         self.role = role
         self.what = what
         self.circuit_id = circuit_id
-        self.started = trio.current_time()
+        self.drains = drains
+        self.started = 0.0
         self.sent = 0
         self.received = 0
         self.error = ""
-        self.finished = False
 
     def finish(self, sent: int, received: int, error: str = "") -> None:
         """`sent` went towards the target side, `received` came back from it."""
-        self.sent, self.received, self.error, self.finished = sent, received, error, True
+        self.sent, self.received, self.error = sent, received, error
+
+    def __enter__(self) -> SessionRecord:
+        self.started = trio.current_time()
+        self.log.opened(self)
+        log.info("%s session open: %s (circuit %d)", self.role, self.what, self.circuit_id)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.log.closed(self)
+        if log.isEnabledFor(logging.INFO):
+            duration = trio.current_time() - self.started
+            outcome = f"error: {self.error}" if self.error else "ok"
+            log.info("%s session closed: %s (circuit %d): %d B out, %d B back, %.3f s, %s",
+                     self.role, self.what, self.circuit_id, self.sent, self.received, duration,
+                     outcome)
 
 
 class SessionLog:
@@ -37,31 +62,25 @@ class SessionLog:
         self._idle = trio.Event()
         self._idle.set()
 
-    @contextmanager
-    def track(self, role: str, what: str, circuit: object, drains: bool = True
-              ) -> Iterator[SessionRecord]:
-        """Log the session's open and close; `drains`: a shutdown waits for it to end.
+    def track(self, role: str, what: str, circuit: object, drains: bool = True) -> SessionRecord:
+        """A record to enter for the session's lifetime; `drains`: shutdown waits for it.
 
         UDP flows do not drain: they have no end of their own but the idle timeout.
         """
-        record = SessionRecord(role, what, getattr(circuit, "id", 0))
+        return SessionRecord(self, role, what, getattr(circuit, "id", 0), drains)
+
+    def opened(self, record: SessionRecord) -> None:
         self.total += 1
-        if drains:
+        if record.drains:
             self.active += 1
             if self._idle.is_set():
                 self._idle = trio.Event()
-        log.info("%s session open: %s (circuit %d)", role, what, record.circuit_id)
-        try:
-            yield record
-        finally:
-            if drains:
-                self.active -= 1
-                if self.active == 0:
-                    self._idle.set()
-            duration = trio.current_time() - record.started
-            outcome = f"error: {record.error}" if record.error else "ok"
-            log.info("%s session closed: %s (circuit %d): %d B out, %d B back, %.3f s, %s",
-                     role, record.what, record.circuit_id, record.sent, record.received, duration, outcome)
+
+    def closed(self, record: SessionRecord) -> None:
+        if record.drains:
+            self.active -= 1
+            if self.active == 0:
+                self._idle.set()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

@@ -55,8 +55,9 @@ async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStrea
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, a, b, True, nursery.cancel_scope)
             nursery.start_soon(pump, b, a, False, nursery.cancel_scope)
+            # The other direction runs in this task: one task less per session (memory).
+            await pump(a, b, True, nursery.cancel_scope)
     finally:
         if result.error is not None:
             # One side broke: abort the other rather than let it look like a clean end.

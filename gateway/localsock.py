@@ -1,0 +1,121 @@
+"""`LocalStream`: a client's or a target's TCP connection as a lean trio stream.
+
+trio's SocketStream is general; per session it adds a socket wrapper, conflict
+detectors and a helper frame on every call. An idle session is mostly its sockets and
+tasks, so this class keeps one raw non-blocking socket and asks trio only to wait
+(the carrier transport does the same). Errors become `trio.BrokenResourceError` with
+the `OSError` as cause, once, here.
+"""
+
+from __future__ import annotations
+
+import errno
+import operator
+import socket
+
+import trio
+
+DEFAULT_RECEIVE = 256 * 1024
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+
+
+class LocalStream(trio.abc.HalfCloseableStream):
+    __slots__ = ("_closed", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.sock = sock
+        self._closed = False
+
+    @classmethod
+    def from_trio(cls, stream: trio.SocketStream) -> LocalStream:
+        return cls(socket.socket(fileno=stream.socket.detach()))
+
+    @classmethod
+    async def connect(cls, address: str, port: int) -> LocalStream:
+        """Connect to a literal IPv4/IPv6 address (no resolver, no happy-eyeballs tasks)."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            code = sock.connect_ex((address, port))
+            if code in (errno.EINPROGRESS, errno.EAGAIN):
+                await trio.lowlevel.wait_writable(sock)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, f"Error connecting to {address}:{port}: {errno.errorcode.get(code)}")
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def peer(self) -> str:
+        try:
+            host, port = self.sock.getpeername()[:2]
+        except OSError:
+            return "?"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this connection was closed")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        size = DEFAULT_RECEIVE if max_bytes is None else operator.index(max_bytes)
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        self._check_open()
+        waited = False
+        while True:
+            try:
+                data = self.sock.recv(size)
+            except _WOULD_BLOCK:
+                await trio.lowlevel.wait_readable(self.sock)
+                self._check_open()
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"connection broken: {exc.strerror or exc}") from exc
+            if not waited:
+                await trio.lowlevel.checkpoint()
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check_open()
+        view = memoryview(data)
+        waited = False
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except _WOULD_BLOCK:
+                await trio.lowlevel.wait_writable(self.sock)
+                self._check_open()
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"connection broken: {exc.strerror or exc}") from exc
+            view = view[sent:]
+        if not waited:
+            await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        await trio.lowlevel.wait_writable(self.sock)
+
+    async def send_eof(self) -> None:
+        self._check_open()
+        await trio.lowlevel.checkpoint()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise trio.BrokenResourceError(f"connection broken: {exc.strerror or exc}") from exc
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+        await trio.lowlevel.checkpoint()
