@@ -235,15 +235,19 @@ class Carrier:
         transport = self.transport
         buffer = memoryview(bytearray(READ_SIZE))
         self.flush()  # our HELLO
+        drained = False
         while True:
             # TLS hands over one record (<= 16 KiB) per read: keep reading until the
             # buffer is nearly full or nothing is ready, then parse the batch at once.
+            if drained:
+                await transport.wait_readable()
             filled = 0
-            ended = False
+            ended = drained = False
             try:
                 while filled < READ_SIZE - READ_MIN_ROOM:
                     n = transport.try_recv_into(buffer[filled:])
                     if n is None:
+                        drained = True  # next time, wait before trying (saves a syscall)
                         break
                     if n == 0:
                         ended = True
@@ -254,7 +258,6 @@ class Carrier:
                 self.close_reason = f"read failed: {exc}"
                 return
             if not filled and not ended:
-                await transport.wait_readable()
                 continue
             if filled:
                 self._last_heard = trio.current_time()
@@ -271,7 +274,10 @@ class Carrier:
             for event in events:
                 self._dispatch(event)
             self.flush()  # PONGs, credit updates, refusals
-            await trio.lowlevel.checkpoint()  # let the circuits just fed run
+            if filled >= READ_SIZE - READ_MIN_ROOM:
+                # More is probably waiting: let the circuits just fed run first. Otherwise
+                # the next read finds nothing and waiting for the socket yields anyway.
+                await trio.lowlevel.checkpoint()
 
     def _dispatch(self, event: Event) -> None:
         match event:

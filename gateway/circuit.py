@@ -116,12 +116,28 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
         self.bytes_received = 0
         self._sending = False
         self._receiving = False
+        # Optional non-blocking writer of inbound bytes (a local socket's send), used
+        # while nothing is queued: data then leaves from the carrier's reader task,
+        # without waking the task that reads this circuit. Returns bytes written.
+        self.sink: Callable[[bytes], int] | None = None
+        self.sunk = 0  # bytes the sink wrote (the reader of this circuit never saw them)
 
     # ---- fed by the carrier's reader (synchronous, in the reader task)
     def on_data(self, data: bytes) -> None:
         if self._closed:
             self.reset(ErrorCode.CANCELLED, "data arrived after the circuit was closed")
             return
+        if self.sink is not None and self._inbound is _NO_DATA:
+            written = self.sink(data)
+            if written:
+                self.sunk += written
+                self.bytes_received += written
+                # Credit flows back as if a reader had taken the bytes: flow control
+                # still ends at the local socket's buffer.
+                self.carrier.session.consumed(self.id, written)
+                if written == len(data):
+                    return
+                data = data[written:]
         if self._inbound is _NO_DATA:
             self._inbound = deque()
         self._inbound.append(data)
@@ -194,15 +210,15 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
                 raise ValueError("max_bytes must be >= 1")
         self._receiving = True
         try:
+            # The checkpoint comes first: from taking the data to the caller's next await
+            # nothing else runs, so a sink (see on_data) never overtakes bytes in hand.
+            await trio.lowlevel.checkpoint()
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("this circuit was closed")
                 if self._inbound:
-                    data = self._take(max_bytes)
-                    await trio.lowlevel.checkpoint()
-                    return data
+                    return self._take(max_bytes)
                 if self._eof_received:
-                    await trio.lowlevel.checkpoint()
                     return b""
                 self._raise_if_broken()
                 await self._lot.park()

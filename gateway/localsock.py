@@ -20,7 +20,7 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 
 class LocalStream(trio.abc.HalfCloseableStream):
-    __slots__ = ("_closed", "sock")
+    __slots__ = ("_closed", "_sending", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -28,6 +28,7 @@ class LocalStream(trio.abc.HalfCloseableStream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         self.sock = sock
         self._closed = False
+        self._sending = False  # a send_all holds bytes: try_send must not overtake them
 
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> LocalStream:
@@ -86,19 +87,34 @@ class LocalStream(trio.abc.HalfCloseableStream):
         self._check_open()
         view = memoryview(data)
         waited = False
-        while view:
-            try:
-                sent = self.sock.send(view)
-            except _WOULD_BLOCK:
-                await trio.lowlevel.wait_writable(self.sock)
-                self._check_open()
-                waited = True
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"connection broken: {exc.strerror or exc}") from exc
-            view = view[sent:]
+        self._sending = True
+        try:
+            while view:
+                try:
+                    sent = self.sock.send(view)
+                except _WOULD_BLOCK:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    self._check_open()
+                    waited = True
+                    continue
+                except OSError as exc:
+                    raise trio.BrokenResourceError(
+                        f"connection broken: {exc.strerror or exc}") from exc
+                view = view[sent:]
+        finally:
+            self._sending = False
         if not waited:
             await trio.lowlevel.checkpoint()
+
+    def try_send(self, data: bytes) -> int:
+        """Write what fits now, without blocking; 0 if nothing did (or the socket failed:
+        the next `send_all` reports that)."""
+        if self._closed or self._sending:
+            return 0
+        try:
+            return self.sock.send(data)
+        except OSError:
+            return 0
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()
