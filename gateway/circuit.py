@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 # A UDP flow's inbound queue: datagrams beyond this are dropped and counted, so a
 # slow UDP target never makes the carrier's reader wait.
 DATAGRAM_QUEUE_BYTES = 256 * 1024
+# Window auto-tuning (see Circuit._acknowledge): the cap bounds what one circuit may
+# buffer; idle or slow readers never grow, so a stalled circuit keeps a small window.
+MAX_AUTOTUNED_WINDOW = 4 * 1024 * 1024
+DEFAULT_RTT = 0.05  # before the first PONG
+MIN_TUNING_SPAN = 0.002  # on loopback an RTT is microseconds: do not let noise decide
 # Shared, always empty, never appended to: an idle circuit allocates no queue (a deque
 # costs ~600 bytes, a good part of an idle circuit's footprint).
 _NO_DATA: deque[bytes] = deque(maxlen=0)
@@ -120,7 +125,10 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
         # while nothing is queued: data then leaves from the carrier's reader task,
         # without waking the task that reads this circuit. Returns bytes written.
         self.sink: Callable[[bytes], int] | None = None
-        self.sunk = 0  # bytes the sink wrote (the reader of this circuit never saw them)
+        self.sunk = 0
+        self._window = carrier.session.local_settings.initial_window
+        self._tuning_bytes = 0
+        self._tuning_since = 0.0  # bytes the sink wrote (the reader of this circuit never saw them)
 
     # ---- fed by the carrier's reader (synchronous, in the reader task)
     def on_data(self, data: bytes) -> None:
@@ -134,7 +142,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
                 self.bytes_received += written
                 # Credit flows back as if a reader had taken the bytes: flow control
                 # still ends at the local socket's buffer.
-                self.carrier.session.consumed(self.id, written)
+                self._acknowledge(written)
                 if written == len(data):
                     return
                 data = data[written:]
@@ -152,6 +160,26 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
 
     def on_credit(self) -> None:
         self._lot.unpark_all()
+
+    def _acknowledge(self, n: int) -> None:
+        """Give `n` bytes of credit back, and auto-tune the window (no protocol change:
+        MAX_DATA carries absolute offsets, the window size is ours alone).
+
+        If the reader took a whole window within two round trips, the sender was
+        waiting for credit, not for the reader: double the window, up to a cap.
+        """
+        session = self.carrier.session
+        session.consumed(self.id, n)
+        self._tuning_bytes += n
+        window = self._window
+        if self._tuning_bytes >= window:
+            now = trio.current_time()
+            rtt = self.carrier.rtt or DEFAULT_RTT
+            if window < MAX_AUTOTUNED_WINDOW and now - self._tuning_since < max(2 * rtt, MIN_TUNING_SPAN):
+                self._window = min(window * 2, MAX_AUTOTUNED_WINDOW)
+                session.set_receive_window(self.id, self._window)
+            self._tuning_bytes = 0
+            self._tuning_since = now
 
     # ---- trio.abc.HalfCloseableStream
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -248,7 +276,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
         self._inbound_bytes -= n
         self.bytes_received += n
         if self.broken is None:
-            self.carrier.session.consumed(self.id, n)
+            self._acknowledge(n)
             self.carrier.wake_writer()
         return data
 
