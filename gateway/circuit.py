@@ -209,6 +209,21 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
+    def try_send(self, data: bytes) -> int:
+        """Queue what the credit allows now, without blocking; 0 if nothing fits (or a
+        send_all is holding earlier bytes). Lets a relay push circuit to circuit."""
+        if self._sending or self._eof_sent or self._closed or self.broken is not None:
+            return 0
+        session = self.carrier.session
+        credit = session.send_credit(self.id)
+        if credit <= 0:
+            return 0
+        chunk = data if len(data) <= credit else memoryview(data)[:credit]
+        session.send_data(self.id, chunk)
+        self.bytes_sent += len(chunk)
+        self.carrier.flush()
+        return len(chunk)
+
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
         self._raise_if_broken()
