@@ -82,8 +82,16 @@ def bulk(targets: Targets, c: Contender, streams: int, seconds: int) -> dict[str
     }
 
 
+# A relay that buffers (every tunnel does) may still be delivering the tail of the
+# previous unlimited-rate UDP test to the shared iperf3 server when the next test starts;
+# iperf3 then takes a stale datagram for the new client's UDP "connect" and the new
+# client waits forever. Letting the relays drain first avoids that artefact.
+UDP_SETTLE_S = 0.5
+
+
 def udp(targets: Targets, c: Contender, seconds: int,
         bitrate: str = "0") -> dict[str, float | None]:
+    time.sleep(UDP_SETTLE_S)
     data = iperf3(targets, c.ports["iperf"], seconds, "-u", "-b", bitrate, "-l", "1400")
     received = data["end"]["sum_received"]
     return {"udp_mbps": received["bits_per_second"] / 1e6,
