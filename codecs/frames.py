@@ -7,6 +7,7 @@ golden vectors in vectors/ pin the exact bytes.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -134,6 +135,7 @@ class OpenRequest:
     end_to_end: bool = False
 
 
+@functools.lru_cache(maxsize=1024)  # a tunnel opens the same target again and again
 def _encode_host(host: str) -> bytes:
     try:
         addr = ipaddress.ip_address(host)

@@ -17,6 +17,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from gateway.errors import CircuitBroken, OpenRefused
+from gateway.splice import Abortable, NonBlockingSink, PushSource
 from gateway_codecs import (
     MAX_DATAGRAM,
     CircuitState,
@@ -107,7 +108,7 @@ class _CircuitBase:
         self.carrier.forget(self)
 
 
-class Circuit(_CircuitBase, trio.abc.HalfCloseableStream):
+class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockingSink, Abortable):
     """A TCP-kind circuit as a half-closeable byte stream with per-circuit credit."""
 
     def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gateway.circuit import Circuit, DatagramCircuit
 from gateway.errors import CircuitBroken, IdentityError
 from gateway.identity import fingerprint_of_der_cert
+from gateway.splice import Abortable
 from gateway_codecs import ErrorCode
 
 READ_SIZE = 256 * 1024
@@ -44,7 +45,7 @@ def _integrity(reason: str) -> CircuitBroken:
     return CircuitBroken(ErrorCode.INTEGRITY_ERROR, reason)
 
 
-class SecureStream(trio.abc.HalfCloseableStream):
+class SecureStream(trio.abc.HalfCloseableStream, Abortable):
     """TLS 1.3 over any half-closeable stream (a circuit), with half-close kept."""
 
     def __init__(self, transport: trio.abc.HalfCloseableStream, context: ssl.SSLContext,

@@ -15,11 +15,13 @@ import socket
 
 import trio
 
+from gateway.splice import NonBlockingSink
+
 DEFAULT_RECEIVE = 256 * 1024
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 
 
-class LocalStream(trio.abc.HalfCloseableStream):
+class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink):
     __slots__ = ("_closed", "_sending", "sock")
 
     def __init__(self, sock: socket.socket) -> None:

@@ -9,6 +9,7 @@ cannot be used to reach an address the rules do not allow.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -45,6 +46,7 @@ def _unmap(addr: IPAddress) -> IPAddress:
     return addr
 
 
+@functools.lru_cache(maxsize=4096)  # every session's target is parsed: the set is small
 def parse_ip(text: str) -> IPAddress | None:
     """The address in ``text`` (brackets allowed around IPv6), or None if it is a name."""
     if text.startswith("[") and text.endswith("]"):

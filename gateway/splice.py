@@ -8,9 +8,9 @@ still gets the full reply. A broken side aborts both.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -18,25 +18,30 @@ import trio
 SPLICE_CHUNK = 256 * 1024
 
 
-@runtime_checkable
-class Abortable(Protocol):
+class Abortable(abc.ABC):
     """A stream that can signal an abort (a circuit: RST) instead of a clean close."""
 
+    __slots__ = ()
+
+    @abc.abstractmethod
     def abort(self, reason: str) -> None: ...
 
 
-@runtime_checkable
-class PushSource(Protocol):
+class PushSource(abc.ABC):
     """A stream that can push what arrives straight into a sink (a circuit)."""
+
+    __slots__ = ()
 
     sink: Callable[[bytes], int] | None
     sunk: int
 
 
-@runtime_checkable
-class NonBlockingSink(Protocol):
-    """A stream that can take bytes without waiting (a local socket)."""
+class NonBlockingSink(abc.ABC):
+    """A stream that can take bytes without waiting (a local socket, a circuit)."""
 
+    __slots__ = ()
+
+    @abc.abstractmethod
     def try_send(self, data: bytes) -> int: ...
 
 
