@@ -55,6 +55,16 @@ class _CircuitBase:
         self._closed = False  # aclose() was called on this end
         self._answered = False  # OPEN_OK/OPEN_FAIL seen (opener) or sent (acceptor)
         self._lot = ParkingLot()  # readers/writers waiting for data, credit or an answer
+        self._inbound: deque[bytes] = _NO_DATA  # replaced by a real deque on first data
+        self._inbound_bytes = 0
+
+    def _enqueue(self, data: bytes) -> None:
+        """Queue inbound data for the reader task and wake it."""
+        if self._inbound is _NO_DATA:
+            self._inbound = deque()
+        self._inbound.append(data)
+        self._inbound_bytes += len(data)
+        self._lot.unpark_all()
 
     # ---- opener side
     async def wait_open(self) -> None:
@@ -114,8 +124,6 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
     def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
                  opened_here: bool) -> None:
         super().__init__(carrier, circuit_id, request, opened_here)
-        self._inbound: deque[bytes] = _NO_DATA  # replaced by a real deque on first data
-        self._inbound_bytes = 0
         self._eof_received = False
         self._eof_sent = False
         self.bytes_sent = 0
@@ -147,11 +155,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                 if written == len(data):
                     return
                 data = data[written:]
-        if self._inbound is _NO_DATA:
-            self._inbound = deque()
-        self._inbound.append(data)
-        self._inbound_bytes += len(data)
-        self._lot.unpark_all()
+        self._enqueue(data)
 
     def on_eof(self) -> None:
         self._eof_received = True
@@ -337,8 +341,6 @@ class DatagramCircuit(_CircuitBase):
     def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
                  opened_here: bool) -> None:
         super().__init__(carrier, circuit_id, request, opened_here)
-        self._inbound: deque[bytes] = _NO_DATA  # replaced by a real deque on first data
-        self._inbound_bytes = 0
         self._eof_received = False
         self.dropped_in = 0
         self.dropped_out = 0
@@ -371,11 +373,7 @@ class DatagramCircuit(_CircuitBase):
         if self._inbound_bytes + len(data) > DATAGRAM_QUEUE_BYTES:
             self.dropped_in += 1
             return
-        if self._inbound is _NO_DATA:
-            self._inbound = deque()
-        self._inbound.append(data)
-        self._inbound_bytes += len(data)
-        self._lot.unpark_all()
+        self._enqueue(data)
 
     def on_eof(self) -> None:
         self._eof_received = True
