@@ -1,9 +1,14 @@
 """A carrier: one connection to a peer gateway, driving one sans-IO `CarrierSession`.
 
 Three tasks live in the carrier's nursery: the reader (the only one that feeds the
-session bytes and turns events into circuit wake-ups), the writer (the only one that
-writes, coalescing every queued frame into one large write), and the keepalive
+session bytes and turns events into circuit wake-ups), the writer, and the keepalive
 (PING every interval; silence for `keepalive_timeout` declares the carrier dead).
+
+Writes happen inline: whichever task queues frames calls `flush`, which takes
+everything the session has queued (control frames first, then payload round robin) as
+one coalesced write, without waiting. Only when the socket is full does the writer task
+take over, waiting for it to drain. That saves a task switch per message (latency) and
+keeps bulk transfers at one write per 256 KiB.
 """
 
 from __future__ import annotations
