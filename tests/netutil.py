@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from types import TracebackType
 
-from tests.gateways import free_port
+from tests.gateways import free_port, wait_until
 
 IO_TIMEOUT = 60.0  # per socket operation: a stalled tunnel fails the test, never hangs it
 CHUNK = 256 * 1024
@@ -422,3 +422,37 @@ def tunnel_toml(name: str, kind: str, target_port: int, via: str = "exit", liste
     """One [[tunnel]] table: listen on 127.0.0.1 (port 0: any), to 127.0.0.1:target_port."""
     return (f'\n[[tunnel]]\nname = "{name}"\nlisten = "{kind}://127.0.0.1:{listen_port}"\n'
             f'via = ["{via}"]\ntarget = "127.0.0.1:{target_port}"\n{extra}')
+
+
+def stalled_circuit_beside_bulk(stuck_port: int, bulk_port: int, stall: StallHandler,
+                                handler: BulkHandler) -> None:
+    """Stall one circuit (its target never reads) until the client's send blocks; then
+    another circuit on the same carrier(s) must still move 20 MiB each way, and the
+    stalled one must deliver everything once its target reads again."""
+    with socket.create_connection(("127.0.0.1", stuck_port), timeout=1.0) as c:
+        assert stall.connected.wait(IO_TIMEOUT)
+        # Fill every buffer on the way until the client's send makes no progress.
+        block = b"s" * (64 * 1024)
+        stuck_sent = 0
+        deadline = time.monotonic() + IO_TIMEOUT
+        while True:
+            assert time.monotonic() < deadline, "the stalled circuit never pushed back"
+            assert stuck_sent < 1024 * MiB, "1 GiB buffered for a target that reads nothing"
+            try:
+                c.sendall(block)
+            except TimeoutError:
+                break  # blocked: (part of) this block may have gone
+            stuck_sent += len(block)
+        # The carrier is shared: another circuit must still move 20 MiB each way.
+        started = time.monotonic()
+        n, sha = bulk_exchange(bulk_port, 20 * MiB, seed=5, timeout=30)
+        assert (n, sha) == (20 * MiB, pattern_sha256(20 * MiB, 6))
+        assert time.monotonic() - started < 60
+        wait_until(lambda: bool(handler.received), 30, "the bulk target to see EOF")
+        assert handler.received == [(20 * MiB, pattern_sha256(20 * MiB, 5))]
+        # The stalled circuit recovers: everything the client sent arrives.
+        stall.release.set()
+        c.settimeout(IO_TIMEOUT)
+        c.shutdown(socket.SHUT_WR)
+        wait_until(lambda: bool(stall.drained), IO_TIMEOUT, "the stalled target to drain")
+        assert stuck_sent <= stall.drained[0] < stuck_sent + len(block)

@@ -33,6 +33,7 @@ from tests.netutil import (
     pattern_sha256,
     recv_exactly,
     recv_until_eof,
+    stalled_circuit_beside_bulk,
     tunnel_toml,
 )
 
@@ -160,33 +161,8 @@ def test_a_stalled_circuit_does_not_stop_another_on_the_same_carrier(tmp_path: P
         exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnels)
         with running(exit_gw, entry):
             entry.wait_log("up (peer exit)")
-            with socket.create_connection(("127.0.0.1", entry.tunnel_port("stuck")), timeout=1.0) as c:
-                assert stall.connected.wait(IO_TIMEOUT)
-                # Fill every buffer on the way until the client's send makes no progress.
-                block = b"s" * (64 * 1024)
-                stuck_sent = 0
-                deadline = time.monotonic() + IO_TIMEOUT
-                while True:
-                    assert time.monotonic() < deadline, "the stalled circuit never pushed back"
-                    assert stuck_sent < 1024 * MiB, "1 GiB buffered for a target that reads nothing"
-                    try:
-                        c.sendall(block)
-                    except TimeoutError:
-                        break  # blocked: (part of) this block may have gone
-                    stuck_sent += len(block)
-                # The carrier is shared: another circuit must still move 20 MiB each way.
-                started = time.monotonic()
-                n, sha = bulk_exchange(entry.tunnel_port("bulk"), 20 * MiB, seed=5, timeout=30)
-                assert (n, sha) == (20 * MiB, pattern_sha256(20 * MiB, 6))
-                assert time.monotonic() - started < 60
-                wait_until(lambda: bool(handler.received), 30, "the bulk target to see EOF")
-                assert handler.received == [(20 * MiB, pattern_sha256(20 * MiB, 5))]
-                # The stalled circuit recovers: everything the client sent arrives.
-                stall.release.set()
-                c.settimeout(IO_TIMEOUT)
-                c.shutdown(socket.SHUT_WR)
-                wait_until(lambda: bool(stall.drained), IO_TIMEOUT, "the stalled target to drain")
-                assert stuck_sent <= stall.drained[0] < stuck_sent + len(block)
+            stalled_circuit_beside_bulk(entry.tunnel_port("stuck"), entry.tunnel_port("bulk"),
+                                        stall, handler)
 
 
 def test_plain_tcp_carrier_works_and_is_warned_about(tmp_path: Path) -> None:
