@@ -214,7 +214,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         finally:
             self._sending = False
 
-    def try_send(self, data: bytes) -> int:
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Queue what the credit allows now, without blocking; 0 if nothing fits (or a
         send_all is holding earlier bytes). Lets a relay push circuit to circuit."""
         if self._sending or self._eof_sent or self._closed or self.broken is not None:
@@ -223,6 +223,8 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         credit = session.send_credit(self.id)
         if credit <= 0:
             return 0
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the session keeps a reference until the write: immutable only
         chunk = data if len(data) <= credit else memoryview(data)[:credit]
         session.send_data(self.id, chunk)
         self.bytes_sent += len(chunk)

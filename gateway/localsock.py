@@ -108,7 +108,7 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink):
         if not waited:
             await trio.lowlevel.checkpoint()
 
-    def try_send(self, data: bytes) -> int:
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Write what fits now, without blocking; 0 if nothing did (or the socket failed:
         the next `send_all` reports that)."""
         if self._closed or self._sending:
