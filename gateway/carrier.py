@@ -163,8 +163,11 @@ class Carrier:
 
     # ------------------------------------------------------------------ circuits
 
-    def open(self, request: OpenRequest) -> AnyCircuit:
-        """Open a circuit now (OPEN is queued; data may follow before OPEN_OK)."""
+    def open(self, request: OpenRequest, flush: bool = True) -> AnyCircuit:
+        """Open a circuit now (OPEN is queued; data may follow before OPEN_OK).
+
+        `flush=False` lets the caller add the first data, so both leave in one write.
+        """
         try:
             cid = self.session.open_circuit(request)
         except ProtocolError as exc:
@@ -172,7 +175,8 @@ class Carrier:
         cls = DatagramCircuit if request.kind is CircuitKind.UDP else Circuit
         circuit = cls(self, cid, request, opened_here=True)
         self.circuits[cid] = circuit
-        self.flush()
+        if flush:
+            self.flush()
         return circuit
 
     def forget(self, circuit: _CircuitBase) -> None:

@@ -8,6 +8,7 @@ that find a full queue are dropped and counted, never allowed to stall the carri
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 
@@ -28,7 +29,10 @@ from gateway_codecs import CircuitKind, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")
 
-FLOW_QUEUE = 32  # datagrams waiting per flow between the listener and the circuit
+FLOW_QUEUE = 32  # datagrams waiting per sealed flow between the listener and its task
+ACCEPT_BACKOFF = 0.1  # out of file descriptors or memory: wait, then accept again
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
 UDP_LISTENER_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF asked for on UDP listeners
 
 
@@ -92,10 +96,13 @@ class TunnelEndpoint:
         listen = self.tunnel.listen
         if listen.kind == "tcp":
             listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
-            bound = listeners[0].socket.getsockname()[:2]
+            sockets = [socket.socket(fileno=ln.socket.detach()) for ln in listeners]
+            bound = sockets[0].getsockname()[:2]
             log.info("tunnel %s listening on tcp://%s, to %s", self.tunnel.name, _addr(bound), self.route)
             task_status.started(bound)
-            await trio.serve_listeners(self._tcp_client, listeners, handler_nursery=handler_nursery)
+            async with trio.open_nursery() as nursery:
+                for sock in sockets:
+                    nursery.start_soon(self._accept_loop, sock, handler_nursery)
         else:
             await self._serve_udp(handler_nursery, task_status)
 
@@ -106,19 +113,45 @@ class TunnelEndpoint:
 
     # ------------------------------------------------------------------ TCP
 
-    async def _tcp_client(self, accepted: trio.SocketStream) -> None:
-        stream = LocalStream.from_trio(accepted)
+    async def _accept_loop(self, sock: socket.socket, handlers: trio.Nursery) -> None:
+        """Accept clients; each session runs in `handlers`, which outlives this loop (drain)."""
+        with sock:
+            sock.setblocking(False)
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except _WOULD_BLOCK:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                        log.error("tunnel %s: cannot accept: %s; retrying in %g s",
+                                  self.tunnel.name, exc.strerror, ACCEPT_BACKOFF)
+                        await trio.sleep(ACCEPT_BACKOFF)
+                    continue  # the client gave up before we accepted it: nothing to do
+                handlers.start_soon(self._tcp_client, LocalStream(conn))
+
+    async def _tcp_client(self, stream: LocalStream) -> None:
         what = f"tunnel {self.tunnel.name} {stream.peer()} -> {self.route}"
         carrier = await self._carrier()
         try:
             if carrier is None:
                 raise OpenRefused(0x0107, f"no carrier to {self.tunnel.via[0]} is up")
-            circuit = carrier.open(self.request)
+            circuit = carrier.open(self.request, flush=False)
         except OpenRefused as exc:
             log.warning("%s: refused: %s", what, exc)
             await stream.aclose()
             return
         assert isinstance(circuit, Circuit)
+        # A client that speaks first has usually sent already: OPEN and its first bytes
+        # then leave in one write (and arrive in one read).
+        # (Not with end-to-end protection: the TLS handshake must come first.)
+        early = stream.try_receive() if self.exit_peer is None else None
+        taken = circuit.try_send(early) if early else 0
+        if not taken:
+            carrier.flush()
+        if early and taken < len(early):
+            await circuit.send_all(early[taken:])
         with self.sessions.track("entry", what, circuit) as record:
             far: trio.abc.HalfCloseableStream = circuit
             try:

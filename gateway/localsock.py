@@ -108,6 +108,13 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink):
         if not waited:
             await trio.lowlevel.checkpoint()
 
+    def try_receive(self, max_bytes: int = DEFAULT_RECEIVE) -> bytes | None:
+        """What has already arrived, without waiting; None if nothing (b"": the end)."""
+        try:
+            return self.sock.recv(max_bytes)
+        except OSError:
+            return None  # would block, or broken: receive_some will say which
+
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Write what fits now, without blocking; 0 if nothing did (or the socket failed:
         the next `send_all` reports that)."""
