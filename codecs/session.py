@@ -408,15 +408,20 @@ class CarrierSession:
         self._queue_control(frame(FrameType.OPEN_FAIL, 0, circuit_id, encode_reason(code, reason)))
         self._drop(c)
 
-    def send_data(self, circuit_id: int, data: bytes | memoryview) -> None:
-        """Queue stream bytes; they must fit in `send_credit(circuit_id)`."""
+    def _sendable(self, circuit_id: int, kind: CircuitKind, what: str) -> _Circuit:
+        """The live circuit, if `what` may queue on it now; LocalProtocolError if not."""
         c = self._live(circuit_id)
-        if c.kind is not CircuitKind.TCP:
-            raise LocalProtocolError("send_data on a UDP flow; use send_datagram")
+        if c.kind is not kind:
+            raise LocalProtocolError(f"{what} on a {c.kind.name} circuit")
         if c.state is CircuitState.PENDING:
             raise LocalProtocolError("accept the circuit before sending on it")
         if c.fin_queued:
-            raise LocalProtocolError("send_data after send_eof", ErrorCode.CIRCUIT_STATE_ERROR)
+            raise LocalProtocolError(f"{what} after send_eof", ErrorCode.CIRCUIT_STATE_ERROR)
+        return c
+
+    def send_data(self, circuit_id: int, data: bytes | memoryview) -> None:
+        """Queue stream bytes; they must fit in `send_credit(circuit_id)`."""
+        c = self._sendable(circuit_id, CircuitKind.TCP, "send_data")
         n = len(data)
         if not n:
             return
@@ -429,13 +434,7 @@ class CarrierSession:
 
     def send_datagram(self, circuit_id: int, data: bytes) -> bool:
         """Queue one whole datagram; False (dropped) if this flow's queue is full."""
-        c = self._live(circuit_id)
-        if c.kind is not CircuitKind.UDP:
-            raise LocalProtocolError("send_datagram on a TCP circuit")
-        if c.state is CircuitState.PENDING:
-            raise LocalProtocolError("accept the circuit before sending on it")
-        if c.fin_queued:
-            raise LocalProtocolError("send_datagram after send_eof")
+        c = self._sendable(circuit_id, CircuitKind.UDP, "send_datagram")
         if len(data) > MAX_DATAGRAM:
             raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_DATAGRAM}")
         if c.dgram_bytes + len(data) > self._datagram_queue_bytes:
