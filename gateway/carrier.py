@@ -183,10 +183,6 @@ class Carrier:
         if self.circuits.get(circuit.id) is circuit:
             del self.circuits[circuit.id]
 
-    def wake_writer(self) -> None:
-        """Frames were queued: write them now (see `flush`)."""
-        self.flush()
-
     def flush(self) -> None:
         """Write what the session has queued, from the calling task, as far as the socket
         takes it without blocking; the writer task finishes the rest when it drains.

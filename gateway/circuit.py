@@ -3,7 +3,9 @@
 A `Circuit` is a `trio.abc.HalfCloseableStream` over one TCP-kind circuit of a
 carrier; a `DatagramCircuit` carries whole UDP datagrams. Both are fed by their
 carrier's reader task (synchronously, from session events) and write by asking the
-carrier's session to queue frames and waking the carrier's writer.
+carrier's session to queue frames and then `carrier.flush()`, which writes at once.
+A circuit may also push what arrives straight into a sink (`sink`, set by `splice`)
+and take pushes itself (`try_send`): that is how relays avoid a task switch per message.
 """
 
 from __future__ import annotations
@@ -80,12 +82,12 @@ class _CircuitBase:
         self._raise_if_broken()
         self.carrier.session.accept_circuit(self.id)
         self._answered = True
-        self.carrier.wake_writer()
+        self.carrier.flush()
 
     def refuse(self, code: int, reason: str) -> None:
         if self.broken is None:
             self.carrier.session.refuse_circuit(self.id, code, reason)
-            self.carrier.wake_writer()
+            self.carrier.flush()
         self._fail(OpenRefused(code, reason))
         self.carrier.forget(self)
 
@@ -113,7 +115,7 @@ class _CircuitBase:
         """Abort both directions now (RST); further use raises."""
         if self.broken is None:
             self.carrier.session.reset_circuit(self.id, code, reason)
-            self.carrier.wake_writer()
+            self.carrier.flush()
             self._fail(CircuitBroken(code, reason or "reset locally"))
         self.carrier.forget(self)
 
@@ -209,7 +211,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                 session.send_data(self.id, chunk)
                 self.bytes_sent += len(chunk)
                 view = view[credit:]
-                self.carrier.wake_writer()
+                self.carrier.flush()
             await trio.lowlevel.checkpoint()
         finally:
             self._sending = False
@@ -249,7 +251,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         self._raise_if_broken()
         self._eof_sent = True
         self.carrier.session.send_eof(self.id)
-        self.carrier.wake_writer()
+        self.carrier.flush()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
@@ -299,7 +301,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         self.bytes_received += n
         if self.broken is None:
             self._acknowledge(n)
-            self.carrier.wake_writer()
+            self.carrier.flush()
         return data
 
     async def aclose(self) -> None:
@@ -318,7 +320,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                 if not self._eof_sent:
                     self._eof_sent = True
                     self.carrier.session.send_eof(self.id)
-                    self.carrier.wake_writer()
+                    self.carrier.flush()
                 if self._eof_received:
                     self.carrier.forget(self)
             self._inbound.clear()
@@ -407,7 +409,7 @@ class DatagramCircuit(_CircuitBase):
             self.datagrams_sent += 1
             self.bytes_sent += len(datagram)
             if flush:
-                self.carrier.wake_writer()
+                self.carrier.flush()
         else:
             self.dropped_out += 1
         return queued
@@ -438,7 +440,7 @@ class DatagramCircuit(_CircuitBase):
                     self.carrier.session.send_eof(self.id)
                 else:
                     self.carrier.session.reset_circuit(self.id, ErrorCode.NO_ERROR, "flow closed")
-                self.carrier.wake_writer()
+                self.carrier.flush()
             self._closed = True
             self._lot.unpark_all()
             self.carrier.forget(self)
