@@ -173,7 +173,7 @@ class Carrier:
         except ProtocolError as exc:
             raise OpenRefused(exc.code, f"carrier to {self.peer_name} cannot open: {exc}") from exc
         cls = DatagramCircuit if request.kind is CircuitKind.UDP else Circuit
-        circuit = cls(self, cid, request, opened_here=True)
+        circuit = cls(self, cid, request)
         self.circuits[cid] = circuit
         if flush:
             self.flush()
@@ -312,7 +312,7 @@ class Carrier:
                     c.on_broken(CircuitBroken(code, reason or "reset by the far side"))
             case CircuitRequested(circuit_id=cid, request=request):
                 cls = DatagramCircuit if request.kind is CircuitKind.UDP else Circuit
-                circuit = cls(self, cid, request, opened_here=False)
+                circuit = cls(self, cid, request)
                 self.circuits[cid] = circuit
                 assert self._nursery is not None
                 self._nursery.start_soon(self._serve_request, circuit)

@@ -22,7 +22,6 @@ from gateway.errors import CircuitBroken, OpenRefused
 from gateway.splice import Abortable, NonBlockingSink, PushSource
 from gateway_codecs import (
     MAX_DATAGRAM,
-    CircuitState,
     ErrorCode,
     LocalProtocolError,
     OpenRequest,
@@ -47,12 +46,10 @@ _NO_DATA: deque[bytes] = deque(maxlen=0)
 class _CircuitBase:
     """What stream and datagram circuits share: identity, answer state, breakage."""
 
-    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
-                 opened_here: bool) -> None:
+    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest) -> None:
         self.carrier = carrier
         self.id = circuit_id
         self.request = request
-        self.opened_here = opened_here
         self.broken: CircuitBroken | None = None
         self._closed = False  # aclose() was called on this end
         self._answered = False  # OPEN_OK/OPEN_FAIL seen (opener) or sent (acceptor)
@@ -123,9 +120,8 @@ class _CircuitBase:
 class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockingSink, Abortable):
     """A TCP-kind circuit as a half-closeable byte stream with per-circuit credit."""
 
-    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
-                 opened_here: bool) -> None:
-        super().__init__(carrier, circuit_id, request, opened_here)
+    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest) -> None:
+        super().__init__(carrier, circuit_id, request)
         self._eof_received = False
         self._eof_sent = False
         self.bytes_sent = 0
@@ -334,17 +330,12 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         self._closed = True
         self._lot.unpark_all()
 
-    @property
-    def state(self) -> CircuitState | None:
-        return self.carrier.session.circuit_state(self.id)
-
 
 class DatagramCircuit(_CircuitBase):
     """A UDP flow: whole datagrams both ways, dropped (and counted) rather than blocking."""
 
-    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest,
-                 opened_here: bool) -> None:
-        super().__init__(carrier, circuit_id, request, opened_here)
+    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest) -> None:
+        super().__init__(carrier, circuit_id, request)
         self._eof_received = False
         self.dropped_in = 0
         self.dropped_out = 0

@@ -9,6 +9,7 @@ the whole file (unique names, declared peers, files that must agree) run afterwa
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 import tomllib
@@ -221,12 +222,12 @@ class PeerConfig(_Model):
     allow: list[Rule] = []
     route: list[RouteName] = []
 
-    @property
+    @functools.cached_property
     def policy(self) -> Policy:
         """What this peer may open through us (default-deny)."""
         return Policy(self.allow)
 
-    @property
+    @functools.cached_property
     def route_policy(self) -> RoutePolicy:
         """Which next hops this peer may route through us to."""
         return RoutePolicy(self.route)
