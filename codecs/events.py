@@ -45,10 +45,13 @@ class CircuitRefused(Event):
 
 @dataclass(frozen=True, slots=True)
 class DataReceived(Event):
-    """Stream bytes; call `consumed` once the application has taken them."""
+    """Stream bytes; call `consumed` once the application has taken them.
+
+    A memoryview only if the input was lent (`receive_data(..., borrow=True)`).
+    """
 
     circuit_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)

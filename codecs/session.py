@@ -193,83 +193,105 @@ class CarrierSession:
 
     # ---------------------------------------------------------------- input
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Parse every complete frame in `data` (plus what was buffered) into events."""
+    def receive_data(self, data: bytes | bytearray | memoryview, *,
+                     borrow: bool = False) -> list[Event]:
+        """Parse every complete frame in `data` (plus what was buffered) into events.
+
+        DATA payloads are copied out of `data` unless `borrow=True`: then they are
+        memoryview slices of it, and the caller promises to use or copy them before it
+        changes the buffer (a reader reusing one buffer saves a copy of every byte).
+        Only a frame split across calls is buffered, and only that frame is copied.
+        """
         if self._failed is not None:
             raise LocalProtocolError("the session already failed; close the carrier")
         if self._ended:
             raise LocalProtocolError("receive_data after receive_eof")
-        buf = self._inbound
-        buffered = bool(buf)
-        view: bytes | memoryview
-        if buffered:
-            buf += data
-            view = memoryview(buf)  # slices of a view copy once (a bytearray's copy twice)
-        elif isinstance(data, bytes):
-            view = data
-        else:
-            view = memoryview(data)
+        view = data if isinstance(data, memoryview) else memoryview(data)
         events: list[Event] = []
-        circuits = self._circuits
-        pos = 0
-        end_of_data = len(view)
-        unpack = HEADER.unpack_from
         try:
-            limit = (self.local_settings.max_frame_payload if self.peer_settings is not None
-                     else MAX_HELLO_PAYLOAD)
-            while end_of_data - pos >= HEADER_SIZE:
-                length_type, flags, cid = unpack(view, pos)
-                length = length_type >> 8
-                if self.peer_settings is None:
-                    if length_type & 0xFF != FrameType.HELLO:
-                        raise RemoteProtocolError(
-                            "the first frame must be HELLO (not a tunnelgate carrier?)")
-                    # Until the HELLO is parsed we do not know the peer: buffer little.
-                    limit = MAX_HELLO_PAYLOAD
-                elif limit == MAX_HELLO_PAYLOAD:
-                    limit = self.local_settings.max_frame_payload
-                if length > limit:
-                    raise RemoteProtocolError(
-                        f"frame of {length} bytes exceeds the {limit}-byte limit",
-                        ErrorCode.FRAME_SIZE_ERROR)
-                stop = pos + HEADER_SIZE + length
-                if stop > end_of_data:
-                    break
-                ftype = length_type & 0xFF
-                if ftype == _DATA and cid in circuits:
-                    # Fast path for the bulk of the traffic: DATA on a live circuit whose
-                    # receiving direction is open. Everything else takes _handle_frame.
-                    c = circuits[cid]
-                    if (c.kind is _TCP and not c.remote_fin
-                            and (c.state is not _OPENING or not c.local)):
-                        window = c.window
-                        window.received += length
-                        if window.received > window.limit:
-                            raise RemoteProtocolError(
-                                f"peer sent to offset {window.received} on circuit {cid},"
-                                f" beyond the advertised {window.limit}",
-                                ErrorCode.FLOW_CONTROL_ERROR)
-                        if length:
-                            events.append(DataReceived(cid, bytes(view[pos + HEADER_SIZE:stop])))
-                        pos = stop
-                        continue
-                payload = bytes(view[pos + HEADER_SIZE:stop])
-                pos = stop
-                self._handle_frame(ftype, flags, cid, payload, events)
+            pos = self._complete_split_frame(view, events) if self._inbound else 0
+            pos = self._parse_frames(view, pos, events, borrow)
         except RemoteProtocolError as exc:
             self._fail(exc)
             raise
-        finally:
-            if buffered:
-                view.release()  # type: ignore[union-attr]
-        if pos < end_of_data:
-            if buffered:
-                del buf[:pos]
-            else:
-                buf += view[pos:]
-        else:
-            buf.clear()
+        if pos < len(view):
+            self._inbound += view[pos:]
         return events
+
+    def _complete_split_frame(self, view: memoryview, events: list[Event]) -> int:
+        """Finish the frame buffered from earlier input with the first bytes of `view`;
+        return how many bytes of `view` that took."""
+        buf = self._inbound
+        taken = 0
+        if len(buf) < HEADER_SIZE:
+            taken = min(HEADER_SIZE - len(buf), len(view))
+            buf += view[:taken]
+            if len(buf) < HEADER_SIZE:
+                return taken
+        length_type = HEADER.unpack_from(buf)[0]
+        total = HEADER_SIZE + self._checked_length(length_type)
+        more = min(total - len(buf), len(view) - taken)
+        buf += view[taken:taken + more]
+        taken += more
+        if len(buf) == total:
+            whole = bytes(buf)
+            buf.clear()
+            self._parse_frames(memoryview(whole), 0, events, True)
+        return taken
+
+    def _checked_length(self, length_type: int) -> int:
+        """The payload length of a frame header, if that frame may come now."""
+        length = length_type >> 8
+        if self.peer_settings is None:
+            if length_type & 0xFF != FrameType.HELLO:
+                raise RemoteProtocolError(
+                    "the first frame must be HELLO (not a tunnelgate carrier?)")
+            limit = MAX_HELLO_PAYLOAD  # until the HELLO is parsed we do not know the peer
+        else:
+            limit = self.local_settings.max_frame_payload
+        if length > limit:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds the {limit}-byte limit",
+                                      ErrorCode.FRAME_SIZE_ERROR)
+        return length
+
+    def _parse_frames(self, view: memoryview, pos: int, events: list[Event],
+                      borrow: bool) -> int:
+        """Handle the complete frames in `view` from `pos`; return where the rest starts."""
+        circuits = self._circuits
+        end_of_data = len(view)
+        unpack = HEADER.unpack_from
+        limit = self.local_settings.max_frame_payload
+        while end_of_data - pos >= HEADER_SIZE:
+            length_type, flags, cid = unpack(view, pos)
+            length = length_type >> 8
+            if length > limit or self.peer_settings is None:
+                length = self._checked_length(length_type)
+            stop = pos + HEADER_SIZE + length
+            if stop > end_of_data:
+                break
+            ftype = length_type & 0xFF
+            if ftype == _DATA and cid in circuits:
+                # Fast path for the bulk of the traffic: DATA on a live circuit whose
+                # receiving direction is open. Everything else takes _handle_frame.
+                c = circuits[cid]
+                if (c.kind is _TCP and not c.remote_fin
+                        and (c.state is not _OPENING or not c.local)):
+                    window = c.window
+                    window.received += length
+                    if window.received > window.limit:
+                        raise RemoteProtocolError(
+                            f"peer sent to offset {window.received} on circuit {cid},"
+                            f" beyond the advertised {window.limit}",
+                            ErrorCode.FLOW_CONTROL_ERROR)
+                    if length:
+                        payload = view[pos + HEADER_SIZE:stop]
+                        events.append(DataReceived(cid, payload if borrow else bytes(payload)))
+                    pos = stop
+                    continue
+            payload_bytes = bytes(view[pos + HEADER_SIZE:stop])
+            pos = stop
+            self._handle_frame(ftype, flags, cid, payload_bytes, events)
+        return pos
 
     def receive_eof(self) -> list[Event]:
         """The carrier's byte stream ended. Live circuits are gone with it."""

@@ -271,7 +271,7 @@ class Carrier:
                 self.close_reason = "closed by peer after GOAWAY" if clean else "peer closed the link"
                 return
             try:
-                events = session.receive_data(buffer[:filled])
+                events = session.receive_data(buffer[:filled], borrow=True)
             except RemoteProtocolError as exc:
                 self.close_reason = f"protocol violation by peer: {exc}"
                 log.warning("carrier %s: %s; closing it", self.description, self.close_reason)

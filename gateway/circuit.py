@@ -131,14 +131,16 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         # Optional non-blocking writer of inbound bytes (a local socket's send), used
         # while nothing is queued: data then leaves from the carrier's reader task,
         # without waking the task that reads this circuit. Returns bytes written.
-        self.sink: Callable[[bytes], int] | None = None
+        self.sink: Callable[[bytes | memoryview], int] | None = None
         self.sunk = 0
         self._window = carrier.session.local_settings.initial_window
         self._tuning_bytes = 0
         self._tuning_since = 0.0  # bytes the sink wrote (the reader of this circuit never saw them)
 
     # ---- fed by the carrier's reader (synchronous, in the reader task)
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
+        """Bytes for this circuit. A memoryview is lent by the carrier's read buffer:
+        written to the sink at once, or copied before it is queued."""
         if self._closed:
             self.reset(ErrorCode.CANCELLED, "data arrived after the circuit was closed")
             return
@@ -153,7 +155,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                 if written == len(data):
                     return
                 data = data[written:]
-        self._enqueue(data)
+        self._enqueue(bytes(data))
 
     def on_eof(self) -> None:
         self._eof_received = True

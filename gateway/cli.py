@@ -80,6 +80,9 @@ def _run(path: str, verbosity: int, ready_file: str | None) -> int:
     config = load_config(path)
     setup_logging(verbosity)
     from gateway.app import run_gateway
+    from gateway.process import tune_process
+
+    tune_process()
 
     try:
         trio.run(run_gateway, config, Path(ready_file) if ready_file else None)

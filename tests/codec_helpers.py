@@ -1,9 +1,10 @@
 """Test fixtures for the sans-IO codec: a fake link between two sessions, frame parsing.
 
 The link moves whatever one session's `data_to_send` returns into the other's
-`receive_data`, cut the way its mode says: whole, one byte at a time, or at random
-points. Every back-to-back test runs in all three modes, so no feature may depend on
-how the byte stream happens to be split.
+`receive_data`, cut the way its mode says: whole, one byte at a time, at random
+points, or at random points lent through one reused buffer (`borrow=True`, the way the
+gateway's reader calls it). Every back-to-back test runs in all modes, so no feature may
+depend on how the byte stream happens to be split, nor keep a lent buffer.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gateway_codecs import CarrierSession, Event, HandshakeComplete, Role, Settings
+from gateway_codecs import CarrierSession, DataReceived, Event, HandshakeComplete, Role, Settings
 
-LINK_MODES = ("whole", "bytewise", "random")
+LINK_MODES = ("whole", "bytewise", "random", "lent")
 _HEADER = struct.Struct("!IBI")
 
 
@@ -27,7 +28,7 @@ def chunks(data: bytes, mode: str, rng: random.Random) -> Iterator[bytes]:
     elif mode == "bytewise":
         for i in range(len(data)):
             yield data[i : i + 1]
-    elif mode == "random":
+    elif mode in ("random", "lent"):
         pos = 0
         while pos < len(data):
             step = rng.choice((1, 2, 3, 7, 9, 10, 100, 4096, 70000))
@@ -46,14 +47,30 @@ class Link:
         self.mode = mode
         self.rng = random.Random(seed)
         self.events: dict[int, list[Event]] = {id(a): [], id(b): []}
+        self.lent_views = 0  # DATA payloads that came as views of the lent buffer
+        self._buffer = bytearray(128 * 1024)
 
     def deliver(self, src: CarrierSession, dst: CarrierSession) -> list[Event]:
         """Move what `src` has queued now into `dst`; the events `dst` produced."""
         out: list[Event] = []
         for piece in chunks(src.data_to_send(), self.mode, self.rng):
-            out += dst.receive_data(piece)
+            out += self._lend(dst, piece) if self.mode == "lent" else dst.receive_data(piece)
         self.events[id(dst)] += out
         return out
+
+    def _lend(self, dst: CarrierSession, piece: bytes) -> list[Event]:
+        """Feed `piece` through the reused buffer, copy what was lent, then scribble over
+        the buffer: any view the session kept would now read garbage."""
+        view = memoryview(self._buffer)[: len(piece)]
+        view[:] = piece
+        events = dst.receive_data(view, borrow=True)
+        for i, event in enumerate(events):
+            if isinstance(event, DataReceived) and isinstance(event.data, memoryview):
+                self.lent_views += 1
+                events[i] = DataReceived(event.circuit_id, bytes(event.data))
+        view[:] = b"\xa5" * len(piece)
+        view.release()
+        return events
 
     def pump(self) -> tuple[list[Event], list[Event]]:
         """Deliver both ways until quiet; (events at a, events at b) from this call."""

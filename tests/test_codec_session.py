@@ -149,6 +149,18 @@ def test_open_accept_and_data_both_ways(mode: str) -> None:
     assert received(at_a, cid) == b"pong from b"
 
 
+def test_lent_input_gives_views_and_the_session_keeps_none() -> None:
+    """borrow=True: DATA comes as views of the caller's buffer (no copy per byte), and
+    frames cut across reads still arrive whole after the buffer was overwritten."""
+    a, b, link = connected("lent", acceptor=Settings(initial_window=4 << 20))
+    cid = open_accepted(a, b, link)
+    payload = bytes(range(256)) * 4096  # 1 MiB, cut into many 64 KiB frames
+    a.send_data(cid, payload)
+    _, at_b = link.pump()
+    assert received(at_b, cid) == payload
+    assert link.lent_views > 0
+
+
 def test_refuse_carries_code_and_reason(mode: str) -> None:
     a, b, link = connected(mode)
     cid = a.open_circuit(TCP)
