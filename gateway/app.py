@@ -21,6 +21,7 @@ from gateway.identity import load_identity
 from gateway.links import Links
 from gateway.peers import PeerDirectory
 from gateway.sessions import SessionLog
+from gateway.socket_relay import SocketRelay
 from gateway.tls import TlsContexts
 
 log = logging.getLogger("tunnelgate")
@@ -38,13 +39,15 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
     peers = PeerDirectory(list(config.peer))
     sessions = SessionLog()
     contexts = TlsContexts(identity, [p.cert for p in config.peer if p.cert is not None], gw.ca)
-    server = CircuitServer(config, peers, sessions, contexts)
+    relay = SocketRelay()
+    server = CircuitServer(config, peers, sessions, contexts, relay)
     links = Links(config, contexts, peers, server)
-    endpoints = [TunnelEndpoint(t, config, peers, sessions, contexts) for t in config.tunnel]
+    endpoints = [TunnelEndpoint(t, config, peers, sessions, contexts, relay) for t in config.tunnel]
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             handlers = root  # carriers and sessions outlive the listeners when draining
+            await root.start(relay.run)
             accepting = trio.CancelScope()
 
             async def listen(*, task_status: trio.TaskStatus[dict[str, object]]) -> None:

@@ -133,6 +133,9 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         # without waking the task that reads this circuit. Returns bytes written.
         self.sink: Callable[[bytes | memoryview], int] | None = None
         self.sunk = 0
+        # Optional callback for a relay that runs without a task (gateway/relay.py): called
+        # after EOF, new credit, or breakage, from the carrier's reader.
+        self.watcher: Callable[[], None] | None = None
         self._window = carrier.session.local_settings.initial_window
         self._tuning_bytes = 0
         self._tuning_since = 0.0  # bytes the sink wrote (the reader of this circuit never saw them)
@@ -162,9 +165,23 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         if self._closed:
             self.carrier.forget(self)
         self._lot.unpark_all()
+        if self.watcher is not None:
+            self.watcher()
 
     def on_credit(self) -> None:
         self._lot.unpark_all()
+        if self.watcher is not None:
+            self.watcher()
+
+    def on_broken(self, error: CircuitBroken) -> None:
+        super().on_broken(error)
+        if self.watcher is not None:
+            self.watcher()
+
+    @property
+    def at_eof(self) -> bool:
+        """The far side ended its half and every byte before that has been taken."""
+        return self._eof_received and not self._inbound
 
     def _acknowledge(self, n: int) -> None:
         """Give `n` bytes of credit back, and auto-tune the window (no protocol change:
@@ -214,9 +231,10 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         finally:
             self._sending = False
 
-    def try_send(self, data: bytes | bytearray | memoryview) -> int:
+    def try_send(self, data: bytes | bytearray | memoryview, flush: bool = True) -> int:
         """Queue what the credit allows now, without blocking; 0 if nothing fits (or a
-        send_all is holding earlier bytes). Lets a relay push circuit to circuit."""
+        send_all is holding earlier bytes). Lets a relay push circuit to circuit.
+        `flush=False` leaves the write to the caller (one write for a batch of circuits)."""
         if self._sending or self._eof_sent or self._closed or self.broken is not None:
             return 0
         session = self.carrier.session
@@ -228,7 +246,8 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         chunk = data if len(data) <= credit else memoryview(data)[:credit]
         session.send_data(self.id, chunk)
         self.bytes_sent += len(chunk)
-        self.carrier.flush()
+        if flush:
+            self.carrier.flush()
         return len(chunk)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -244,6 +263,10 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         if self._closed:
             raise trio.ClosedResourceError("this circuit was closed")
         await trio.lowlevel.checkpoint()
+        self.end_now()
+
+    def end_now(self) -> None:
+        """send_eof without waiting: FIN once (raises if the circuit broke)."""
         if self._eof_sent:
             return
         self._raise_if_broken()
@@ -274,6 +297,10 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                 await self._lot.park()
         finally:
             self._receiving = False
+
+    def take_nowait(self, max_bytes: int) -> bytes | None:
+        """Queued bytes (up to `max_bytes`) without waiting; None if nothing is queued."""
+        return self._take(max_bytes) if self._inbound else None
 
     def _take(self, max_bytes: int | None) -> bytes:
         inbound = self._inbound
@@ -308,6 +335,11 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         After a graceful close the circuit waits for the peer's FIN; data arriving
         meanwhile has no reader, so it resets the circuit (as TCP answers with RST).
         """
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """aclose without waiting."""
         if not self._closed:
             self._closed = True
             if self.broken is not None:
@@ -323,7 +355,6 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                     self.carrier.forget(self)
             self._inbound.clear()
             self._lot.unpark_all()
-        await trio.lowlevel.checkpoint()
 
     def abort(self, reason: str) -> None:
         """Reset now (both directions), e.g. because the other side of a splice broke."""

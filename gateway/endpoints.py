@@ -19,9 +19,10 @@ from gateway.circuit import Circuit, DatagramCircuit
 from gateway.config import Config, TunnelConfig
 from gateway.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.errors import CircuitBroken, OpenRefused
-from gateway.localsock import LocalStream
+from gateway.localsock import DEFAULT_RECEIVE, LocalStream
 from gateway.peers import PeerDirectory
 from gateway.sessions import SessionLog
+from gateway.socket_relay import SocketRelay
 from gateway.splice import describe_error, splice
 from gateway.tls import TlsContexts
 from gateway.udp import MAX_UDP_PAYLOAD, SOCKET_BATCH, PlainFlow, relay_datagrams
@@ -39,6 +40,12 @@ UDP_LISTENER_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF asked for on UDP listeners
 def _addr(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
     host, port = sockaddr[0], sockaddr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _log_circuit_failure(what: str, error: BaseException | None) -> None:
+    """A session ended by its circuit (refused, reset, carrier lost) is worth a warning."""
+    if isinstance(error, CircuitBroken):
+        log.warning("%s: %s: %s", what, "refused" if isinstance(error, OpenRefused) else "failed", error)
 
 
 class _Flow:
@@ -75,8 +82,9 @@ class _FlowPort:
 
 class TunnelEndpoint:
     def __init__(self, tunnel: TunnelConfig, config: Config, peers: PeerDirectory,
-                 sessions: SessionLog, contexts: TlsContexts) -> None:
+                 sessions: SessionLog, contexts: TlsContexts, relay: SocketRelay) -> None:
         self.tunnel = tunnel
+        self.relay = relay
         self.contexts = contexts
         self.handshake_timeout = config.gateway.handshake_timeout
         self.exit_peer = config.peer_named(tunnel.via[-1]) if tunnel.end_to_end else None
@@ -119,7 +127,7 @@ class TunnelEndpoint:
             sock.setblocking(False)
             while True:
                 try:
-                    conn, _ = sock.accept()
+                    conn, client = sock.accept()
                 except _WOULD_BLOCK:
                     await trio.lowlevel.wait_readable(sock)
                     continue
@@ -129,29 +137,54 @@ class TunnelEndpoint:
                                   self.tunnel.name, exc.strerror, ACCEPT_BACKOFF)
                         await trio.sleep(ACCEPT_BACKOFF)
                     continue  # the client gave up before we accepted it: nothing to do
-                handlers.start_soon(self._tcp_client, LocalStream(conn))
+                stream = LocalStream(conn)
+                what = f"tunnel {self.tunnel.name} {_addr(client)} -> {self.route}"
+                carrier = self.peers.current(self.tunnel.via[0])
+                if carrier is not None and self.exit_peer is None and self.relay.running:
+                    # The common case needs no task: the relay takes the session now.
+                    self._relay_client(stream, carrier, what)
+                else:
+                    handlers.start_soon(self._tcp_client, stream, what)
 
-    async def _tcp_client(self, stream: LocalStream) -> None:
-        what = f"tunnel {self.tunnel.name} {stream.peer()} -> {self.route}"
-        carrier = await self._carrier()
+    def _open(self, stream: LocalStream, carrier: Carrier | None, what: str) -> Circuit | None:
+        """Open the session's circuit, or log why not and close the client (None)."""
         try:
             if carrier is None:
                 raise OpenRefused(0x0107, f"no carrier to {self.tunnel.via[0]} is up")
             circuit = carrier.open(self.request, flush=False)
         except OpenRefused as exc:
             log.warning("%s: refused: %s", what, exc)
-            await stream.aclose()
-            return
+            stream.close_now()
+            return None
         assert isinstance(circuit, Circuit)
-        # A client that speaks first has usually sent already: OPEN and its first bytes
-        # then leave in one write (and arrive in one read).
-        # (Not with end-to-end protection: the TLS handshake must come first.)
-        early = stream.try_receive() if self.exit_peer is None else None
-        taken = circuit.try_send(early) if early else 0
-        if not taken:
-            carrier.flush()
-        if early and taken < len(early):
-            await circuit.send_all(early[taken:])
+        return circuit
+
+    @staticmethod
+    def _send_early(stream: LocalStream, circuit: Circuit) -> None:
+        """A client that speaks first has usually sent already: OPEN and its first bytes
+        (as many as the circuit's credit allows) then leave in one write."""
+        credit = circuit.carrier.session.send_credit(circuit.id)
+        early = stream.try_receive(min(credit, DEFAULT_RECEIVE)) if credit > 0 else None
+        if not (early and circuit.try_send(early)):
+            circuit.carrier.flush()
+
+    def _relay_client(self, stream: LocalStream, carrier: Carrier, what: str) -> None:
+        circuit = self._open(stream, carrier, what)
+        if circuit is None:
+            return
+        self._send_early(stream, circuit)
+        record = self.sessions.track("entry", what, circuit)
+        self.relay.adopt(stream.sock, circuit, record, socket_is_client=True,
+                         on_end=lambda error: _log_circuit_failure(what, error))
+
+    async def _tcp_client(self, stream: LocalStream, what: str) -> None:
+        circuit = self._open(stream, await self._carrier(), what)
+        if circuit is None:
+            return
+        if self.exit_peer is None:  # (end-to-end: the TLS handshake must come first)
+            self._send_early(stream, circuit)
+        else:
+            circuit.carrier.flush()
         with self.sessions.track("entry", what, circuit) as record:
             far: trio.abc.HalfCloseableStream = circuit
             try:
@@ -166,10 +199,7 @@ class TunnelEndpoint:
                 await circuit.aclose()
                 return
             result = await splice(stream, far)
-            cause = result.error.__cause__ if result.error is not None else None
-            if isinstance(cause, CircuitBroken):
-                log.warning("%s: %s: %s", what, "refused" if isinstance(cause, OpenRefused)
-                            else "failed", cause)
+            _log_circuit_failure(what, result.error.__cause__ if result.error is not None else None)
             record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
 
     async def _secure_stream(self, circuit: Circuit) -> SecureStream:

@@ -25,6 +25,7 @@ from gateway.localsock import LocalStream
 from gateway.peers import PeerDirectory
 from gateway.policy import Policy, parse_ip
 from gateway.sessions import SessionLog
+from gateway.socket_relay import SocketRelay
 from gateway.splice import describe_error, splice
 from gateway.tls import TlsContexts
 from gateway.udp import (
@@ -78,8 +79,9 @@ class CircuitServer:
     """The handler every carrier calls for each circuit the peer opens."""
 
     def __init__(self, config: Config, peers: PeerDirectory, sessions: SessionLog,
-                 contexts: TlsContexts) -> None:
+                 contexts: TlsContexts, relay: SocketRelay) -> None:
         self.config = config
+        self.relay = relay
         self.contexts = contexts
         self.by_fingerprint = {p.fingerprint: p.name for p in config.peer if p.fingerprint}
         self.flip_offset = fault_injection_offset()
@@ -186,6 +188,11 @@ class CircuitServer:
 
     async def _serve_tcp(self, circuit: Circuit, stream: LocalStream, what: str) -> None:
         circuit.accept()
+        if not circuit.request.end_to_end and self.relay.running:
+            # The common case needs no task from here on: the relay takes the session.
+            self.relay.adopt(stream.sock, circuit, self.sessions.track("exit", what, circuit),
+                             socket_is_client=False, on_end=lambda error: _log_failure(what, error))
+            return
         with self.sessions.track("exit", what, circuit) as record:
             near: trio.abc.HalfCloseableStream = circuit
             if circuit.request.end_to_end:
@@ -348,6 +355,11 @@ class _PassReset(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _log_failure(what: str, error: BaseException | None) -> None:
+    if error is not None:
+        log.warning("exit %s: %s", what, describe_error(error))
 
 
 def _udp_outcome(counts: DatagramCounts) -> str:

@@ -139,8 +139,11 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink):
                 raise trio.BrokenResourceError(f"connection broken: {exc.strerror or exc}") from exc
 
     async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
-        await trio.lowlevel.checkpoint()
