@@ -2,64 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import trio
 import trio.testing
 
-from gateway.carrier import AnyCircuit, Carrier, Timing
 from gateway.circuit import Circuit
-from gateway.transport import CarrierTransport
-from gateway_codecs import CircuitKind, OpenRequest, Role, Settings
-
-Inbound = trio.MemoryReceiveChannel[AnyCircuit]
-
-
-@asynccontextmanager
-async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier, Inbound]]:
-    """Two carriers back to back over an in-memory link; the acceptor's circuits are
-    delivered, unanswered, on the channel."""
-    left_sock, right_sock = socket.socketpair()
-    for sock in (left_sock, right_sock):
-        sock.setblocking(False)
-    left, right = CarrierTransport(left_sock), CarrierTransport(right_sock)
-    inbound_send, inbound_receive = trio.open_memory_channel[AnyCircuit](16)
-
-    async def on_request(carrier: Carrier, circuit: AnyCircuit) -> None:
-        await inbound_send.send(circuit)
-
-    async def refuse_all(carrier: Carrier, circuit: AnyCircuit) -> None:
-        circuit.refuse(0x0101, "test")
-
-    settings = Settings(initial_window=window)
-    dialer = Carrier(left, Role.DIALER, settings, Timing(), refuse_all, "acceptor", "test dialer")
-    acceptor = Carrier(right, Role.ACCEPTOR, settings, Timing(), on_request, "dialer", "test acceptor")
-    async with trio.open_nursery() as nursery:
-        ready = trio.Event()
-        count = 0
-
-        def up(_: Carrier) -> None:
-            nonlocal count
-            count += 1
-            if count == 2:
-                ready.set()
-
-        nursery.start_soon(dialer.run, up)
-        nursery.start_soon(acceptor.run, up)
-        await ready.wait()
-        yield dialer, inbound_receive
-        nursery.cancel_scope.cancel()
-
-
-async def open_pair(dialer: Carrier, inbound: Inbound) -> tuple[Circuit, Circuit]:
-    a = dialer.open(OpenRequest(CircuitKind.TCP, "127.0.0.1", 9))
-    b = await inbound.receive()
-    b.accept()
-    await a.wait_open()
-    assert isinstance(a, Circuit) and isinstance(b, Circuit)
-    return a, b
+from tests.carriers import carrier_pair, open_pair
 
 
 async def test_circuits_pass_trio_half_closeable_stream_conformance() -> None:
