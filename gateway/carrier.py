@@ -258,6 +258,12 @@ class Carrier:
                         ended = True
                         break
                     filled += n
+                    if transport.looks_drained(n, READ_SIZE - filled + n):
+                        # A short read: most likely nothing more has arrived. Skipping the
+                        # read that would say so saves a syscall and an exception per
+                        # message; if more did arrive, the wait returns at once.
+                        drained = True
+                        break
             except TransportBroken as exc:
                 self.read_error = exc
                 self.close_reason = f"read failed: {exc}"

@@ -19,6 +19,7 @@ from gateway.errors import IdentityError
 from gateway.identity import fingerprint_of_der_cert
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
+TLS_MAX_RECORD = 16384  # plaintext bytes in one TLS record (RFC 8446, 5.1)
 
 
 class TransportBroken(Exception):
@@ -84,6 +85,14 @@ class CarrierTransport:
             return None
         except (OSError, ssl.SSLError) as exc:
             raise TransportBroken(_describe(exc)) from exc
+
+    def looks_drained(self, got: int, asked: int) -> bool:
+        """Whether a read of `got` bytes (of `asked`) probably emptied the socket: plain TCP
+        returns less than asked only then; TLS returns one record at a time, so a record
+        shorter than the maximum is most likely the last one that has arrived."""
+        if self.tls is None:
+            return got < asked
+        return got < min(asked, TLS_MAX_RECORD) and not self.tls.pending()
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.sock)
