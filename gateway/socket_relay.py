@@ -86,7 +86,7 @@ class _Session:
 
     def start(self) -> None:
         self.circuit.sink = self.push
-        self.circuit.watcher = self.on_circuit_event
+        self.circuit.watcher = self.on_circuit_event_guarded
         self._watch(_IN)
         self.on_circuit_event()  # what the circuit queued before we took it over
 
@@ -138,6 +138,9 @@ class _Session:
                     self.fail(SessionError(f"connection broken: {exc.strerror or exc}"))
                     return
             self._end_if_done()
+
+    def on_circuit_event_guarded(self) -> None:
+        _guarded(self, self.on_circuit_event)
 
     def on_circuit_event(self) -> None:
         """EOF, credit or breakage on the circuit (from the carrier's reader), or a start."""
@@ -226,6 +229,19 @@ class _Session:
         self.on_end(error)
 
 
+def _guarded(session: _Session, handler: Callable[..., None], *args: int) -> None:
+    """A bug in one session's handling must not take the relay (every session) down."""
+    try:
+        handler(*args)
+    except Exception as exc:
+        log.exception("relayed session %s: internal error; ending it", session.record.what)
+        try:
+            session.fail(SessionError(f"internal error: {exc}"))
+        except Exception:
+            log.exception("relayed session %s: could not end it cleanly", session.record.what)
+            session.hub.sessions.pop(session.fd, None)
+
+
 def _describe(error: BaseException | None) -> str:
     return "" if error is None else (str(error) or type(error).__name__)
 
@@ -267,7 +283,7 @@ class SocketRelay:
                 for fd, mask in self.epoll.poll(0, MAX_EVENTS):
                     session = self.sessions.get(fd)
                     if session is not None:
-                        session.on_events(mask)
+                        _guarded(session, session.on_events, mask)
                 self._flush()
         finally:
             self.running = False

@@ -17,7 +17,7 @@ import trio
 from gateway.circuit import Circuit
 from gateway.errors import CircuitBroken
 from gateway.sessions import SessionLog
-from gateway.socket_relay import SocketRelay
+from gateway.socket_relay import SocketRelay, _Session
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
 
@@ -177,3 +177,42 @@ async def test_relay_shutdown_aborts_open_sessions() -> None:
             with pytest.raises(trio.BrokenResourceError):
                 await far.receive_some(10)
             a.close()
+
+
+async def test_a_failing_session_is_ended_and_the_relay_goes_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug while handling one session ends that session (logged), not the relay."""
+    original = _Session._read_socket
+
+    def explode_for_bad(self: _Session) -> None:
+        if self.record.what == "bad":
+            raise RuntimeError("boom")
+        original(self)
+
+    monkeypatch.setattr(_Session, "_read_socket", explode_for_bad)
+    with trio.fail_after(10):
+        async with carrier_pair() as (dialer, inbound):
+            relay = SocketRelay()
+            sessions = SessionLog()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay.run)
+                ends = {}
+                far = {}
+                local = {}
+                for name in ("bad", "good"):
+                    far[name], near = await open_pair(dialer, inbound)
+                    a, b = socket.socketpair()
+                    b.setblocking(False)
+                    local[name] = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+                    ends[name] = Ended()
+                    relay.adopt(b, near, sessions.track("exit", name, near), socket_is_client=False,
+                                on_end=ends[name])
+                await local["bad"].send_all(b"x")
+                await ends["bad"].event.wait()
+                assert "internal error: boom" in str(ends["bad"].error)
+                await local["good"].send_all(b"still here")
+                assert await far["good"].receive_some(100) == b"still here"
+                nursery.cancel_scope.cancel()
+            for stream in local.values():
+                await stream.aclose()
+    assert "internal error" in caplog.text
