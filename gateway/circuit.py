@@ -179,6 +179,11 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
             self.watcher()
 
     @property
+    def send_credit(self) -> int:
+        """Bytes this end may send now (the peer's window)."""
+        return self.carrier.session.send_credit(self.id)
+
+    @property
     def at_eof(self) -> bool:
         """The far side ended its half and every byte before that has been taken."""
         return self._eof_received and not self._inbound

@@ -163,7 +163,7 @@ class TunnelEndpoint:
     def _send_early(stream: LocalStream, circuit: Circuit) -> None:
         """A client that speaks first has usually sent already: OPEN and its first bytes
         (as many as the circuit's credit allows) then leave in one write."""
-        credit = circuit.carrier.session.send_credit(circuit.id)
+        credit = circuit.send_credit
         early = stream.try_receive(min(credit, DEFAULT_RECEIVE)) if credit > 0 else None
         if not (early and circuit.try_send(early)):
             circuit.carrier.flush()

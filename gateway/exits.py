@@ -17,6 +17,7 @@ import trio
 
 from gateway.carrier import AnyCircuit, Carrier
 from gateway.circuit import Circuit, DatagramCircuit
+from gateway.circuit_bridge import bridge
 from gateway.config import Config, PeerConfig
 from gateway.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.errors import CircuitBroken, TunnelgateError
@@ -289,7 +290,11 @@ class CircuitServer:
                 return
             raise Refusal(ErrorCode.NO_ROUTE, f"leg to {next_hop} failed: {exc}") from exc
         circuit.accept()
-        with self.sessions.track("relay", f"{what} -> {next_hop}", circuit) as record:
+        record = self.sessions.track("relay", f"{what} -> {next_hop}", circuit)
+        if isinstance(circuit, Circuit) and isinstance(onward, Circuit) and self.flip_offset is None:
+            bridge(circuit, onward, record)  # the common case: no task from here on
+            return
+        with record:
             if isinstance(circuit, Circuit) and isinstance(onward, Circuit):
                 upstream: trio.abc.HalfCloseableStream = circuit
                 if self.flip_offset is not None:

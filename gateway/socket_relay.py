@@ -150,7 +150,7 @@ class _Session:
         if circuit.broken is not None:
             self.fail(circuit.broken)
             return
-        if self.reading and not self.mask & _IN and circuit.carrier.session.send_credit(circuit.id) > 0:
+        if self.reading and not self.mask & _IN and circuit.send_credit > 0:
             self._watch(self.mask | _IN)  # credit is back: read the socket again
         if not self.mask & _OUT:
             self._drain_circuit()
@@ -158,7 +158,7 @@ class _Session:
     # ---- socket -> circuit
     def _read_socket(self) -> None:
         circuit = self.circuit
-        credit = circuit.carrier.session.send_credit(circuit.id)
+        credit = circuit.send_credit
         if credit <= 0:
             self._watch(self.mask & ~_IN)  # on_circuit_event resumes when credit arrives
             return
