@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
 from collections.abc import Callable
@@ -189,7 +190,7 @@ class _Session:
     def on_events(self, mask: int) -> None:
         if mask & _ERR:
             code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            self.fail(SessionError(f"connection broken: {errno.errorcode.get(code, code)}"))
+            self.fail(SessionError(f"connection broken: {os.strerror(code) if code else 'error'}"))
             return
         if mask & (_IN | _HUP) and self.mask & _IN:
             self._read_socket()
