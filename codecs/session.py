@@ -312,6 +312,8 @@ class CarrierSession:
         `max_bytes` bounds the payload taken (control frames always go); a writer that
         pulls in chunks keeps a late small write on another circuit close to the front.
         """
+        if not self._control and not self._ready:
+            return b""  # the common "anything more?" question (HELLO is queued at start)
         out: list[bytes | memoryview] = list(self._control)
         self._control = []
         self._control_bytes = 0
