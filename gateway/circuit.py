@@ -133,8 +133,8 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         # without waking the task that reads this circuit. Returns bytes written.
         self.sink: Callable[[bytes | memoryview], int] | None = None
         self.sunk = 0
-        # Optional callback for a relay that runs without a task (gateway/relay.py): called
-        # after EOF, new credit, or breakage, from the carrier's reader.
+        # Optional callback for a relay that runs without a task (socket_relay.py,
+        # circuit_bridge.py): called after EOF, new credit or breakage, from the reader.
         self.watcher: Callable[[], None] | None = None
         self._window = carrier.session.local_settings.initial_window
         self._tuning_bytes = 0

@@ -142,7 +142,11 @@ class TunnelEndpoint:
                 carrier = self.peers.current(self.tunnel.via[0])
                 if carrier is not None and self.exit_peer is None and self.relay.running:
                     # The common case needs no task: the relay takes the session now.
-                    self._relay_client(stream, carrier, what)
+                    try:
+                        self._relay_client(stream, carrier, what)
+                    except Exception:  # a bug in one session must not stop the listener
+                        log.exception("%s: internal error", what)
+                        stream.close_now()
                 else:
                     handlers.start_soon(self._tcp_client, stream, what)
 

@@ -67,13 +67,6 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink):
             raise
         return cls(sock)
 
-    def peer(self) -> str:
-        try:
-            host, port = self.sock.getpeername()[:2]
-        except OSError:
-            return "?"
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this connection was closed")
