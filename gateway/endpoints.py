@@ -164,29 +164,33 @@ class TunnelEndpoint:
         return circuit
 
     @staticmethod
-    def _send_early(stream: LocalStream, circuit: Circuit) -> None:
+    def _send_early(stream: LocalStream, circuit: Circuit) -> int:
         """A client that speaks first has usually sent already: OPEN and its first bytes
-        (as many as the circuit's credit allows) then leave in one write."""
+        (as many as the circuit's credit allows) then leave in one write. Returns their
+        count, for the session's byte count."""
         credit = circuit.send_credit
         early = stream.try_receive(min(credit, DEFAULT_RECEIVE)) if credit > 0 else None
-        if not (early and circuit.try_send(early)):
+        sent = circuit.try_send(early) if early else 0
+        if not sent:
             circuit.carrier.flush()
+        return sent
 
     def _relay_client(self, stream: LocalStream, carrier: Carrier, what: str) -> None:
         circuit = self._open(stream, carrier, what)
         if circuit is None:
             return
-        self._send_early(stream, circuit)
+        early = self._send_early(stream, circuit)
         record = self.sessions.track("entry", what, circuit)
         self.relay.adopt(stream.sock, circuit, record, socket_is_client=True,
-                         on_end=lambda error: _log_circuit_failure(what, error))
+                         on_end=lambda error: _log_circuit_failure(what, error), sent_before=early)
 
     async def _tcp_client(self, stream: LocalStream, what: str) -> None:
         circuit = self._open(stream, await self._carrier(), what)
         if circuit is None:
             return
+        early = 0
         if self.exit_peer is None:  # (end-to-end: the TLS handshake must come first)
-            self._send_early(stream, circuit)
+            early = self._send_early(stream, circuit)
         else:
             circuit.carrier.flush()
         with self.sessions.track("entry", what, circuit) as record:
@@ -204,7 +208,7 @@ class TunnelEndpoint:
                 return
             result = await splice(stream, far)
             _log_circuit_failure(what, result.error.__cause__ if result.error is not None else None)
-            record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
+            record.finish(early + result.a_to_b, result.b_to_a, describe_error(result.error))
 
     async def _secure_stream(self, circuit: Circuit) -> SecureStream:
         """TLS 1.3 with the exit gateway inside the circuit; its key must be the peer's."""

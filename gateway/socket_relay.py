@@ -260,11 +260,13 @@ class SocketRelay:
         self.running = False
 
     def adopt(self, sock: socket.socket, circuit: Circuit, record: SessionRecord,
-              socket_is_client: bool, on_end: SessionEnd) -> None:
+              socket_is_client: bool, on_end: SessionEnd, sent_before: int = 0) -> None:
         """Relay `sock` <-> `circuit` until both ends finished or one broke. `record` is
-        entered now and exited at the end; `on_end(error)` is called once, at the end."""
+        entered now and exited at the end; `on_end(error)` is called once, at the end.
+        `sent_before`: bytes of the socket's the caller already put on the circuit."""
         record.__enter__()
         session = _Session(self, sock, circuit, record, socket_is_client, on_end)
+        session.to_circuit = sent_before
         self.sessions[session.fd] = session
         session.start()
         self._flush()

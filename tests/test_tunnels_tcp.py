@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -88,6 +89,22 @@ def test_curl_fetches_a_page_through_the_tunnel(tmp_path: Path) -> None:
             assert out.returncode == 0, out.stderr.decode(errors="replace")
             assert len(out.stdout) == len(body)
             assert hashlib.sha256(out.stdout).digest() == hashlib.sha256(body).digest()
+            # Both ends count the session's bytes alike, the request curl sent before the
+            # entry accepted it (it leaves with OPEN) included.
+            entry.wait_log("entry session closed")
+            exit_gw.wait_log("exit session closed")
+            entry_counts = _byte_counts(entry.log(), "entry session closed")
+            assert entry_counts == _byte_counts(exit_gw.log(), "exit session closed")
+            sent, back = entry_counts
+            assert sent > len("GET /index.bin HTTP/1.1\r\n") and back > len(body)
+
+
+def _byte_counts(log: str, marker: str) -> tuple[int, int]:
+    """(bytes out, bytes back) from a gateway's one session-close log line."""
+    line = next(line for line in log.splitlines() if marker in line)
+    match = re.search(r": (\d+) B out, (\d+) B back", line)
+    assert match, line
+    return int(match.group(1)), int(match.group(2))
 
 
 def test_iperf3_tcp_through_the_tunnel(tmp_path: Path) -> None:
