@@ -146,6 +146,7 @@ class TunnelEndpoint:
                         self._relay_client(stream, carrier, what)
                     except Exception:  # a bug in one session must not stop the listener
                         log.exception("%s: internal error", what)
+                        stream.abort("internal error")
                         stream.close_now()
                 else:
                     handlers.start_soon(self._tcp_client, stream, what)
@@ -158,6 +159,7 @@ class TunnelEndpoint:
             circuit = carrier.open(self.request, flush=False)
         except OpenRefused as exc:
             log.warning("%s: refused: %s", what, exc)
+            stream.abort(str(exc))
             stream.close_now()
             return None
         assert isinstance(circuit, Circuit)
@@ -203,6 +205,7 @@ class TunnelEndpoint:
                     else describe_error(exc)
                 log.warning("%s: failed: %s", what, reason)
                 record.finish(0, 0, reason)
+                stream.abort(reason)
                 await stream.aclose()
                 await circuit.aclose()
                 return

@@ -188,7 +188,12 @@ class CircuitServer:
         return sock
 
     async def _serve_tcp(self, circuit: Circuit, stream: LocalStream, what: str) -> None:
-        circuit.accept()
+        try:
+            circuit.accept()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            stream.abort("the circuit went away during the connect")
+            stream.close_now()  # the peer reset it, or its carrier was lost, meanwhile
+            return
         if not circuit.request.end_to_end and self.relay.running:
             # The common case needs no task from here on: the relay takes the session.
             self.relay.adopt(stream.sock, circuit, self.sessions.track("exit", what, circuit),
@@ -206,6 +211,7 @@ class CircuitServer:
                     log.warning("exit %s: %s", what, reason)
                     record.finish(0, 0, reason)
                     await circuit.aclose()
+                    stream.abort(reason)
                     await stream.aclose()
                     return
                 record.what += f" (end-to-end with {self._who(secure.peer_fingerprint)})"
@@ -289,7 +295,12 @@ class CircuitServer:
                 circuit.refuse(cause.code, cause.reason)
                 return
             raise Refusal(ErrorCode.NO_ROUTE, f"leg to {next_hop} failed: {exc}") from exc
-        circuit.accept()
+        try:
+            circuit.accept()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The previous hop went away while the next one answered: end the new leg too.
+            onward.reset(ErrorCode.CANCELLED, "the previous hop closed the circuit")
+            return
         record = self.sessions.track("relay", f"{what} -> {next_hop}", circuit)
         if isinstance(circuit, Circuit) and isinstance(onward, Circuit) and self.flip_offset is None:
             bridge(circuit, onward, record)  # the common case: no task from here on

@@ -9,16 +9,27 @@ the `OSError` as cause, once, here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import operator
 import socket
+import struct
 
 import trio
 
-from gateway.splice import NonBlockingSink
+from gateway.splice import Abortable, NonBlockingSink
 
 DEFAULT_RECEIVE = 256 * 1024
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+def set_reset_on_close(sock: socket.socket) -> None:
+    """Let the next close() abort the connection with RST instead of FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 def _established(sock: socket.socket) -> bool:
@@ -31,7 +42,7 @@ def _established(sock: socket.socket) -> bool:
     return True
 
 
-class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink):
+class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink, Abortable):
     __slots__ = ("_closed", "_sending", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
@@ -147,6 +158,11 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink):
     async def aclose(self) -> None:
         self.close_now()
         await trio.lowlevel.checkpoint()
+
+    def abort(self, reason: str) -> None:
+        """Make the close a TCP reset: the peer must not take a broken session for a
+        complete one (a FIN would say "that was all")."""
+        set_reset_on_close(self.sock)
 
     def close_now(self) -> None:
         if not self._closed:

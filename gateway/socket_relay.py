@@ -18,6 +18,7 @@ the session record gets the byte counts and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from gateway.circuit import Circuit
+from gateway.localsock import set_reset_on_close
 from gateway.sessions import SessionRecord
 
 if TYPE_CHECKING:
@@ -51,8 +53,8 @@ class _Session:
     """One socket and one circuit, relayed both ways; all methods are synchronous."""
 
     __slots__ = ("circuit", "circuit_eof_done", "ended", "fd", "hub", "mask", "on_end", "pending",
-                 "reading", "record", "sock", "socket_eof_done", "socket_is_client", "to_circuit",
-                 "to_socket")
+                 "reading", "record", "sock", "sock_error", "socket_eof_done", "socket_is_client",
+                 "to_circuit", "to_socket")
 
     def __init__(self, hub: SocketRelay, sock: socket.socket, circuit: Circuit,
                  record: SessionRecord, socket_is_client: bool, on_end: SessionEnd) -> None:
@@ -70,6 +72,9 @@ class _Session:
         self.to_socket = 0
         self.socket_eof_done = False  # the socket's EOF went on as the circuit's FIN
         self.circuit_eof_done = False  # the circuit's FIN went on as shutdown(SHUT_WR)
+        # An error a send in push() met: reading it consumed the socket's pending error,
+        # so the socket may next look like a clean EOF. Checked before anything else.
+        self.sock_error: OSError | None = None
         self.ended = False
 
     # ---- registration
@@ -86,12 +91,21 @@ class _Session:
         self.mask = mask
 
     def start(self) -> None:
-        self.circuit.sink = self.push
+        self.circuit.sink = self.push_guarded
         self.circuit.watcher = self.on_circuit_event_guarded
         self._watch(_IN)
         self.on_circuit_event()  # what the circuit queued before we took it over
 
     # ---- circuit -> socket
+    def push_guarded(self, data: bytes | memoryview) -> int:
+        """`push` as the circuit's sink: it runs in the carrier's reader, which a bug in
+        one session must not stop."""
+        try:
+            return self.push(data)
+        except Exception as exc:
+            _internal_error(self, exc)
+            return 0
+
     def push(self, data: bytes | memoryview) -> int:
         """The circuit's sink: write at once if nothing is waiting; the rest stays queued."""
         if self.pending is not None or self.mask & _OUT:
@@ -100,8 +114,11 @@ class _Session:
             sent = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError:
-            sent = 0  # the socket reports the error at once: handled in on_events
+        except OSError as exc:
+            # Not raised here (this is the carrier's reader): kept, and the OUT watch
+            # brings the relay task to fail the session with it.
+            self.sock_error = exc
+            sent = 0
         if sent < len(data):
             self._watch(self.mask | _OUT)
         self.to_socket += sent
@@ -121,7 +138,7 @@ class _Session:
                 self._watch(self.mask | _OUT)
                 return
             except OSError as exc:
-                self.fail(SessionError(f"connection broken: {exc.strerror or exc}"))
+                self._fail_socket(exc)
                 return
             self.to_socket += sent
             if sent < len(self.pending):
@@ -136,7 +153,7 @@ class _Session:
                 self.sock.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 if exc.errno != errno.ENOTCONN:
-                    self.fail(SessionError(f"connection broken: {exc.strerror or exc}"))
+                    self._fail_socket(exc)
                     return
             self._end_if_done()
 
@@ -158,6 +175,9 @@ class _Session:
 
     # ---- socket -> circuit
     def _read_socket(self) -> None:
+        if self.sock_error is not None:
+            self._fail_socket(self.sock_error)
+            return
         circuit = self.circuit
         credit = circuit.send_credit
         if credit <= 0:
@@ -168,7 +188,7 @@ class _Session:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self.fail(SessionError(f"connection broken: {exc.strerror or exc}"))
+            self._fail_socket(exc)
             return
         if not data:
             self.reading = False
@@ -188,6 +208,9 @@ class _Session:
         self.hub.touched.add(circuit.carrier)
 
     def on_events(self, mask: int) -> None:
+        if self.sock_error is not None:
+            self._fail_socket(self.sock_error)
+            return
         if mask & _ERR:
             code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self.fail(SessionError(f"connection broken: {os.strerror(code) if code else 'error'}"))
@@ -206,8 +229,14 @@ class _Session:
         if self.socket_eof_done and self.circuit_eof_done:
             self.end(None)
 
+    def _fail_socket(self, exc: OSError) -> None:
+        self.fail(SessionError(f"connection broken: {exc.strerror or exc}"))
+
     def fail(self, error: BaseException) -> None:
+        """End both sides as broken: RST on the circuit and on the socket, so neither
+        far end takes what it got for the whole session (a FIN would say so)."""
         if not self.ended:
+            set_reset_on_close(self.sock)
             self.circuit.abort(str(error) or "the other side of the relay broke")
             self.end(error)
 
@@ -235,12 +264,19 @@ def _guarded(session: _Session, handler: Callable[..., None], *args: int) -> Non
     try:
         handler(*args)
     except Exception as exc:
-        log.exception("relayed session %s: internal error; ending it", session.record.what)
-        try:
-            session.fail(SessionError(f"internal error: {exc}"))
-        except Exception:
-            log.exception("relayed session %s: could not end it cleanly", session.record.what)
-            session.hub.sessions.pop(session.fd, None)
+        _internal_error(session, exc)
+
+
+def _internal_error(session: _Session, exc: Exception) -> None:
+    log.exception("relayed session %s: internal error; ending it", session.record.what)
+    try:
+        session.fail(SessionError(f"internal error: {exc}"))
+    except Exception:
+        log.exception("relayed session %s: could not end it cleanly", session.record.what)
+        session.hub.sessions.pop(session.fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            session.hub.epoll.unregister(session.fd)
+        session.sock.close()
 
 
 def _describe(error: BaseException | None) -> str:
@@ -268,7 +304,7 @@ class SocketRelay:
         session = _Session(self, sock, circuit, record, socket_is_client, on_end)
         session.to_circuit = sent_before
         self.sessions[session.fd] = session
-        session.start()
+        _guarded(session, session.start)
         self._flush()
 
     def _flush(self) -> None:

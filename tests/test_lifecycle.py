@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.gateways import keygen, pair_configs, running, wait_until
 from tests.netutil import IO_TIMEOUT, TcpServer, echo_handler, recv_exactly, recv_until_eof, tunnel_toml
 
@@ -41,6 +43,25 @@ def test_far_gateway_killed_and_restarted_carrier_comes_back(tmp_path: Path) -> 
             entry.wait_log("up (peer exit)", count=2, timeout=30)
             _echo_session(port, os.urandom(256 * 1024))
             assert entry.proc is not None and entry.proc.poll() is None
+
+
+def test_sessions_whose_carrier_dies_are_reset_at_both_ends_not_ended(tmp_path: Path) -> None:
+    """A broken tunnel must not look like a complete reply: the client gets an RST, not
+    a FIN (which would say "that was all")."""
+    with TcpServer(echo_handler) as target:
+        exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel_toml("t", "tcp", target.port))
+        with running(exit_gw, entry):
+            entry.wait_log("up (peer exit)")
+            with socket.create_connection(("127.0.0.1", entry.tunnel_port("t")),
+                                          timeout=IO_TIMEOUT) as c:
+                c.sendall(b"ping")
+                assert recv_exactly(c, 4) == b"ping"
+                exit_gw.kill()  # the carrier breaks under an open session
+                with pytest.raises(ConnectionResetError):
+                    while c.recv(100):
+                        pass
+            entry.wait_log("entry session closed")
+            assert "error: CANCELLED: carrier" in entry.log()
 
 
 def test_sigterm_drains_open_sessions_refuses_new_ones_and_exits_0(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from gateway.circuit import Circuit
 from gateway.errors import CircuitBroken
@@ -127,21 +128,49 @@ async def test_a_reader_without_credit_stops_the_socket_being_read() -> None:
             assert received == sent, f"{received} of {sent} ({unread} B send buffer)"
 
 
-async def test_far_reset_closes_the_socket_and_reports_the_reason() -> None:
+async def test_far_reset_resets_the_socket_and_reports_the_reason() -> None:
+    """A broken circuit must not look like a complete reply: the socket gets an RST."""
     with trio.fail_after(10):
         async with relayed() as (circuit, sock, ended, sessions):
             await sock.send_all(b"hello")
             assert await circuit.receive_some(5) == b"hello"
             circuit.reset(ErrorCode.INTEGRITY_ERROR, "tampered")
             await ended.event.wait()
-            try:
-                leftover = await read_all(sock)
-            except trio.BrokenResourceError:
-                leftover = b""
-            assert leftover == b""
+            with pytest.raises(trio.BrokenResourceError) as caught:
+                await read_all(sock)
+            assert isinstance(caught.value.__cause__, ConnectionResetError)
     assert isinstance(ended.error, CircuitBroken)
     assert ended.error.code == ErrorCode.INTEGRITY_ERROR and "tampered" in str(ended.error)
     assert sessions.active == 0
+
+
+async def test_a_reset_met_by_a_circuit_push_is_not_taken_for_an_eof() -> None:
+    """The socket's peer resets; circuit bytes then reach the socket before the relay
+    next looks at it. The send meets (and clears) the error: it must still reset the
+    circuit, not pass on a clean EOF."""
+    with trio.fail_after(10):
+        async with carrier_pair() as (dialer, inbound):
+            far, near = await open_pair(dialer, inbound)
+            listener = socket.create_server(("127.0.0.1", 0))
+            client = socket.create_connection(listener.getsockname())
+            local, _ = listener.accept()
+            listener.close()
+            local.setblocking(False)
+            relay, ended = SocketRelay(), Ended()
+            relay.adopt(local, near, SessionLog().track("exit", "t", near), socket_is_client=False,
+                        on_end=ended)  # the relay task is not running yet
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            await far.send_all(b"reply")
+            await trio.testing.wait_all_tasks_blocked()  # the carrier reader pushed it
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay.run)
+                with pytest.raises(trio.BrokenResourceError):
+                    while await far.receive_some(100):
+                        pass
+                await ended.event.wait()
+                nursery.cancel_scope.cancel()
+    assert "reset" in str(ended.error).lower(), ended.error
 
 
 async def test_socket_reset_resets_the_circuit() -> None:
