@@ -250,6 +250,7 @@ class Carrier:
             ended = drained = False
             try:
                 while filled < READ_SIZE - READ_MIN_ROOM:
+                    room = READ_SIZE - filled
                     n = transport.try_recv_into(buffer[filled:])
                     if n is None:
                         drained = True  # next time, wait before trying (saves a syscall)
@@ -258,7 +259,7 @@ class Carrier:
                         ended = True
                         break
                     filled += n
-                    if transport.looks_drained(n, READ_SIZE - filled + n):
+                    if transport.looks_drained(n, room):
                         # A short read: most likely nothing more has arrived. Skipping the
                         # read that would say so saves a syscall and an exception per
                         # message; if more did arrive, the wait returns at once.

@@ -13,27 +13,23 @@ session; this costs none (memory per idle relayed session: two circuits).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from gateway.circuit import Circuit
 from gateway.errors import CircuitBroken
 from gateway.sessions import SessionRecord
+from gateway.splice import SPLICE_CHUNK
 from gateway_codecs import ErrorCode
 
 log = logging.getLogger("tunnelgate.relay")
 
-CHUNK = 256 * 1024  # most bytes moved per step, as splice's SPLICE_CHUNK
-
 
 class _Bridge:
-    __slots__ = ("a", "a_to_b", "b", "b_to_a", "ended", "eof_a_to_b", "eof_b_to_a", "on_end", "record")
+    __slots__ = ("a", "a_to_b", "b", "b_to_a", "ended", "eof_a_to_b", "eof_b_to_a", "record")
 
-    def __init__(self, a: Circuit, b: Circuit, record: SessionRecord,
-                 on_end: Callable[[BaseException | None], None] | None) -> None:
+    def __init__(self, a: Circuit, b: Circuit, record: SessionRecord) -> None:
         self.a = a
         self.b = b
         self.record = record
-        self.on_end = on_end
         self.a_to_b = 0
         self.b_to_a = 0
         self.eof_a_to_b = False
@@ -60,7 +56,7 @@ class _Bridge:
         """Move what `src` has queued into `dst` as far as its credit allows."""
         moved = 0
         while (credit := dst.send_credit) > 0:
-            data = src.take_nowait(min(credit, CHUNK))
+            data = src.take_nowait(min(credit, SPLICE_CHUNK))
             if data is None:
                 break
             moved += dst.try_send(data)
@@ -110,13 +106,10 @@ class _Bridge:
             leg.close_now()
         self.record.finish(self.a_to_b, self.b_to_a, "" if error is None else str(error))
         self.record.__exit__(None, None, None)
-        if self.on_end is not None:
-            self.on_end(error)
 
 
-def bridge(a: Circuit, b: Circuit, record: SessionRecord,
-           on_end: Callable[[BaseException | None], None] | None = None) -> None:
+def bridge(a: Circuit, b: Circuit, record: SessionRecord) -> None:
     """Relay `a` <-> `b` until both directions ended or one leg broke. `record` is entered
-    now and exited at the end; `on_end(error)` is called once, at the end."""
+    now and exited at the end, with the byte counts and the reason."""
     record.__enter__()
-    _Bridge(a, b, record, on_end).start()
+    _Bridge(a, b, record).start()

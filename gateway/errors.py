@@ -59,3 +59,8 @@ class OpenRefused(CircuitBroken):
 
 class CarrierLost(CircuitBroken):
     """The carrier under a circuit went away (broken link, keepalive timeout, GOAWAY)."""
+
+
+class SessionError(TunnelgateError):
+    """Why a relayed session ended badly (its socket broke, the gateway shut down), for
+    the session's record and log line."""

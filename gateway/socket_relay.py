@@ -30,23 +30,20 @@ from typing import TYPE_CHECKING
 import trio
 
 from gateway.circuit import Circuit
+from gateway.errors import SessionError
 from gateway.localsock import set_reset_on_close
 from gateway.sessions import SessionRecord
+from gateway.splice import SPLICE_CHUNK
 
 if TYPE_CHECKING:
     from gateway.carrier import Carrier
 
 log = logging.getLogger("tunnelgate.relay")
 
-CHUNK = 256 * 1024  # bytes per socket read or write: as splice's SPLICE_CHUNK
 MAX_EVENTS = 512  # socket events handled per wake-up before the carriers are flushed
 _IN, _OUT, _ERR, _HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 
 SessionEnd = Callable[[BaseException | None], None]
-
-
-class SessionError(Exception):
-    """Why a relayed session ended badly, for its record and log line."""
 
 
 class _Session:
@@ -128,7 +125,7 @@ class _Session:
         """Write what the circuit has queued while the socket takes it; then its EOF."""
         while True:
             if self.pending is None:
-                data = self.circuit.take_nowait(CHUNK)
+                data = self.circuit.take_nowait(SPLICE_CHUNK)
                 if data is None:
                     break
                 self.pending = memoryview(data)
@@ -184,7 +181,7 @@ class _Session:
             self._watch(self.mask & ~_IN)  # on_circuit_event resumes when credit arrives
             return
         try:
-            data = self.sock.recv(min(credit, CHUNK))
+            data = self.sock.recv(min(credit, SPLICE_CHUNK))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
