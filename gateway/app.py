@@ -47,6 +47,7 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             handlers = root  # carriers and sessions outlive the listeners when draining
+            links.session_nursery = handlers
             await root.start(relay.run)
             accepting = trio.CancelScope()
 

@@ -72,7 +72,7 @@ class Carrier:
 
     def __init__(self, transport: CarrierTransport, role: Role, settings: Settings,
                  timing: Timing, on_request: RequestHandler, peer_name: str | None,
-                 description: str) -> None:
+                 description: str, session_nursery: trio.Nursery | None = None) -> None:
         self.transport = transport
         self.session = CarrierSession(role, settings)
         self.timing = timing
@@ -84,6 +84,10 @@ class Carrier:
         self.read_error: BaseException | None = None
         self.closed = trio.Event()
         self._on_request = on_request
+        # Where the peer's sessions run. Not the carrier's own nursery: the carrier's end
+        # must reach a session as its circuit breaking (RST, with the reason), never as a
+        # cancellation the session could take for a normal end.
+        self._session_nursery = session_nursery
         self._established = trio.Event()
         self._wake = trio.Event()  # the writer task waits for the socket only when it is full
         self._pending: memoryview | None = None  # bytes taken from the session, not yet written
@@ -321,8 +325,9 @@ class Carrier:
                 cls = DatagramCircuit if request.kind is CircuitKind.UDP else Circuit
                 circuit = cls(self, cid, request)
                 self.circuits[cid] = circuit
-                assert self._nursery is not None
-                self._nursery.start_soon(self._serve_request, circuit)
+                nursery = self._session_nursery or self._nursery
+                assert nursery is not None
+                nursery.start_soon(self._serve_request, circuit)
             case PongReceived(payload=payload):
                 sent = self._pings.pop(payload, None)
                 if sent is not None:

@@ -23,7 +23,7 @@ from gateway.localsock import DEFAULT_RECEIVE, LocalStream
 from gateway.peers import PeerDirectory
 from gateway.sessions import SessionLog
 from gateway.socket_relay import SocketRelay
-from gateway.splice import describe_error, splice
+from gateway.splice import SpliceResult, describe_error
 from gateway.tls import TlsContexts
 from gateway.udp import MAX_UDP_PAYLOAD, SOCKET_BATCH, PlainFlow, relay_datagrams
 from gateway_codecs import CircuitKind, OpenRequest
@@ -209,9 +209,12 @@ class TunnelEndpoint:
                 await stream.aclose()
                 await circuit.aclose()
                 return
-            result = await splice(stream, far)
-            _log_circuit_failure(what, result.error.__cause__ if result.error is not None else None)
-            record.finish(early + result.a_to_b, result.b_to_a, describe_error(result.error))
+            result = SpliceResult()
+            try:
+                await self.relay.splice_socket(stream, far, circuit, result)
+            finally:
+                _log_circuit_failure(what, result.error.__cause__ if result.error is not None else None)
+                record.finish(early + result.a_to_b, result.b_to_a, describe_error(result.error))
 
     async def _secure_stream(self, circuit: Circuit) -> SecureStream:
         """TLS 1.3 with the exit gateway inside the circuit; its key must be the peer's."""

@@ -27,7 +27,7 @@ from gateway.peers import PeerDirectory
 from gateway.policy import Policy, parse_ip
 from gateway.sessions import SessionLog
 from gateway.socket_relay import SocketRelay
-from gateway.splice import describe_error, splice
+from gateway.splice import SpliceResult, describe_error, splice
 from gateway.tls import TlsContexts
 from gateway.udp import (
     CircuitPort,
@@ -216,10 +216,13 @@ class CircuitServer:
                     return
                 record.what += f" (end-to-end with {self._who(secure.peer_fingerprint)})"
                 near = secure
-            result = await splice(near, stream)
-            if result.error is not None:
-                log.warning("exit %s: %s", what, describe_error(result.error))
-            record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
+            result = SpliceResult()
+            try:
+                await self.relay.splice_socket(stream, near, circuit, result, stream_first=False)
+            finally:
+                if result.error is not None:
+                    log.warning("exit %s: %s", what, describe_error(result.error))
+                record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
 
     def _who(self, fingerprint: str) -> str:
         return self.by_fingerprint.get(fingerprint, fingerprint)

@@ -64,6 +64,8 @@ class Links:
         self.contexts = contexts
         self.peers = peers
         self.on_request = on_request
+        # Set by the gateway once its root nursery exists: sessions outlive their carrier.
+        self.session_nursery: trio.Nursery | None = None
         self.timing = Timing(gw.handshake_timeout, gw.keepalive_interval, gw.keepalive_timeout)
         self.settings = Settings(initial_window=gw.initial_window, max_circuits=gw.max_circuits,
                                  node_name=gw.name)
@@ -121,7 +123,7 @@ class Links:
         remote = transport.remote()
         if scheme == "tcp":
             carrier = Carrier(transport, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
-                              None, f"from {remote} (plain)")
+                              None, f"from {remote} (plain)", self.session_nursery)
         else:
             try:
                 with trio.fail_after(self.timing.handshake_timeout):
@@ -137,7 +139,7 @@ class Links:
                 transport.close()
                 return
             carrier = Carrier(transport, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
-                              peer.name, f"from {peer.name} at {remote}")
+                              peer.name, f"from {peer.name} at {remote}", self.session_nursery)
         try:
             await self._carry(carrier)
         except CarrierLost as exc:
@@ -184,7 +186,7 @@ class Links:
                 log.warning("carrier to %s (%s) is plain TCP: unencrypted and unauthenticated",
                             peer.name, where)
                 return Carrier(transport, Role.DIALER, self.settings, self.timing, self.on_request,
-                               peer.name, f"to {peer.name} at {where} (plain)")
+                               peer.name, f"to {peer.name} at {where} (plain)", self.session_nursery)
             try:
                 await transport.start_tls(self.contexts.client_for(peer.cert), server_side=False)
                 got = transport.peer_fingerprint()
@@ -196,4 +198,4 @@ class Links:
             transport.close()
             raise IdentityError(f"{where} presented {got}, not {peer.name}'s key")
         return Carrier(transport, Role.DIALER, self.settings, self.timing, self.on_request,
-                       peer.name, f"to {peer.name} at {where}")
+                       peer.name, f"to {peer.name} at {where}", self.session_nursery)

@@ -10,6 +10,8 @@ from types import TracebackType
 
 import trio
 
+from gateway.splice import describe_abnormal_end
+
 log = logging.getLogger("tunnelgate.session")
 
 
@@ -47,6 +49,9 @@ class SessionRecord:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.log.closed(self)
+        if value is not None and not self.error:
+            # Left by an exception, not through finish(): never an "ok".
+            self.error = describe_abnormal_end(value)
         if log.isEnabledFor(logging.INFO):
             duration = trio.current_time() - self.started
             outcome = f"error: {self.error}" if self.error else "ok"

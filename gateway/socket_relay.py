@@ -24,16 +24,16 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
 
 from gateway.circuit import Circuit
 from gateway.errors import SessionError
-from gateway.localsock import set_reset_on_close
+from gateway.localsock import LocalStream, set_reset_on_close
 from gateway.sessions import SessionRecord
-from gateway.splice import SPLICE_CHUNK
+from gateway.splice import SPLICE_CHUNK, SpliceResult, splice
 
 if TYPE_CHECKING:
     from gateway.carrier import Carrier
@@ -50,8 +50,8 @@ class _Session:
     """One socket and one circuit, relayed both ways; all methods are synchronous."""
 
     __slots__ = ("circuit", "circuit_eof_done", "ended", "fd", "hub", "mask", "on_end", "pending",
-                 "reading", "record", "sock", "sock_error", "socket_eof_done", "socket_is_client",
-                 "to_circuit", "to_socket")
+                 "reading", "record", "registered", "sock", "sock_error", "socket_eof_done",
+                 "socket_is_client", "to_circuit", "to_socket")
 
     def __init__(self, hub: SocketRelay, sock: socket.socket, circuit: Circuit,
                  record: SessionRecord, socket_is_client: bool, on_end: SessionEnd) -> None:
@@ -63,6 +63,9 @@ class _Session:
         self.socket_is_client = socket_is_client
         self.on_end = on_end
         self.mask = 0
+        # In the epoll set even with an empty mask: epoll then still reports an error or
+        # hang-up, so a reset is noticed while the socket is not read (no credit).
+        self.registered = False
         self.pending: memoryview | None = None  # circuit bytes the socket has not taken yet
         self.reading = True  # the socket is read (until its EOF; paused without credit)
         self.to_circuit = 0
@@ -76,16 +79,20 @@ class _Session:
 
     # ---- registration
     def _watch(self, mask: int) -> None:
-        if mask == self.mask or self.ended:
+        if self.ended:
             return
-        epoll = self.hub.epoll
-        if self.mask == 0:
-            epoll.register(self.fd, mask)
-        elif mask == 0:
-            epoll.unregister(self.fd)
-        else:
-            epoll.modify(self.fd, mask)
+        if not self.registered:
+            self.hub.epoll.register(self.fd, mask)
+            self.registered = True
+        elif mask != self.mask:
+            self.hub.epoll.modify(self.fd, mask)
         self.mask = mask
+
+    def _unwatch(self) -> None:
+        if self.registered:
+            self.registered = False
+            self.mask = 0
+            self.hub.epoll.unregister(self.fd)
 
     def start(self) -> None:
         self.circuit.sink = self.push_guarded
@@ -217,9 +224,10 @@ class _Session:
         if mask & _OUT and not self.ended:
             self._drain_circuit()
         if mask & _HUP and not self.ended and not self.mask & (_IN | _OUT):
-            # Both directions of the socket are shut and we wait for nothing on it (HUP
-            # would be reported forever): stop watching; credit or data re-registers it.
-            self._watch(0)
+            # Both directions of the socket are shut (no error: that came first) and we
+            # wait for nothing on it (HUP would be reported forever): stop watching;
+            # credit or data re-registers it.
+            self._unwatch()
 
     # ---- the end
     def _end_if_done(self) -> None:
@@ -240,7 +248,7 @@ class _Session:
     def end(self, error: BaseException | None) -> None:
         if self.ended:
             return
-        self._watch(0)
+        self._unwatch()
         self.ended = True
         self.hub.sessions.pop(self.fd, None)
         circuit = self.circuit
@@ -280,6 +288,39 @@ def _describe(error: BaseException | None) -> str:
     return "" if error is None else (str(error) or type(error).__name__)
 
 
+class _ErrorWatch:
+    """A socket some other relay (a task, e.g. splice) moves bytes for, watched here for
+    an error or hang-up only: that relay does not look at its socket while it waits for
+    credit, and a reset must end the session whatever the flow-control state."""
+
+    __slots__ = ("fd", "hub", "on_error", "sock")
+
+    def __init__(self, hub: SocketRelay, sock: socket.socket, on_error: Callable[[SessionError], None]
+                 ) -> None:
+        self.hub = hub
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.on_error = on_error
+
+    def on_events(self, mask: int) -> None:
+        if mask & _ERR:
+            # SO_ERROR is not read: that would clear the error, and the other relay's next
+            # recv would then take the dead socket for a clean EOF.
+            self.stop()
+            self.on_error(SessionError("connection broken: reset or error on the socket"))
+        elif mask & _HUP:
+            self.stop()  # both directions shut cleanly: nothing left that could break
+
+    def fail(self, error: BaseException) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.hub.sessions.get(self.fd) is self:
+            del self.hub.sessions[self.fd]
+            with contextlib.suppress(OSError, ValueError):
+                self.hub.epoll.unregister(self.fd)
+
+
 class SocketRelay:
     """The gateway's relay for plain socket <-> circuit sessions (see the module docstring).
 
@@ -288,7 +329,7 @@ class SocketRelay:
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
-        self.sessions: dict[int, _Session] = {}
+        self.sessions: dict[int, _Session | _ErrorWatch] = {}
         self.touched: set[Carrier] = set()  # carriers with queued frames, flushed once per wake-up
         self.running = False
 
@@ -304,6 +345,45 @@ class SocketRelay:
         _guarded(session, session.start)
         self._flush()
 
+    @contextlib.contextmanager
+    def watch_errors(self, sock: socket.socket, on_error: Callable[[SessionError], None]
+                     ) -> Iterator[None]:
+        """Call `on_error` (once) if `sock` gets an error or reset while in the block."""
+        watch = _ErrorWatch(self, sock, on_error)
+        if self.running and watch.fd not in self.sessions:
+            self.sessions[watch.fd] = watch
+            self.epoll.register(watch.fd, 0)  # an empty mask: errors and hang-ups only
+        try:
+            yield
+        finally:
+            watch.stop()
+
+    async def splice_socket(self, stream: LocalStream, other: trio.abc.HalfCloseableStream,
+                            circuit: Circuit, result: SpliceResult, stream_first: bool = True) -> None:
+        """`splice(stream, other)` (or the other way round) for a session this relay does
+        not carry itself (end-to-end TLS inside `circuit`), with both ends watched: a
+        reset of the socket or of the circuit ends the session at once, even while a pump
+        waits for credit or for the other socket to drain."""
+        with trio.CancelScope() as scope:
+            def broken(error: BaseException) -> None:
+                if result.error is None:
+                    result.error = error
+                scope.cancel()  # splice aborts both sides (RST)
+
+            def circuit_event() -> None:
+                if circuit.broken is not None:
+                    error = trio.BrokenResourceError(str(circuit.broken))
+                    error.__cause__ = circuit.broken
+                    broken(error)
+
+            circuit.watcher = circuit_event
+            try:
+                with self.watch_errors(stream.sock, broken):
+                    a, b = (stream, other) if stream_first else (other, stream)
+                    await splice(a, b, result)
+            finally:
+                circuit.watcher = None
+
     def _flush(self) -> None:
         touched, self.touched = self.touched, set()
         for carrier in touched:
@@ -318,8 +398,10 @@ class SocketRelay:
                 await trio.lowlevel.wait_readable(self.epoll)
                 for fd, mask in self.epoll.poll(0, MAX_EVENTS):
                     session = self.sessions.get(fd)
-                    if session is not None:
+                    if isinstance(session, _Session):
                         _guarded(session, session.on_events, mask)
+                    elif session is not None:
+                        session.on_events(mask)
                 self._flush()
         finally:
             self.running = False

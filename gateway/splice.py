@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import trio
 
+from gateway.errors import SessionError
+
 # Bytes per read. The circuit side hands over whole queued frames up to this much.
 SPLICE_CHUNK = 256 * 1024
 
@@ -52,9 +54,16 @@ class SpliceResult:
     error: BaseException | None = None
 
 
-async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream) -> SpliceResult:
-    """Relay until both directions finished or either side broke; then close both."""
-    result = SpliceResult()
+async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream,
+                 result: SpliceResult | None = None) -> SpliceResult:
+    """Relay until both directions finished or either side broke; then close both.
+
+    Anything but both directions ending (a broken side, cancellation, a bug) aborts both
+    sides (RST), never a clean close. Pass `result` to keep the counts and the reason
+    when the call is cancelled.
+    """
+    if result is None:
+        result = SpliceResult()
 
     async def pump(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
                    forward: bool, scope: trio.CancelScope) -> None:
@@ -86,11 +95,19 @@ async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStrea
                if isinstance(src, PushSource) and isinstance(dst, NonBlockingSink)]
     for src, dst in pushing:
         src.sink = dst.try_send
+    finished = False
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump, b, a, False, nursery.cancel_scope)
             # The other direction runs in this task: one task less per session (memory).
             await pump(a, b, True, nursery.cancel_scope)
+        finished = True
+    except BaseException as exc:
+        # Cancelled (shutdown) or a bug: the session did not complete, and neither end
+        # may take it for a complete one.
+        if result.error is None:
+            result.error = SessionError(describe_abnormal_end(exc))
+        raise
     finally:
         for src, _ in pushing:
             src.sink = None
@@ -98,7 +115,7 @@ async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStrea
                 result.a_to_b += src.sunk
             else:
                 result.b_to_a += src.sunk
-        if result.error is not None:
+        if not finished or result.error is not None:
             # One side broke: abort the other rather than let it look like a clean end.
             for side in (a, b):
                 if isinstance(side, Abortable):
@@ -116,3 +133,16 @@ def describe_error(exc: BaseException | None) -> str:
         return ""
     cause = exc.__cause__
     return str(cause) if cause is not None and str(cause) else (str(exc) or type(exc).__name__)
+
+
+def describe_abnormal_end(exc: BaseException) -> str:
+    """Why a session's task left early: cancelled (a nursery may wrap the Cancelled in
+    a group) or an internal error."""
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+        if rest is None:
+            return "cancelled: gateway shut down"
+        exc = rest.exceptions[0]
+    if isinstance(exc, trio.Cancelled):
+        return "cancelled: gateway shut down"
+    return f"internal error: {exc!r}"

@@ -128,6 +128,28 @@ async def test_a_reader_without_credit_stops_the_socket_being_read() -> None:
             assert received == sent, f"{received} of {sent} ({unread} B send buffer)"
 
 
+async def test_a_reset_is_noticed_while_the_circuit_has_no_credit() -> None:
+    """The far circuit never reads, so the relay stops reading the socket; the socket's
+    peer then resets. The session must still end at once (RST on the circuit), or every
+    abandoned session would be held forever."""
+    window = 16 * 1024
+    with trio.fail_after(10):
+        async with relayed(window) as (circuit, sock, ended, sessions):
+            with trio.move_on_after(0.5):
+                while True:
+                    await sock.send_all(b"z" * 65536)
+            assert circuit.send_credit >= 0 and not ended.event.is_set()
+            sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await sock.aclose()  # RST, with the circuit's window full
+            with trio.fail_after(2):
+                await ended.event.wait()
+            with pytest.raises(trio.BrokenResourceError):
+                while await circuit.receive_some(65536):
+                    pass
+    assert ended.error is not None and "broken" in str(ended.error)
+    assert sessions.active == 0
+
+
 async def test_far_reset_resets_the_socket_and_reports_the_reason() -> None:
     """A broken circuit must not look like a complete reply: the socket gets an RST."""
     with trio.fail_after(10):

@@ -1,0 +1,77 @@
+"""A session whose target never reads is released when its client resets (issue 9,
+item 2): the circuit's window is full, so nothing reads the client's socket; its RST must
+still end the session at both gateways (and reset the target) within a second or two,
+plain and end-to-end alike. Real gateway processes on loopback.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.gateways import pair_configs, running, wait_until
+from tests.netutil import IO_TIMEOUT, MiB, TcpServer, tunnel_toml
+
+TCP_STATE_CLOSE = 7  # tcpi_state, the first byte of struct tcp_info
+
+
+class NeverReads:
+    """Accept, keep the connection, never read from it."""
+
+    def __init__(self) -> None:
+        self.conns: list[socket.socket] = []
+        self.done = threading.Event()
+
+    def __call__(self, conn: socket.socket) -> None:
+        self.conns.append(conn)
+        self.done.wait(IO_TIMEOUT)
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0])
+
+
+def _fill_then_reset(port: int) -> int:
+    """Push into the tunnel until it pushes back; then reset. Returns bytes sent."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+    block, sent = b"r" * 65536, 0
+    deadline = time.monotonic() + IO_TIMEOUT
+    while True:
+        assert time.monotonic() < deadline, "the tunnel never pushed back"
+        assert sent < 512 * MiB, "512 MiB buffered for a target that reads nothing"
+        try:
+            client.sendall(block)
+        except TimeoutError:
+            break
+        sent += len(block)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # RST
+    return sent
+
+
+@pytest.mark.parametrize("end_to_end", [False, True], ids=["plain", "end-to-end"])
+def test_a_client_reset_releases_a_session_whose_target_never_reads(tmp_path: Path,
+                                                                    end_to_end: bool) -> None:
+    target = NeverReads()
+    with TcpServer(target) as server:
+        extra = "end_to_end = true\n" if end_to_end else ""
+        exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel_toml("stuck", "tcp", server.port,
+                                                                             extra=extra))
+        try:
+            with running(exit_gw, entry):
+                entry.wait_log("up (peer exit)")
+                sent = _fill_then_reset(entry.tunnel_port("stuck"))
+                assert sent > 0
+                for gw in (entry, exit_gw):
+                    gw.wait_log("session closed", timeout=5)
+                    closed = [ln for ln in gw.log().splitlines() if "session closed" in ln]
+                    assert "error: connection broken" in closed[0] or "error: CANCELLED" in closed[0], closed
+                wait_until(lambda: bool(target.conns) and _tcp_state(target.conns[0]) == TCP_STATE_CLOSE,
+                           5, "the target's connection to be reset")
+        finally:
+            target.done.set()
