@@ -52,6 +52,9 @@ from gateway_codecs import (
 log = logging.getLogger("tunnelgate.carrier")
 
 READ_SIZE = 256 * 1024  # one batch takes several full frames: fewer wakeups per byte
+# Until the peer's HELLO is read: a HELLO frame is at most MAX_HELLO_PAYLOAD (SPEC.md §3),
+# and a carrier that never says hello must cost little (a flood of them, many little).
+HELLO_READ_SIZE = 8 * 1024
 READ_MIN_ROOM = 16 * 1024  # stop batching when less than a TLS record would fit
 WRITE_CHUNK = 256 * 1024  # payload per write: big enough to amortize a TLS record
 # batch, small enough that a late small write on another circuit waits little.
@@ -124,6 +127,10 @@ class Carrier:
                     if on_ready is not None:
                         on_ready(self)
                     nursery.start_soon(self._keepalive, nursery.cancel_scope)
+        except Exception as exc:
+            # A bug in this carrier's handling (not bad input: that is a ProtocolError)
+            # ends this carrier, with the traceback logged, and nothing else.
+            self._internal_error(exc)
         finally:
             self.closed.set()
             lost = CarrierLost(ErrorCode.CANCELLED, f"carrier {self.description} lost: {self.close_reason}")
@@ -137,6 +144,14 @@ class Carrier:
         # after our handshake "completed") cancels the nursery: the carrier never came up.
         if handshake_failed or not self._established.is_set():
             raise CarrierLost(ErrorCode.PROTOCOL_ERROR, self.close_reason) from self.read_error
+
+    def _internal_error(self, exc: BaseException) -> None:
+        log.error("carrier %s: internal error; closing it", self.description, exc_info=exc)
+        self.close_reason = f"internal error: {exc!r}"[:200]
+        try:
+            self.session.goaway(ErrorCode.INTERNAL_ERROR, "internal error")
+        except ProtocolError:
+            pass
 
     async def _serve_request(self, circuit: AnyCircuit) -> None:
         """Run the request handler; a bug in one session must not take the carrier down."""
@@ -242,7 +257,7 @@ class Carrier:
     async def _reader(self) -> None:
         session = self.session
         transport = self.transport
-        buffer = memoryview(bytearray(READ_SIZE))
+        buffer = memoryview(bytearray(HELLO_READ_SIZE))
         self.flush()  # our HELLO
         drained = False
         while True:
@@ -252,9 +267,10 @@ class Carrier:
                 await transport.wait_readable()
             filled = 0
             ended = drained = False
+            size = len(buffer)
             try:
-                while filled < READ_SIZE - READ_MIN_ROOM:
-                    room = READ_SIZE - filled
+                while filled < max(size - READ_MIN_ROOM, 1):
+                    room = size - filled
                     n = transport.try_recv_into(buffer[filled:])
                     if n is None:
                         drained = True  # next time, wait before trying (saves a syscall)
@@ -270,7 +286,7 @@ class Carrier:
                         drained = True
                         break
             except TransportBroken as exc:
-                self.read_error = exc
+                self.read_error = _without_tracebacks(exc)
                 self.close_reason = f"read failed: {exc}"
                 return
             if not filled and not ended:
@@ -289,8 +305,12 @@ class Carrier:
                 return
             for event in events:
                 self._dispatch(event)
+            if size < READ_SIZE and self._established.is_set():
+                # The peer is who it said (TLS) and has said HELLO: now read in big batches.
+                # (Nothing refers to the small buffer: events were handled, split frames copied.)
+                buffer = memoryview(bytearray(READ_SIZE))
             self.flush()  # PONGs, credit updates, refusals
-            if filled >= READ_SIZE - READ_MIN_ROOM:
+            if filled >= size - READ_MIN_ROOM:
                 # More is probably waiting: let the circuits just fed run first. Otherwise
                 # the next read finds nothing and waiting for the socket yields anyway.
                 await trio.lowlevel.checkpoint()
@@ -362,3 +382,14 @@ class Carrier:
                 self.flush()
                 next_ping = now + interval
             await trio.sleep(tick)
+
+
+def _without_tracebacks(exc: BaseException) -> BaseException:
+    """`exc` kept for its message and cause only: a traceback holds the frames it passed
+    (the reader's, with the carrier and its buffer), and a carrier that stores it would
+    then be freed only by the cyclic garbage collector."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    return exc

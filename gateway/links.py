@@ -25,6 +25,58 @@ from gateway_codecs import Role, Settings
 
 log = logging.getLogger("tunnelgate.links")
 
+# Connections accepted on one carrier listener whose peer has not yet been authenticated
+# and said HELLO (each lasts at most handshake_timeout). Each costs a task, a socket and
+# OpenSSL's handshake state (tens of KB): the caps bound what a flood can take, per
+# listener and per source address (so one source cannot lock out the others).
+MAX_HANDSHAKES = 512
+MAX_HANDSHAKES_PER_SOURCE = 64
+REFUSAL_LOG_INTERVAL = 1.0  # during a flood, one log line per second says how many were refused
+
+
+class HandshakeGate:
+    """Counts a listener's unauthenticated connections; refuses beyond the caps, logged
+    (at most once a second per cap: a flood must not become a flood of log lines)."""
+
+    def __init__(self, where: str, limit: int = MAX_HANDSHAKES,
+                 per_source: int = MAX_HANDSHAKES_PER_SOURCE) -> None:
+        self.where = where
+        self.limit = limit
+        self.per_source = per_source
+        self.open = 0
+        self.by_source: dict[str, int] = {}
+        self._refused = {"listener": 0, "source": 0}  # since that cap's last log line
+        self._logged_at = {"listener": -REFUSAL_LOG_INTERVAL, "source": -REFUSAL_LOG_INTERVAL}
+
+    def admit(self, source: str) -> bool:
+        from_source = self.by_source.get(source, 0)
+        if self.open >= self.limit:
+            self._refuse("listener", f"{self.open} open on this listener (limit {self.limit})")
+            return False
+        if from_source >= self.per_source:
+            self._refuse("source", f"{from_source} open from {source} (limit {self.per_source} per source)")
+            return False
+        self.open += 1
+        self.by_source[source] = from_source + 1
+        return True
+
+    def release(self, source: str) -> None:
+        self.open -= 1
+        left = self.by_source[source] - 1
+        if left:
+            self.by_source[source] = left
+        else:
+            del self.by_source[source]
+
+    def _refuse(self, cap: str, why: str) -> None:
+        self._refused[cap] += 1
+        now = trio.current_time()
+        if now - self._logged_at[cap] >= REFUSAL_LOG_INTERVAL:
+            log.warning("carrier listener %s: refused %d connection(s): unauthenticated handshakes: %s",
+                        self.where, self._refused[cap], why)
+            self._refused[cap] = 0
+            self._logged_at[cap] = now
+
 
 def _where(address: CarrierAddress) -> str:
     host = f"[{address.host}]" if ":" in address.host else address.host
@@ -111,14 +163,39 @@ class Links:
         log.info("carrier listener %s bound to %s", _where(address), bound)
         task_status.started(bound)
 
+        gate = HandshakeGate(_where(address))
+
         async def accepted(stream: trio.SocketStream) -> None:
-            await self._accepted(stream, address.scheme)
+            try:
+                source = str(stream.socket.getpeername()[0])
+            except OSError:
+                await stream.aclose()  # gone already
+                return
+            if not gate.admit(source):
+                stream.socket.close()
+                await trio.lowlevel.checkpoint()
+                return
+            authenticated = False
+
+            def up() -> None:
+                nonlocal authenticated
+                authenticated = True
+                gate.release(source)
+
+            try:
+                await self._accepted(stream, address.scheme, up)
+            except Exception:  # a bug with one connection must not end the listener
+                log.exception("carrier from %s: internal error; closed", source)
+                await stream.aclose()
+            finally:
+                if not authenticated:
+                    gate.release(source)
 
         # Accepted carriers run in `handler_nursery`, so closing the listener (a drain)
         # does not cancel them and the sessions on them.
         await trio.serve_listeners(accepted, listeners, handler_nursery=handler_nursery)
 
-    async def _accepted(self, stream: trio.SocketStream, scheme: str) -> None:
+    async def _accepted(self, stream: trio.SocketStream, scheme: str, on_up: Callable[[], None]) -> None:
         transport = CarrierTransport.from_trio(stream)
         remote = transport.remote()
         if scheme == "tcp":
@@ -141,7 +218,7 @@ class Links:
             carrier = Carrier(transport, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
                               peer.name, f"from {peer.name} at {remote}", self.session_nursery)
         try:
-            await self._carry(carrier)
+            await self._carry(carrier, on_up)
         except CarrierLost as exc:
             log.warning("carrier from %s failed: %s", remote, exc.reason)
 
@@ -170,6 +247,8 @@ class Links:
                        else describe_tls_failure(exc) if not isinstance(exc, OSError)
                        else _connect_failure(exc))
                 log.warning("dial %s (%s) failed: %s; retrying in %.1f s", peer.name, where, why, delay)
+            except Exception:  # a bug with one carrier must not end the gateway, nor this loop
+                log.exception("dial %s (%s): internal error; retrying in %.1f s", peer.name, where, delay)
             if came_up:
                 delay = gw.reconnect_min
             # Full jitter keeps a fleet that lost its hub from reconnecting in lockstep.
