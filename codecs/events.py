@@ -32,6 +32,18 @@ class CircuitRequested(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class CircuitRequestRefused(Event):
+    """The peer opened a circuit and this session refused it itself (OPEN_FAIL already
+    queued): beyond max_circuits, after our GOAWAY, or a kind not negotiated. Reported
+    so the refusal can be logged; nothing to answer."""
+
+    circuit_id: int
+    request: OpenRequest
+    code: ErrorCode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class CircuitAccepted(Event):
     circuit_id: int
 

@@ -23,6 +23,7 @@ from .events import (
     CircuitClosed,
     CircuitRefused,
     CircuitRequested,
+    CircuitRequestRefused,
     CircuitReset,
     CreditGranted,
     DatagramReceived,
@@ -758,6 +759,7 @@ class CarrierSession:
             self._queue_control(frame(FrameType.OPEN_FAIL, 0, cid, encode_reason(*refusal)))
             if self._control_bytes > MAX_PENDING_CONTROL_BYTES:
                 raise RemoteProtocolError("OPEN flood: our refusals are not being read")
+            events.append(CircuitRequestRefused(cid, request, *refusal))
             return
         self._circuits[cid] = _Circuit(cid, request.kind, False, CircuitState.PENDING,
                                        self.peer_settings.initial_window,

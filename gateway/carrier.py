@@ -31,6 +31,7 @@ from gateway_codecs import (
     CircuitKind,
     CircuitRefused,
     CircuitRequested,
+    CircuitRequestRefused,
     CircuitReset,
     CreditGranted,
     DatagramReceived,
@@ -120,6 +121,7 @@ class Carrier:
                     await self._established.wait()
                 if handshake.cancelled_caught:
                     self.close_reason = "no HELLO within the handshake timeout"
+                    self.session.goaway(ErrorCode.PROTOCOL_ERROR, self.close_reason)  # flushed below
                 if not self._established.is_set():
                     handshake_failed = True
                     nursery.cancel_scope.cancel()
@@ -348,6 +350,10 @@ class Carrier:
                 nursery = self._session_nursery or self._nursery
                 assert nursery is not None
                 nursery.start_soon(self._serve_request, circuit)
+            case CircuitRequestRefused(circuit_id=cid, request=request, code=code, reason=reason):
+                log.warning("carrier %s: refused circuit %d (%s %s:%d): %s: %s", self.description, cid,
+                            request.kind.name.lower(), request.host, request.port,
+                            ErrorCode.describe(code), reason)
             case PongReceived(payload=payload):
                 sent = self._pings.pop(payload, None)
                 if sent is not None:
@@ -358,6 +364,12 @@ class Carrier:
             case HandshakeComplete(peer=peer):
                 if self.peer_name is None:
                     self.peer_name = peer.node_name or None
+                elif peer.node_name and peer.node_name != self.peer_name:
+                    # Its certificate decides who it is; a HELLO naming another gateway is
+                    # a misconfiguration (or an attempt) the operator should see.
+                    log.warning("carrier %s: HELLO names %r, but the certificate is peer %s's;"
+                                " taken as %s", self.description, peer.node_name[:64],
+                                self.peer_name, self.peer_name)
                 self._established.set()
             case PingReceived() | CircuitClosed():
                 pass

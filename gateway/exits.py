@@ -47,10 +47,11 @@ UDP_FLOW_BUFFER = 1024 * 1024  # SO_RCVBUF of each flow's connected socket (capp
 class Refusal(TunnelgateError):
     """Why this hop will not serve a circuit; becomes OPEN_FAIL."""
 
-    def __init__(self, code: ErrorCode, reason: str) -> None:
+    def __init__(self, code: ErrorCode, reason: str, detail: str = "") -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+        self.detail = detail  # for our log only, not sent to the peer
 
 
 def _target(req: OpenRequest) -> str:
@@ -106,7 +107,8 @@ class CircuitServer:
                 await self._exit(peer, circuit, what)
         except Refusal as refusal:
             reason = f"{self.name}: {refusal.reason}"
-            log.warning("refused %s: %s: %s", what, refusal.code.name, refusal.reason)
+            log.warning("refused %s: %s: %s%s", what, refusal.code.name, refusal.reason,
+                        f" ({refusal.detail})" if refusal.detail else "")
             circuit.refuse(refusal.code, reason)
 
     # ------------------------------------------------------------------ exit
@@ -267,11 +269,11 @@ class CircuitServer:
                           f"route of {len(route)} more hops exceeds the limit of {limit}")
         if len(set(route)) != len(route) or self.name in route or next_hop == carrier.peer_name:
             raise Refusal(ErrorCode.ROUTE_LOOP, f"route {','.join(route)} loops")
-        if next_hop not in self.peers.by_name:
-            raise Refusal(ErrorCode.NO_ROUTE, f"{next_hop} is not a peer of this gateway")
-        if not peer.route_policy.permits(next_hop):
+        if next_hop not in self.peers.by_name or not peer.route_policy.permits(next_hop):
+            # One answer for both: a peer must not learn which gateways we know by asking.
             raise Refusal(ErrorCode.FORBIDDEN_ROUTE,
-                          f"peer {peer.name} may not route through {self.name} to {next_hop}")
+                          f"peer {peer.name} may not route through {self.name} to {next_hop}",
+                          detail="" if next_hop in self.peers.by_name else f"{next_hop} is not a peer here")
         return next_hop
 
     async def _relay(self, carrier: Carrier, peer: PeerConfig, circuit: AnyCircuit, what: str) -> None:

@@ -154,7 +154,9 @@ def test_each_hop_refuses_by_its_own_policy_and_the_entry_logs_who_and_why(tmp_p
                         + tunnel("target", "tcp://127.0.0.1:8002", ["hub", "dc"], denied)
                         + tunnel("loop", "tcp://127.0.0.1:8003", ["hub", "dc", "core"], ok)
                         + tunnel("long", "tcp://127.0.0.1:8004", ["hub", "dc", "x", "y"], ok))
-        dc_tunnels = tunnel("back", "tcp://127.0.0.1:8005", ["core", "edge"], f"{edge_addr}:{HASH_PORT}")
+        back = f"{edge_addr}:{HASH_PORT}"
+        dc_tunnels = (tunnel("back", "tcp://127.0.0.1:8005", ["core", "edge"], back)
+                      + tunnel("ghost", "tcp://127.0.0.1:8006", ["core", "nosuch"], back))
         gateways = chain_gateways(
             topo, tmp_path, dialer={1: "right"},
             alias={("dc", "hub"): "core"},
@@ -176,6 +178,9 @@ def test_each_hop_refuses_by_its_own_policy_and_the_entry_logs_who_and_why(tmp_p
             (edge, "edge", 8004, "long", "ROUTE_TOO_LONG",
              "hub: route of 3 more hops exceeds the limit of 2"),
             (dc, "dc", 8005, "back", "FORBIDDEN_ROUTE", "hub: peer dc may not route through hub to edge"),
+            # A name hub does not know gets the same answer as a peer it may not reach:
+            # the refusal must not tell dc which gateways hub has.
+            (dc, "dc", 8006, "ghost", "FORBIDDEN_ROUTE", "hub: peer dc may not route through hub to nosuch"),
         ]
         for gw, host, port, name, code, reason in cases:
             result = hash_round_trip(topo, host, "127.0.0.1", port, 1000)

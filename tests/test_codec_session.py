@@ -17,6 +17,7 @@ from gateway_codecs import (
     CircuitKind,
     CircuitRefused,
     CircuitRequested,
+    CircuitRequestRefused,
     CircuitReset,
     CircuitState,
     CreditGranted,
@@ -487,10 +488,13 @@ def test_max_circuits_counts_only_the_peers_circuits(mode: str) -> None:
     a.accept_circuit(own)
     first = a.open_circuit(TCP)
     second = a.open_circuit(TCP)
-    at_a, _ = link.pump()
+    at_a, at_b = link.pump()
     assert of_type(at_a, CircuitRefused) == [
         CircuitRefused(second, ErrorCode.RESOURCE_LIMIT, "more than 1 circuits on one carrier")]
     assert b.circuit_state(first) is CircuitState.PENDING
+    # b refused on its own: it says so, for its log.
+    assert of_type(at_b, CircuitRequestRefused) == [
+        CircuitRequestRefused(second, TCP, ErrorCode.RESOURCE_LIMIT, "more than 1 circuits on one carrier")]
 
 
 # ---------------------------------------------------------------- datagrams

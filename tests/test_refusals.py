@@ -87,3 +87,45 @@ def test_a_target_outside_allow_is_refused_with_the_reason(tmp_path: Path) -> No
             assert "carrier" not in line
             wait_until(lambda: "session closed: tunnel t" in entry.log(), IO_TIMEOUT,
                        "the refused session's close line")
+
+
+def test_opens_beyond_max_circuits_are_refused_and_logged(tmp_path: Path) -> None:
+    with TcpServer(echo_handler) as target:
+        exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel_toml("echo", "tcp", target.port),
+                                      gateway_extra="max_circuits = 1\n")
+        with running(exit_gw, entry):
+            entry.wait_log("up (peer exit)")
+            port = entry.tunnel_port("echo")
+            with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as first:
+                first.sendall(b"one")
+                assert first.recv(3) == b"one"
+                _closed_without_reply(port)  # the second circuit on the carrier: refused
+            exit_gw.wait_log("refused circuit")
+            line = next(ln for ln in exit_gw.log().splitlines() if "refused circuit" in ln)
+            assert "RESOURCE_LIMIT" in line and f"127.0.0.1:{target.port}" in line, line
+            assert "RESOURCE_LIMIT" in entry.log()
+
+
+def test_a_carrier_without_hello_is_told_why_in_a_goaway(tmp_path: Path) -> None:
+    from gateway_codecs import CarrierSession, ErrorCode, GoAwayReceived, Role, Settings
+
+    exit_gw, _ = pair_configs(tmp_path, transport="tcp", gateway_extra="handshake_timeout = 0.5\n")
+    with running(exit_gw):
+        with socket.create_connection(("127.0.0.1", exit_gw.carrier_port()), timeout=IO_TIMEOUT) as c:
+            received = b""
+            while chunk := c.recv(65536):  # the gateway's HELLO, then (after 0.5 s) its GOAWAY
+                received += chunk
+        events = CarrierSession(Role.DIALER, Settings()).receive_data(received)
+        goaways = [e for e in events if isinstance(e, GoAwayReceived)]
+        assert len(goaways) == 1, events
+        assert goaways[0].code == ErrorCode.PROTOCOL_ERROR and "no HELLO" in goaways[0].reason
+
+
+def test_a_hello_naming_another_gateway_than_the_certificate_is_logged(tmp_path: Path) -> None:
+    exit_gw, entry = pair_configs(tmp_path)
+    # entry's key and certificate, but its HELLO says "impostor".
+    text = entry.config_path.read_text()
+    entry.config_path.write_text(text.replace('name = "entry"', 'name = "impostor"', 1))
+    with running(exit_gw, entry):
+        exit_gw.wait_log("up (peer entry)")
+        exit_gw.wait_log("HELLO names 'impostor', but the certificate is peer entry's")
