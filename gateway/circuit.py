@@ -416,6 +416,14 @@ class DatagramCircuit(_CircuitBase):
     def on_credit(self) -> None:
         pass
 
+    def on_broken(self, error: CircuitBroken) -> None:
+        if error.code == ErrorCode.NO_ERROR and type(error) is CircuitBroken:
+            # RST with NO_ERROR: the far side ended the flow (its idle timeout), the way a
+            # flow ends; not a failure. (A refusal or a lost carrier is one.)
+            self.on_eof()
+            return
+        super().on_broken(error)
+
     def _fail(self, error: CircuitBroken) -> None:
         super()._fail(error)
         self.ended.set()

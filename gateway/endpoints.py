@@ -25,7 +25,14 @@ from gateway.sessions import SessionLog
 from gateway.socket_relay import SocketRelay
 from gateway.splice import SpliceResult, describe_error
 from gateway.tls import TlsContexts
-from gateway.udp import MAX_UDP_PAYLOAD, SOCKET_BATCH, PlainFlow, relay_datagrams
+from gateway.udp import (
+    MAX_UDP_PAYLOAD,
+    SOCKET_BATCH,
+    DatagramCounts,
+    PlainFlow,
+    flow_record,
+    relay_datagrams,
+)
 from gateway_codecs import CircuitKind, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")
@@ -318,21 +325,17 @@ class TunnelEndpoint:
                         flows: dict[tuple[str, int], _Flow]) -> None:
         what = f"tunnel {self.tunnel.name} udp {_addr(client)} -> {self.route}"
         circuit = flow.circuit
-        error: BaseException | None = None
+        counts = flow.plain.counts if flow.plain is not None else DatagramCounts()
         with self.sessions.track("entry", what, circuit, drains=False) as record:
             try:
-                if flow.plain is not None:
-                    counts = await flow.plain.run(self.udp_idle)
-                else:
-                    assert flow.outbox is not None
-                    sealed = await self._sealed_port(circuit)
-                    counts = await relay_datagrams(_FlowPort(flow.outbox, sock, client), sealed,
-                                                   self.udp_idle)
-                error = counts.error
-                record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, describe_error(error))
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-                error = exc
-                record.finish(0, 0, describe_error(exc) or "end-to-end handshake timed out")
+                with flow_record(record, counts):
+                    if flow.plain is not None:
+                        await flow.plain.run(self.udp_idle)
+                    else:
+                        assert flow.outbox is not None
+                        sealed = await self._sealed_port(circuit)
+                        await relay_datagrams(_FlowPort(flow.outbox, sock, client), sealed,
+                                              self.udp_idle, counts)
             finally:
                 flows.pop(client, None)
                 if flow.outbox is not None:
@@ -340,6 +343,6 @@ class TunnelEndpoint:
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
                     await circuit.aclose()
-        cause = error.__cause__ if error is not None else None
+        cause = counts.error.__cause__ if counts.error is not None else None
         if isinstance(cause, CircuitBroken):
             log.warning("%s: %s", what, cause)

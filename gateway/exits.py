@@ -35,6 +35,7 @@ from gateway.udp import (
     DatagramPort,
     PlainFlow,
     SocketPort,
+    flow_record,
     relay_datagrams,
 )
 from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
@@ -233,29 +234,24 @@ class CircuitServer:
                          what: str) -> None:
         circuit.accept()
         idle = self.config.gateway.udp_idle_timeout
+        counts = DatagramCounts()
+        sealed_flow = circuit.request.end_to_end  # a->b: circuit->target sealed, target->circuit plain
         with self.sessions.track("exit", what, circuit, drains=False) as record:
             try:
-                if circuit.request.end_to_end:
-                    with trio.fail_after(self.connect_timeout):
-                        sealed, fingerprint = await SealedFlow.establish(
-                            circuit, self.contexts.server(), server_side=True)
-                    record.what += f" (end-to-end with {self._who(fingerprint)})"
-                    counts = await relay_datagrams(SealedPort(sealed), SocketPort(sock), idle)
-                    sent, back = counts.bytes_a_to_b, counts.bytes_b_to_a
-                else:
-                    local = socket.socket(fileno=sock.detach())
-                    local.setblocking(False)
-                    with local:
-                        flow = PlainFlow(circuit, local.send)
-                        counts = await flow.run(idle, local)
-                    sent, back = counts.bytes_b_to_a, counts.bytes_a_to_b
+                with flow_record(record, counts, outward_is_a_to_b=sealed_flow):
+                    if sealed_flow:
+                        with trio.fail_after(self.connect_timeout):
+                            sealed, fingerprint = await SealedFlow.establish(
+                                circuit, self.contexts.server(), server_side=True)
+                        record.what += f" (end-to-end with {self._who(fingerprint)})"
+                        await relay_datagrams(SealedPort(sealed), SocketPort(sock), idle, counts)
+                    else:
+                        local = socket.socket(fileno=sock.detach())
+                        local.setblocking(False)
+                        with local:
+                            await PlainFlow(circuit, local.send, counts).run(idle, local)
                 if counts.error is not None:
                     log.warning("exit %s: %s", what, describe_error(counts.error))
-                record.finish(sent, back, _udp_outcome(counts))
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-                reason = describe_error(exc) or "end-to-end handshake timed out"
-                log.warning("exit %s: %s", what, reason)
-                record.finish(0, 0, reason)
             finally:
                 await circuit.aclose()
 
@@ -323,9 +319,10 @@ class CircuitServer:
                     inbound: DatagramPort = CircuitPort(circuit)
                     if self.flip_offset is not None:
                         inbound = DatagramFlipper(inbound, self.flip_offset)
-                    counts = await relay_datagrams(inbound, CircuitPort(onward),
-                                                   self.config.gateway.udp_idle_timeout)
-                    record.finish(counts.bytes_a_to_b, counts.bytes_b_to_a, _udp_outcome(counts))
+                    counts = DatagramCounts()
+                    with flow_record(record, counts):
+                        await relay_datagrams(inbound, CircuitPort(onward),
+                                              self.config.gateway.udp_idle_timeout, counts)
                 finally:
                     await circuit.aclose()
                     await onward.aclose()
@@ -382,8 +379,3 @@ def _log_failure(what: str, error: BaseException | None) -> None:
     if error is not None:
         log.warning("exit %s: %s", what, describe_error(error))
 
-
-def _udp_outcome(counts: DatagramCounts) -> str:
-    if counts.error is not None:
-        return describe_error(counts.error)
-    return "idle timeout" if counts.idle else ""

@@ -22,7 +22,8 @@ class SessionRecord:
     each hold one, and a generator-based manager costs several times the memory.
     """
 
-    __slots__ = ("circuit_id", "drains", "error", "log", "received", "role", "sent", "started", "what")
+    __slots__ = ("circuit_id", "drains", "error", "log", "note", "received", "role", "sent", "started",
+                 "what")
 
     def __init__(self, sessions: SessionLog, role: str, what: str, circuit_id: int,
                  drains: bool) -> None:
@@ -35,10 +36,12 @@ class SessionRecord:
         self.sent = 0
         self.received = 0
         self.error = ""
+        self.note = ""
 
-    def finish(self, sent: int, received: int, error: str = "") -> None:
-        """`sent` went towards the target side, `received` came back from it."""
-        self.sent, self.received, self.error = sent, received, error
+    def finish(self, sent: int, received: int, error: str = "", note: str = "") -> None:
+        """`sent` went towards the target side, `received` came back from it. `error`: why
+        it broke; `note`: how a normal end came about (a UDP flow's idle timeout)."""
+        self.sent, self.received, self.error, self.note = sent, received, error, note
 
     def __enter__(self) -> SessionRecord:
         self.started = trio.current_time()
@@ -49,12 +52,13 @@ class SessionRecord:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.log.closed(self)
-        if value is not None and not self.error:
+        if value is not None and not self.error and not self.note:
             # Left by an exception, not through finish(): never an "ok".
             self.error = describe_abnormal_end(value)
         if log.isEnabledFor(logging.INFO):
             duration = trio.current_time() - self.started
-            outcome = f"error: {self.error}" if self.error else "ok"
+            outcome = (f"error: {self.error}" if self.error
+                       else f"ok ({self.note})" if self.note else "ok")
             log.info("%s session closed: %s (circuit %d): %d B out, %d B back, %.3f s, %s",
                      self.role, self.what, self.circuit_id, self.sent, self.received, duration,
                      outcome)

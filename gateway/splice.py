@@ -135,14 +135,18 @@ def describe_error(exc: BaseException | None) -> str:
     return str(cause) if cause is not None and str(cause) else (str(exc) or type(exc).__name__)
 
 
-def describe_abnormal_end(exc: BaseException) -> str:
-    """Why a session's task left early: cancelled (a nursery may wrap the Cancelled in
-    a group) or an internal error."""
+def is_cancellation(exc: BaseException) -> bool:
+    """Cancelled, or a group of nothing but Cancelled (what a cancelled nursery raises)."""
     if isinstance(exc, BaseExceptionGroup):
-        _, rest = exc.split(trio.Cancelled)
-        if rest is None:
-            return "cancelled: gateway shut down"
-        exc = rest.exceptions[0]
-    if isinstance(exc, trio.Cancelled):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
+
+
+def describe_abnormal_end(exc: BaseException) -> str:
+    """Why a session's task left early: cancelled (the gateway shut down) or a bug."""
+    if is_cancellation(exc):
         return "cancelled: gateway shut down"
+    if isinstance(exc, BaseExceptionGroup):
+        rest = exc.split(trio.Cancelled)[1]
+        exc = rest.exceptions[0] if rest is not None else exc
     return f"internal error: {exc!r}"

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from gateway.circuit import DatagramCircuit
+from gateway.errors import SessionError
+from gateway.sessions import SessionRecord
+from gateway.splice import describe_abnormal_end, describe_error, is_cancellation
 
 MAX_UDP_PAYLOAD = 65535  # receive buffer: any datagram fits (65,507 over IPv4)
 # Errors a UDP send can report for an earlier datagram (ICMP): the flow goes on.
@@ -75,11 +79,14 @@ class DatagramCounts:
     error: BaseException | None = None
 
 
-async def relay_datagrams(a: DatagramPort, b: DatagramPort, idle_timeout: float) -> DatagramCounts:
+async def relay_datagrams(a: DatagramPort, b: DatagramPort, idle_timeout: float,
+                          counts: DatagramCounts | None = None) -> DatagramCounts:
     """Relay until either side ends or breaks the flow, or nothing moved for `idle_timeout` s.
 
-    A broken side is reported in `error`, not raised: the caller logs it."""
-    counts = DatagramCounts()
+    A broken side is reported in `error`, not raised: the caller logs it. Pass `counts`
+    to keep them when the call is cancelled."""
+    if counts is None:
+        counts = DatagramCounts()
     last = trio.current_time()
 
     async def pump(src: DatagramPort, dst: DatagramPort, forward: bool,
@@ -116,6 +123,39 @@ async def relay_datagrams(a: DatagramPort, b: DatagramPort, idle_timeout: float)
     return counts
 
 
+@contextmanager
+def flow_record(record: SessionRecord, counts: DatagramCounts, outward_is_a_to_b: bool = True
+                ) -> Iterator[None]:
+    """Finish a UDP flow's session record with its real counts however the flow ends.
+
+    A flow has no end of its own: an idle timeout, the far side closing it, or the gateway
+    shutting down are normal ends (a note, not an error); a broken circuit, a failed
+    end-to-end handshake or a bug are errors. `outward_is_a_to_b`: whether `counts`'
+    a->b direction is the one towards the target."""
+    ended_by: BaseException | None = None
+    try:
+        yield
+    except trio.TooSlowError:
+        counts.error = counts.error or SessionError("end-to-end handshake timed out")
+    except trio.BrokenResourceError as exc:
+        counts.error = counts.error or exc
+    except BaseException as exc:
+        ended_by = exc
+        raise
+    finally:
+        a_to_b, b_to_a = counts.bytes_a_to_b, counts.bytes_b_to_a
+        sent, back = (a_to_b, b_to_a) if outward_is_a_to_b else (b_to_a, a_to_b)
+        if ended_by is not None:
+            error, note = ("", "gateway shut down") if is_cancellation(ended_by) \
+                else (describe_abnormal_end(ended_by), "")
+        elif counts.error is not None:
+            error, note = describe_error(counts.error), ""
+        else:
+            error, note = "", "idle timeout" if counts.idle else ""
+        record.finish(sent, back, error, note)
+        ended_by = None  # no cycle through this frame
+
+
 # Datagrams read from a socket per wakeup before the carrier is flushed once: one TLS
 # write carries the batch.
 SOCKET_BATCH = 64
@@ -130,9 +170,10 @@ class PlainFlow:
     queued without a flush per datagram. No task switch per datagram in either direction.
     """
 
-    def __init__(self, circuit: DatagramCircuit, send_local: Callable[[bytes], object]) -> None:
+    def __init__(self, circuit: DatagramCircuit, send_local: Callable[[bytes], object],
+                 counts: DatagramCounts | None = None) -> None:
         self.circuit = circuit
-        self.counts = DatagramCounts()
+        self.counts = counts if counts is not None else DatagramCounts()
         self.last = trio.current_time()
         self.dropped = 0
         self._send_local = send_local

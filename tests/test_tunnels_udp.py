@@ -143,3 +143,39 @@ def test_iperf3_udp_through_the_tunnel(tmp_path: Path) -> None:
                              f" {lost} of {packets} lost ({pct:.2f}%)\n")
             assert received["bytes"] > 0 and packets - lost > 0, "the iperf3 server received nothing"
             assert pct < 50
+
+
+def _closed_lines(gw_log: str) -> list[str]:
+    return [ln for ln in gw_log.splitlines() if "session closed" in ln and "udp" in ln]
+
+
+def test_udp_flows_are_logged_with_their_bytes_and_an_idle_expiry_is_no_error(tmp_path: Path) -> None:
+    """One flow expires (entry's idle timeout 0.5 s; the exit's is 60 s, so the exit sees
+    the entry close it); another (idle timeout 30 s) is still open at SIGTERM. Both ends log the bytes
+    really carried; neither end of a normal end says "error" or warns."""
+    with UdpEcho() as echo:
+        tunnels = (tunnel_toml("u", "udp", echo.port, extra="udp_idle_timeout = 0.5\n")
+                   + tunnel_toml("long", "udp", echo.port, extra="udp_idle_timeout = 30\n"))
+        exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnels)
+        with running(exit_gw, entry):
+            entry.wait_log("up (peer exit)")
+            port = entry.tunnel_port("u")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+                c.settimeout(5)
+                for size in (100, 200, 300):
+                    c.sendto(b"e" * size, ("127.0.0.1", port))
+                    assert len(c.recv(65535)) == size
+            for gw in (entry, exit_gw):
+                gw.wait_log("session closed", timeout=10)
+            expired_at_entry, closed_at_exit = _closed_lines(entry.log())[0], _closed_lines(exit_gw.log())[0]
+            assert ": 600 B out, 600 B back," in expired_at_entry and "ok (idle timeout)" in expired_at_entry
+            assert ": 600 B out, 600 B back," in closed_at_exit and closed_at_exit.endswith(", ok")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:  # open at shutdown
+                c.settimeout(5)
+                c.sendto(b"s" * 50, ("127.0.0.1", entry.tunnel_port("long")))
+                assert len(c.recv(65535)) == 50
+                entry.stop()
+        shut = _closed_lines(entry.log())[1]
+        assert ": 50 B out, 50 B back," in shut and "ok (gateway shut down)" in shut, shut
+        for gw in (entry, exit_gw):
+            assert not [ln for ln in gw.log().splitlines() if "WARNING" in ln and "NO_ERROR" in ln]
