@@ -275,7 +275,9 @@ class TunnelEndpoint:
                     except OSError:
                         continue  # an ICMP error for an earlier reply; the flow's timeout handles it
                     flow = flows.get(client)
-                    if flow is None:
+                    if flow is None or flow.circuit.ended.is_set():
+                        # No flow, or one that has just ended (its task has not yet run to
+                        # remove it): this datagram starts a new flow, never joins the old.
                         flow = self._new_flow(sock, client, flows, nursery)
                         if flow is None:
                             self.dropped += 1
@@ -337,7 +339,8 @@ class TunnelEndpoint:
                         await relay_datagrams(_FlowPort(flow.outbox, sock, client), sealed,
                                               self.udp_idle, counts)
             finally:
-                flows.pop(client, None)
+                if flows.get(client) is flow:  # not a newer flow of the same client
+                    del flows[client]
                 if flow.outbox is not None:
                     flow.outbox.close()
                 with trio.move_on_after(1) as scope:

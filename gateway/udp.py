@@ -193,9 +193,14 @@ class PlainFlow:
     def from_local(self, data: bytes) -> None:
         """Queue a datagram from the local side (the caller flushes the carrier)."""
         self.last = trio.current_time()
-        self.counts.a_to_b += 1
-        self.counts.bytes_a_to_b += len(data)
-        if not self.circuit.send(data, flush=False):
+        try:
+            queued = self.circuit.send(data, flush=False)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            queued = False  # the flow is ending: dropped, as UDP would (never raised to the listener)
+        if queued:
+            self.counts.a_to_b += 1
+            self.counts.bytes_a_to_b += len(data)
+        else:
             self.dropped += 1
 
     async def run(self, idle_timeout: float, local: socket.socket | None = None) -> DatagramCounts:
