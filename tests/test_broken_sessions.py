@@ -1,6 +1,7 @@
 """A broken session never looks complete (issue 9, item 1): edge -> hub -> dc in network
 namespaces, one plain and one end-to-end TCP session open mid-transfer, then the relay
-between them dies (SIGKILL of hub, or `ss -K` of the hub-dc carrier). Both the client at
+between them dies (SIGKILL of hub, `ss -K` of the hub-dc carrier, or hub-dc blackholed
+until the keepalive gives up). Both the client at
 edge and the target at dc must see a reset, never a FIN, and dc's log line must carry
 the real byte counts and the error, never "ok".
 """
@@ -100,17 +101,20 @@ def _hold_session(topo: Topology, port: int) -> subprocess.Popen[bytes]:
     return client
 
 
-@pytest.mark.parametrize("how", ["sigkill-hub", "ss-kill-carrier"])
+@pytest.mark.parametrize("how", ["sigkill-hub", "ss-kill-carrier", "blackhole-hub-dc"])
 def test_a_relay_dying_mid_session_resets_both_ends_plain_and_end_to_end(tmp_path: Path, how: str) -> None:
     with ExitStack() as stack:
         topo, gateways, record = _chain(stack, tmp_path)
         clients = [_hold_session(topo, port) for port in (TCP_E2E, TCP_PLAIN)]
         if how == "sigkill-hub":
             gateways["hub"].kill()
-        else:
+        elif how == "ss-kill-carrier":
             # Reset the hub-dc carrier from dc's side: the edge-hub carrier stays up, so
             # the entry learns of the break only through the chain's RST.
             topo.exec("dc", "ss", "-K", "dst", topo.addr("hub", "dc"), "dport", "=", str(CARRIER_PORT))
+        else:
+            # Silently drop everything on hub-dc: the keepalive (1 s / 3 s) declares it dead.
+            topo.cut("hub", "dc", how="nft")
         outcomes = [json.loads(read_line(c, 30))["outcome"] for c in clients]
         assert outcomes == ["reset", "reset"], outcomes
         wait_until(lambda: record.exists() and len(record.read_text().splitlines()) == 2, 20,
