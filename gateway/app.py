@@ -10,12 +10,16 @@ import json
 import logging
 import os
 import signal
+import ssl
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
 from gateway.config import Config
 from gateway.endpoints import TunnelEndpoint
+from gateway.errors import ConfigError
 from gateway.exits import CircuitServer
 from gateway.identity import load_identity
 from gateway.links import Links
@@ -25,6 +29,29 @@ from gateway.socket_relay import SocketRelay
 from gateway.tls import TlsContexts
 
 log = logging.getLogger("tunnelgate")
+
+T = TypeVar("T")
+
+
+def sole_exception(exc: BaseException) -> BaseException:
+    """The one exception inside the groups nurseries wrap it in (or ``exc`` if it holds more)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _bound(started: Awaitable[T], config: Config, key: str, address: object) -> T:
+    """Await a listener's start; a port it cannot bind (in use, not ours) is the config's
+    problem, so say which key asked for it instead of a traceback."""
+    try:
+        return await started
+    except (OSError, BaseExceptionGroup) as exc:
+        cause = sole_exception(exc)
+        if not isinstance(cause, OSError) or isinstance(cause, ssl.SSLError):
+            raise
+        reason = cause.strerror or str(cause)
+        message = f"cannot listen on {address}: {reason[:1].lower()}{reason[1:]}"
+        raise ConfigError(str(config.path), key, message) from cause
 
 
 def _write_ready_file(path: Path, ready: dict[str, object]) -> None:
@@ -54,9 +81,12 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
             async def listen(*, task_status: trio.TaskStatus[dict[str, object]]) -> None:
                 with accepting:
                     async with trio.open_nursery() as nursery:
-                        carriers = [await nursery.start(links.serve, address, handlers)
-                                    for address in gw.listen]
-                        tunnels = {e.tunnel.name: await nursery.start(e.serve, handlers) for e in endpoints}
+                        carriers = [await _bound(nursery.start(links.serve, address, handlers),
+                                                 config, f"gateway.listen[{i}]", address)
+                                    for i, address in enumerate(gw.listen)]
+                        tunnels = {e.tunnel.name: await _bound(nursery.start(e.serve, handlers), config,
+                                                               f"tunnel[{i}].listen", e.tunnel.listen)
+                                   for i, e in enumerate(endpoints)}
                         for peer in config.peer:
                             if peer.dial is not None:
                                 root.start_soon(links.keep_dialing, peer)

@@ -79,7 +79,7 @@ def _run(path: str, verbosity: int, ready_file: str | None) -> int:
 
     config = load_config(path)
     setup_logging(verbosity)
-    from gateway.app import run_gateway
+    from gateway.app import run_gateway, sole_exception
     from gateway.process import tune_process
 
     tune_process()
@@ -88,6 +88,10 @@ def _run(path: str, verbosity: int, ready_file: str | None) -> int:
         trio.run(run_gateway, config, Path(ready_file) if ready_file else None)
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:  # a listener that cannot bind, from inside nurseries
+        if isinstance(sole := sole_exception(group), ConfigError):
+            raise sole from None
+        raise
     return 0
 
 

@@ -34,6 +34,7 @@ from gateway.policy import AllowRule, Policy, RoutePolicy, is_host_name, parse_i
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 ANY_PEER = "*"
+MAX_PATH = 4095  # Linux PATH_MAX, less the NUL
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,37 @@ def _join_host(host: str) -> str:
 # --- value parsers: each takes what TOML gave and raises ValueError saying what it wanted ---
 
 
+SHOW_LIMIT = 60  # characters of a value echoed in a message; the operator needs its start
+
+
 def _show(value: object) -> str:
+    """A value as a message shows it: TOML words, and cut short, or a 5 MB string is one line."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
         return "a table"
-    return repr(value)
+    if isinstance(value, str) and len(value) > SHOW_LIMIT:
+        return f"{value[:SHOW_LIMIT] + '…'!r} ({len(value)} characters)"
+    text = repr(value)
+    if len(text) > SHOW_LIMIT:
+        return f"{text[:SHOW_LIMIT]}… ({len(text)} characters)"
+    return text
+
+
+# A quoted value longer than _show leaves one, in a message we did not word (policy's, pydantic's).
+_LONG_QUOTED = re.compile(
+    rf"'((?:[^'\\\n]|\\.){{{SHOW_LIMIT + 2},}})'|\"((?:[^\"\\\n]|\\.){{{SHOW_LIMIT + 2},}})\""
+)
+
+
+def _clip(message: str) -> str:
+    """Cut the long quoted values in ``message`` as ``_show`` cuts ours."""
+
+    def cut(match: re.Match[str]) -> str:
+        quote, body = match.group()[0], match.group(1) or match.group(2)
+        return f"{quote}{body[:SHOW_LIMIT]}…{quote} ({len(body)} characters)"
+
+    return _LONG_QUOTED.sub(cut, message)
 
 
 def _split_host_port(text: str, zero_ok: bool) -> tuple[str, int] | None:
@@ -98,7 +124,7 @@ def _split_host_port(text: str, zero_ok: bool) -> tuple[str, int] | None:
     if match.group(3) is not None and parse_ip(host) is None and not is_host_name(host):
         return None
     if port > 65535 or (port == 0 and not zero_ok):
-        raise ValueError(f"port {port} is out of range {0 if zero_ok else 1}..65535 in {text!r}")
+        raise ValueError(f"port {port} is out of range {0 if zero_ok else 1}..65535 in {_show(text)}")
     return host, port
 
 
@@ -109,7 +135,7 @@ def _url(value: object, schemes: tuple[str, ...], zero_ok: bool) -> tuple[str, s
     scheme, sep, rest = value.partition("://")
     parts = _split_host_port(rest, zero_ok) if sep and scheme in schemes else None
     if parts is None:
-        raise ValueError(f"expected {expected}, got {value!r}")
+        raise ValueError(f"expected {expected}, got {_show(value)}")
     return scheme, parts[0], parts[1]
 
 
@@ -130,7 +156,7 @@ def _target(value: object) -> Target:
         raise ValueError(f"{expected} {_show(value)}")
     parts = _split_host_port(value, zero_ok=False)
     if parts is None:
-        raise ValueError(f"{expected} {value!r}")
+        raise ValueError(f"{expected} {_show(value)}")
     return Target(*parts)
 
 
@@ -145,6 +171,8 @@ def _name(value: object) -> str:
 def _path(value: object, info: ValidationInfo) -> Path:
     if not isinstance(value, str) or not value:
         raise ValueError(f"expected a file path, got {_show(value)}")
+    if len(value) > MAX_PATH:  # the messages about the file echo its path whole
+        raise ValueError(f"expected a file path of at most {MAX_PATH} characters, got {_show(value)}")
     base = Path((info.context or {}).get("base_dir", "."))
     return Path(os.path.abspath(base / Path(value).expanduser()))
 
@@ -297,6 +325,7 @@ def key_path(loc: Sequence[int | str]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
+            part = part if len(part) <= SHOW_LIMIT else part[:SHOW_LIMIT] + "…"  # an unknown key
             out += f".{part}" if out else part
     return out
 
@@ -307,7 +336,7 @@ def _message(error: Any) -> str:
     given = _show(error.get("input"))
     ctx = error.get("ctx") or {}
     if kind == "value_error":
-        return str(ctx.get("error", error["msg"]))
+        return _clip(str(ctx.get("error", error["msg"])))
     if kind == "missing":
         return "required key is missing"
     if kind == "extra_forbidden":
@@ -329,7 +358,7 @@ def _message(error: Any) -> str:
     }
     if kind in bounds:
         return f"expected {bounds[kind].format(**ctx)}, got {given}"
-    return f"{error['msg']}, got {given}"
+    return f"{_clip(error['msg'])}, got {given}"
 
 
 # --- cross-checks over the whole file ---------------------------------------------------------
@@ -360,9 +389,9 @@ def _check(config: Config, file: str) -> Config:
             load_cert(gw.ca)
         except IdentityError as exc:
             raise fail("gateway.ca", str(exc)) from exc
-    _check_unique(
-        [(f"gateway.listen[{i}]", str(a)) for i, a in enumerate(gw.listen) if a.port], fail, "used"
-    )
+    claims: list[_Claim] = []
+    for i, carrier in enumerate(gw.listen):  # carriers are TCP, whatever their scheme
+        _claim(claims, _Claim(f"gateway.listen[{i}]", str(carrier), "tcp", carrier.host, carrier.port), fail)
 
     peers: list[PeerConfig] = []
     first_seen: dict[str, int] = {}
@@ -385,7 +414,6 @@ def _check(config: Config, file: str) -> Config:
                 raise fail(f"peer[{i}].route[{j}]", _undeclared(hop, declared))
 
     tunnel_seen: dict[str, int] = {}
-    listen_seen: dict[ListenAddress, int] = {}
     for i, tunnel in enumerate(config.tunnel):
         where = f"tunnel[{i}]"
         if tunnel.name in tunnel_seen:
@@ -395,12 +423,8 @@ def _check(config: Config, file: str) -> Config:
                 f" (also tunnel[{tunnel_seen[tunnel.name]}].name)",
             )
         tunnel_seen[tunnel.name] = i
-        if tunnel.listen.port and tunnel.listen in listen_seen:
-            raise fail(
-                f"{where}.listen",
-                f"{tunnel.listen} is already used by tunnel[{listen_seen[tunnel.listen]}]",
-            )
-        listen_seen[tunnel.listen] = i
+        listen = tunnel.listen
+        _claim(claims, _Claim(f"{where}.listen", str(listen), listen.kind, listen.host, listen.port), fail)
         if tunnel.via[0] not in first_seen:
             raise fail(f"{where}.via[0]", _undeclared(tunnel.via[0], declared))
         for j, hop in enumerate(tunnel.via):
@@ -433,12 +457,42 @@ def _undeclared(name: str, declared: list[str]) -> str:
     return f"{name!r} is not a declared peer (declared: {known})"
 
 
-def _check_unique(items: list[tuple[str, str]], fail: Fail, verb: str) -> None:
-    seen: dict[str, str] = {}
-    for path, value in items:
-        if value in seen:
-            raise fail(path, f"{value} is already {verb} by {seen[value]}")
-        seen[value] = path
+@dataclass(frozen=True)
+class _Claim:
+    """A port a listener will bind, and the key that asked for it."""
+
+    key: str
+    address: str
+    proto: Literal["tcp", "udp"]
+    host: str
+    port: int
+
+
+def _claim(claims: list[_Claim], new: _Claim, fail: Fail) -> None:
+    """Refuse a listener whose bind would fail with "address already in use", naming both keys."""
+    first = next((c for c in claims if _clashes(c, new)), None)
+    if first is not None:
+        shown = "" if first.address == new.address else f" ({first.address})"
+        raise fail(new.key, f"{new.address} is already used by {first.key}{shown}")
+    claims.append(new)
+
+
+def _clashes(a: _Claim, b: _Claim) -> bool:
+    """Linux's rule: same protocol and port (0 is any free one), and one host covers the other."""
+    return a.proto == b.proto and a.port == b.port != 0 and (_covers(a, b) or _covers(b, a))
+
+
+def _covers(wide: _Claim, other: _Claim) -> bool:
+    """Same host, or a wildcard over it: 0.0.0.0 covers IPv4; :: covers IPv6, and IPv4 for UDP
+    (trio's TCP listeners set IPV6_V6ONLY, the UDP ones are dual-stack). Names match as written."""
+    mine, theirs = parse_ip(wide.host), parse_ip(other.host)
+    if mine is None or theirs is None:
+        return wide.host.lower() == other.host.lower()
+    if mine == theirs:
+        return True
+    if not mine.is_unspecified:
+        return False
+    return mine.version == theirs.version or (wide.proto == "udp" and mine.version == 6)
 
 
 def _check_peer(peer: PeerConfig, where: str, gw: GatewayConfig, fail: Fail) -> PeerConfig:
@@ -474,19 +528,30 @@ def parse_config(
     """Parse TOML text; relative paths in it are taken relative to ``base_dir``."""
     file = os.fspath(path_for_messages)
     try:
-        data = tomllib.loads(text)
+        return _check(_validate(_parse_toml(text, file), file, base_dir), file)
+    except RecursionError:  # `listen = [[[[...` : tomllib, pydantic and repr all recurse
+        raise ConfigError(file, "", "value nested too deeply") from None
+
+
+def _parse_toml(text: str, file: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "", f"TOML syntax error: {exc}") from exc
+    except ValueError as exc:  # tomllib lets int()'s limit through (an integer of 5000 digits)
+        raise ConfigError(file, "", f"TOML value error: {exc}") from exc
+
+
+def _validate(data: dict[str, Any], file: str, base_dir: str | os.PathLike[str]) -> Config:
     if "path" in data:
         raise ConfigError(file, "path", _message({"type": "extra_forbidden", "loc": ("path",)}))
     try:
-        config = Config.model_validate(
+        return Config.model_validate(
             {**data, "path": Path(file)}, context={"base_dir": Path(base_dir)}
         )
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise ConfigError(file, key_path(first["loc"]), _message(first)) from None
-    return _check(config, file)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -12,6 +12,8 @@ import base64
 import datetime
 import hashlib
 import os
+import shlex
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,11 +198,13 @@ def load_private_key(path: Path, data: bytes | None = None) -> ed25519.Ed25519Pr
 
 
 def load_identity(key_path: str | os.PathLike[str]) -> Identity:
-    """Load ``NAME.key`` and the ``NAME.crt`` beside it, and check that they belong together."""
+    """Load ``NAME.key`` (which only its owner may read) and the ``NAME.crt`` beside it, and
+    check that they belong together."""
     key_path = Path(key_path)
     cert_path = key_path.with_suffix(".crt")
     if key_path.suffix != ".key":
         raise IdentityError(f"{key_path}: expected a key file named NAME.key")
+    _refuse_unprotected(key_path)
     key = load_private_key(key_path)
     cert = load_cert(cert_path)
     fingerprint = fingerprint_of_cert(cert)
@@ -217,6 +221,23 @@ def load_identity(key_path: str | os.PathLike[str]) -> Identity:
         cert=cert,
         fingerprint=fingerprint,
     )
+
+
+def _refuse_unprotected(key_path: Path) -> None:
+    """Refuse a private key others may read (it may be copied already) or write (it may be
+    swapped), as ssh does; the message says how to fix it."""
+    if os.name != "posix":
+        return
+    try:
+        mode = stat.S_IMODE(key_path.stat().st_mode)
+    except OSError:
+        return  # reading it says what is wrong
+    if mode & 0o066:
+        can = " and ".join(w for w, bits in (("readable", 0o044), ("writable", 0o022)) if mode & bits)
+        by = " and ".join(w for w, bits in (("group", 0o060), ("others", 0o006)) if mode & bits)
+        raise IdentityError(
+            f"{key_path} is {can} by {by} (mode {mode:04o}); run chmod 600 {shlex.quote(str(key_path))}"
+        )
 
 
 def _read(path: Path) -> bytes:

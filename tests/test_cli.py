@@ -77,6 +77,41 @@ def test_check_and_run_report_config_errors_with_exit_2(tmp_path: Path) -> None:
         assert done.stderr == "bad.toml: gateway.key: required key is missing\n"
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("listen = " + "[" * 1000, "big.toml: value nested too deeply\n"),
+        (
+            f'name = "{"a" * 5_000_000}"',
+            "big.toml: gateway.name: expected a name of 1-63 letters, digits, '.', '_' or '-',"
+            f" got '{'a' * 60}…' (5000000 characters)\n",
+        ),
+    ],
+    ids=["nested", "huge"],
+)
+def test_check_reports_hostile_values_in_one_short_line(
+    tmp_path: Path, value: str, expected: str
+) -> None:
+    (tmp_path / "big.toml").write_text(f'[gateway]\nkey = "hub.key"\n{value}\n')
+    done = tunnelgate("check", "big.toml", cwd=tmp_path)
+    assert (done.returncode, done.stderr) == (2, expected)
+    assert len(done.stderr) < 300
+
+
+def test_check_and_run_refuse_a_private_key_others_can_read(tmp_path: Path) -> None:
+    tunnelgate("keygen", "hub", cwd=tmp_path)
+    (tmp_path / "hub.key").chmod(0o644)
+    (tmp_path / "hub.toml").write_text('[gateway]\nname = "hub"\nkey = "hub.key"\n')
+    key = tmp_path / "hub.key"
+    for verb in ("check", "run"):
+        done = tunnelgate(verb, "hub.toml", cwd=tmp_path)
+        assert (done.returncode, done.stderr) == (
+            2,
+            f"hub.toml: gateway.key: {key} is readable by group and others (mode 0644);"
+            f" run chmod 600 {key}\n",
+        )
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     done = tunnelgate("frobnicate", cwd=tmp_path)
     assert done.returncode == 2

@@ -215,8 +215,91 @@ def test_duplicate_listen_addresses(folder: Path) -> None:
         """
     )
     assert error_of(folder, text) == (
-        "hub.toml: tunnel[1].listen: udp://127.0.0.1:53 is already used by tunnel[0]"
+        "hub.toml: tunnel[1].listen: udp://127.0.0.1:53 is already used by tunnel[0].listen"
     )
+
+
+def test_one_port_for_two_carrier_listeners_is_refused_whatever_their_schemes(folder: Path) -> None:
+    text = with_gateway('listen = ["tls://127.0.0.1:17443", "tcp://127.0.0.1:17443"]\n')
+    assert error_of(folder, text) == (
+        "hub.toml: gateway.listen[1]: tcp://127.0.0.1:17443 is already used by gateway.listen[0]"
+        " (tls://127.0.0.1:17443)"
+    )
+
+
+def tunnel_beside_carrier(carrier: str, tunnel: str) -> str:
+    return with_gateway(
+        f"""
+        listen = ["{carrier}"]
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        [[tunnel]]
+        name = "a"
+        listen = "{tunnel}"
+        via = ["edge"]
+        target = "db:5432"
+        """
+    )
+
+
+@pytest.mark.parametrize(
+    ("carrier", "tunnel"),
+    [
+        ("tls://127.0.0.1:17443", "tcp://127.0.0.1:17443"),
+        ("tls://127.0.0.1:17443", "tcp://0.0.0.0:17443"),
+        ("tls://0.0.0.0:17443", "tcp://127.0.0.1:17443"),
+        ("tls://[::1]:17443", "tcp://[::]:17443"),
+        ("tls://[::]:17443", "tcp://[0:0::1]:17443"),
+    ],
+)
+def test_a_tunnel_on_a_carrier_port_is_refused(folder: Path, carrier: str, tunnel: str) -> None:
+    assert error_of(folder, tunnel_beside_carrier(carrier, tunnel)) == (
+        f"hub.toml: tunnel[0].listen: {tunnel} is already used by gateway.listen[0] ({carrier})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("carrier", "tunnel"),
+    [
+        ("tls://127.0.0.1:17443", "udp://127.0.0.1:17443"),  # UDP and TCP ports are separate
+        ("tls://127.0.0.1:17443", "tcp://127.0.0.2:17443"),
+        ("tls://0.0.0.0:17443", "tcp://[::]:17443"),  # trio's TCP listeners are IPv6-only
+        ("tls://127.0.0.1:0", "tcp://127.0.0.1:0"),  # port 0 is a fresh port each time
+    ],
+)
+def test_listeners_that_can_bind_together_are_accepted(
+    folder: Path, carrier: str, tunnel: str
+) -> None:
+    parse_config(tunnel_beside_carrier(carrier, tunnel), "hub.toml", folder)
+
+
+def test_udp_tunnels_clash_with_udp_ones_only_and_dual_stack(folder: Path) -> None:
+    def tunnels(first: str, second: str) -> str:
+        return with_gateway(
+            f"""
+            [[peer]]
+            name = "edge"
+            cert = "edge.crt"
+            [[tunnel]]
+            name = "a"
+            listen = "{first}"
+            via = ["edge"]
+            target = "dns:53"
+            [[tunnel]]
+            name = "b"
+            listen = "{second}"
+            via = ["edge"]
+            target = "dns:53"
+            """
+        )
+
+    assert error_of(folder, tunnels("udp://127.0.0.1:53", "udp://[::]:53")) == (
+        "hub.toml: tunnel[1].listen: udp://[::]:53 is already used by tunnel[0].listen"
+        " (udp://127.0.0.1:53)"
+    )
+    parse_config(tunnels("udp://127.0.0.1:53", "tcp://127.0.0.1:53"), "hub.toml", folder)
+    parse_config(tunnels("udp://0.0.0.0:0", "udp://0.0.0.0:0"), "hub.toml", folder)
 
 
 def test_undeclared_via_peer(folder: Path) -> None:
@@ -336,3 +419,42 @@ def test_toml_syntax_error_names_line_and_column(folder: Path) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"nope\.toml: no such file"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_a_deeply_nested_value_is_an_error_not_a_recursion_error(folder: Path) -> None:
+    assert error_of(folder, with_gateway("listen = " + "[" * 1000 + "\n")) == (
+        "hub.toml: value nested too deeply"
+    )
+
+
+def test_a_huge_value_is_cut_short_in_the_message(folder: Path) -> None:
+    message = error_of(folder, f'[gateway]\nname = "{"a" * 5_000_000}"\nkey = "hub.key"\n')
+    assert len(message) < 300
+    assert message == (
+        "hub.toml: gateway.name: expected a name of 1-63 letters, digits, '.', '_' or '-',"
+        f" got '{'a' * 60}…' (5000000 characters)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        with_gateway('listen = ["tls://{big}:7443"]'),  # our parsers' messages
+        with_gateway("{big} = 1"),  # an unknown key is in the key path
+        '[gateway]\nname = "hub"\nkey = "{big}"',  # every message about a file echoes its path
+        with_gateway('[[peer]]\nname = "edge"\ncert = "edge.crt"\nallow = ["tcp://{big}:22"]'),
+    ],
+    ids=["listen", "unknown-key", "path", "allow-rule"],
+)
+def test_every_echoed_value_is_cut_short(folder: Path, text: str) -> None:
+    message = error_of(folder, text.replace("{big}", "b" * 5_000_000))
+    assert len(message) < 400
+    assert "b…" in message and "b" * 61 not in message
+
+
+def test_a_private_key_others_can_read_is_refused(folder: Path) -> None:
+    (folder / "hub.key").chmod(0o644)
+    assert error_of(folder, with_gateway("")) == (
+        f"hub.toml: gateway.key: {folder / 'hub.key'} is readable by group and others"
+        f" (mode 0644); run chmod 600 {folder / 'hub.key'}"
+    )

@@ -103,8 +103,32 @@ def test_load_identity_refuses_non_ed25519_keys(tmp_path: Path) -> None:
             serialization.NoEncryption(),
         )
     )
+    (tmp_path / "r.key").chmod(0o600)
     with pytest.raises(IdentityError, match="expected an Ed25519 private key, got"):
         load_identity(tmp_path / "r.key")
+
+
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [
+        (0o644, "readable by group and others"),
+        (0o666, "readable and writable by group and others"),
+        (0o640, "readable by group"),
+        (0o602, "writable by others"),
+    ],
+)
+def test_load_identity_refuses_a_key_others_can_read_or_write(
+    tmp_path: Path, mode: int, words: str
+) -> None:
+    ident = write_identity(tmp_path / "hub")
+    ident.key_path.chmod(mode)
+    with pytest.raises(IdentityError) as info:
+        load_identity(ident.key_path)
+    assert str(info.value) == (
+        f"{ident.key_path} is {words} (mode {mode:04o}); run chmod 600 {ident.key_path}"
+    )
+    ident.key_path.chmod(0o400)  # owner-only is enough, read-only too
+    assert load_identity(ident.key_path).fingerprint == ident.fingerprint
 
 
 def test_fingerprint_of_file_refuses_garbage(tmp_path: Path) -> None:
