@@ -72,8 +72,10 @@ def parse_ports(text: str) -> tuple[int, int]:
     bounds = [low_text, high_text] if dash else [low_text]
     ports: list[int] = []
     for part in bounds:
-        if not part.isdigit():
-            raise ValueError(f"ports must be a port, a range like 5432-5433, or *; got {text!r}")
+        if not part.isascii() or not part.isdigit():
+            raise ValueError(f"ports must be a port, a range like 5432-5433, or *; got {text[:40]!r}")
+        if len(part.lstrip("0")) > 5:  # before int(): a million digits is no port either
+            raise ValueError(f"port {part[:12]}... is out of range 1..{MAX_PORT}")
         port = int(part)
         if not 1 <= port <= MAX_PORT:
             raise ValueError(f"port {port} is out of range 1..{MAX_PORT}")

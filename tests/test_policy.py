@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.policy import AllowRule, Policy, RoutePolicy
+from gateway.policy import AllowRule, Policy, RoutePolicy, parse_ports
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -114,3 +114,11 @@ def test_route_policy_is_default_deny() -> None:
     assert RoutePolicy(["hub"]).permits("hub")
     assert not RoutePolicy(["hub"]).permits("edge")
     assert RoutePolicy(["*"]).permits("edge")
+
+
+def test_a_huge_or_non_ascii_port_is_a_short_clear_error() -> None:
+    for text in ("9" * 5_000_000, "0" * 10 + "123456", "\u0661\u0662"):  # Arabic-Indic digits
+        with pytest.raises(ValueError) as caught:
+            parse_ports(text)
+        assert len(str(caught.value)) < 100 and "Exceeds" not in str(caught.value)
+    assert parse_ports("000443") == (443, 443)
