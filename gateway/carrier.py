@@ -22,6 +22,7 @@ import trio
 
 from gateway.circuit import Circuit, DatagramCircuit, _CircuitBase
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused
+from gateway.logs import Throttle
 from gateway.transport import CarrierTransport, TransportBroken
 from gateway_codecs import (
     CarrierEnded,
@@ -99,6 +100,7 @@ class Carrier:
         self._last_heard = trio.current_time()
         self._pings: dict[bytes, float] = {}
         self._nursery: trio.Nursery | None = None
+        self._refusals_log = Throttle()  # OPENs the session refused itself: the peer can flood them
 
     def __repr__(self) -> str:
         return f"<Carrier {self.description}>"
@@ -161,7 +163,10 @@ class Carrier:
             await self._on_request(self, circuit)
         except Exception:
             log.exception("carrier %s: handler for circuit %d failed", self.description, circuit.id)
-            circuit.reset(ErrorCode.INTERNAL_ERROR, "internal error at the far gateway")
+            try:
+                circuit.reset(ErrorCode.INTERNAL_ERROR, "internal error at the far gateway")
+            except Exception:  # this task runs in the gateway's nursery: nothing may escape
+                log.exception("carrier %s: could not reset circuit %d", self.description, circuit.id)
 
     def close(self, reason: str, code: ErrorCode = ErrorCode.NO_ERROR) -> None:
         """Send GOAWAY with `reason` and tear the carrier down now."""
@@ -308,7 +313,8 @@ class Carrier:
             for event in events:
                 self._dispatch(event)
             if size < READ_SIZE and self._established.is_set():
-                # The peer is who it said (TLS) and has said HELLO: now read in big batches.
+                # The peer has said HELLO (over TLS, its certificate was checked before):
+                # now read in big batches.
                 # (Nothing refers to the small buffer: events were handled, split frames copied.)
                 buffer = memoryview(bytearray(READ_SIZE))
             self.flush()  # PONGs, credit updates, refusals
@@ -351,9 +357,11 @@ class Carrier:
                 assert nursery is not None
                 nursery.start_soon(self._serve_request, circuit)
             case CircuitRequestRefused(circuit_id=cid, request=request, code=code, reason=reason):
-                log.warning("carrier %s: refused circuit %d (%s %s:%d): %s: %s", self.description, cid,
-                            request.kind.name.lower(), request.host, request.port,
-                            ErrorCode.describe(code), reason)
+                if (left_out := self._refusals_log.due()) is not None:
+                    log.warning("carrier %s: refused circuit %d (%s %s:%d): %s: %s%s", self.description,
+                                cid, request.kind.name.lower(), request.host[:64], request.port,
+                                ErrorCode.describe(code), reason,
+                                f" ({left_out} more refused since the last such line)" if left_out else "")
             case PongReceived(payload=payload):
                 sent = self._pings.pop(payload, None)
                 if sent is not None:

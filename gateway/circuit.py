@@ -435,6 +435,9 @@ class DatagramCircuit(_CircuitBase):
         one TLS write for many datagrams.
         """
         self._raise_if_broken()
+        if self._eof_received:
+            self.dropped_out += 1  # the far side ended the flow: one in flight, dropped
+            return False
         if len(datagram) > MAX_DATAGRAM:
             self.dropped_out += 1  # only an IPv6 jumbo-sized payload, sealed, gets here
             return False

@@ -127,6 +127,9 @@ class SecureStream(trio.abc.HalfCloseableStream, Abortable):
         await self.transport.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        # close_notify leaves at once (before any other checkpoint): never on behalf of a
+        # session that has just been cancelled because it broke.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._eof_sent:
             await trio.lowlevel.checkpoint()
             return

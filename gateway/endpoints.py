@@ -22,8 +22,8 @@ from gateway.errors import CircuitBroken, OpenRefused
 from gateway.localsock import DEFAULT_RECEIVE, LocalStream
 from gateway.peers import PeerDirectory
 from gateway.sessions import SessionLog
-from gateway.socket_relay import SocketRelay
-from gateway.splice import SpliceResult, describe_error
+from gateway.socket_relay import SocketRelay, abort_unrelayed
+from gateway.splice import SpliceResult, describe_abnormal_end, describe_error
 from gateway.tls import TlsContexts
 from gateway.udp import (
     MAX_UDP_PAYLOAD,
@@ -33,7 +33,7 @@ from gateway.udp import (
     flow_record,
     relay_datagrams,
 )
-from gateway_codecs import CircuitKind, OpenRequest
+from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")
 
@@ -194,7 +194,13 @@ class TunnelEndpoint:
                          on_end=lambda error: _log_circuit_failure(what, error), sent_before=early)
 
     async def _tcp_client(self, stream: LocalStream, what: str) -> None:
-        circuit = self._open(stream, await self._carrier(), what)
+        try:
+            carrier = await self._carrier()
+        except BaseException:  # cancelled (shutdown) while waiting: the client gets RST
+            stream.abort("gateway shut down")
+            stream.close_now()
+            raise
+        circuit = self._open(stream, carrier, what)
         if circuit is None:
             return
         early = 0
@@ -212,10 +218,11 @@ class TunnelEndpoint:
                     else describe_error(exc)
                 log.warning("%s: failed: %s", what, reason)
                 record.finish(0, 0, reason)
-                stream.abort(reason)
-                await stream.aclose()
-                await circuit.aclose()
+                abort_unrelayed(stream, circuit, reason, ErrorCode.END_TO_END_FAILED)
                 return
+            except BaseException as exc:
+                abort_unrelayed(stream, circuit, describe_abnormal_end(exc))
+                raise
             result = SpliceResult()
             try:
                 await self.relay.splice_socket(stream, far, circuit, result)

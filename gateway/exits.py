@@ -26,8 +26,8 @@ from gateway.localsock import LocalStream
 from gateway.peers import PeerDirectory
 from gateway.policy import Policy, parse_ip
 from gateway.sessions import SessionLog
-from gateway.socket_relay import SocketRelay
-from gateway.splice import SpliceResult, describe_error, splice
+from gateway.socket_relay import SocketRelay, abort_unrelayed
+from gateway.splice import Abortable, SpliceResult, describe_abnormal_end, describe_error, splice
 from gateway.tls import TlsContexts
 from gateway.udp import (
     CircuitPort,
@@ -213,10 +213,11 @@ class CircuitServer:
                     reason = describe_error(exc) or "end-to-end handshake timed out"
                     log.warning("exit %s: %s", what, reason)
                     record.finish(0, 0, reason)
-                    await circuit.aclose()
-                    stream.abort(reason)
-                    await stream.aclose()
+                    abort_unrelayed(stream, circuit, reason, ErrorCode.END_TO_END_FAILED)
                     return
+                except BaseException as exc:
+                    abort_unrelayed(stream, circuit, describe_abnormal_end(exc))
+                    raise
                 record.what += f" (end-to-end with {self._who(secure.peer_fingerprint)})"
                 near = secure
             result = SpliceResult()
@@ -249,7 +250,8 @@ class CircuitServer:
                         local = socket.socket(fileno=sock.detach())
                         local.setblocking(False)
                         with local:
-                            await PlainFlow(circuit, local.send, counts).run(idle, local)
+                            flow = PlainFlow(circuit, local.send, counts, ends_when_refused=True)
+                            await flow.run(idle, local)
                 if counts.error is not None:
                     log.warning("exit %s: %s", what, describe_error(counts.error))
             finally:
@@ -311,9 +313,12 @@ class CircuitServer:
                 upstream: trio.abc.HalfCloseableStream = circuit
                 if self.flip_offset is not None:
                     upstream = ByteFlipper(circuit, self.flip_offset)
-                result = await splice(_PassReset(upstream, circuit, onward),
-                                      _PassReset(onward, onward, circuit))
-                record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
+                result = SpliceResult()
+                try:
+                    await splice(_PassReset(upstream, circuit, onward), _PassReset(onward, onward, circuit),
+                                 result)
+                finally:
+                    record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
             elif isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
                 try:
                     inbound: DatagramPort = CircuitPort(circuit)
@@ -324,11 +329,13 @@ class CircuitServer:
                         await relay_datagrams(inbound, CircuitPort(onward),
                                               self.config.gateway.udp_idle_timeout, counts)
                 finally:
-                    await circuit.aclose()
-                    await onward.aclose()
+                    with trio.move_on_after(1) as cleanup:
+                        cleanup.shield = True  # both legs, even when cancelled
+                        await circuit.aclose()
+                        await onward.aclose()
 
 
-class _PassReset(trio.abc.HalfCloseableStream):
+class _PassReset(trio.abc.HalfCloseableStream, Abortable):
     """One leg of a relayed circuit: when it breaks with a code (RST from its far side,
     e.g. INTEGRITY_ERROR from an end-to-end exit, or its carrier lost), the other leg
     is reset with the same code and reason rather than a bare CANCELLED, so the RST

@@ -7,6 +7,7 @@ or the fleet CA), and a dialer pins the peer's fingerprint right after the hands
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import ssl
@@ -18,6 +19,7 @@ from gateway.carrier import Carrier, RequestHandler, Timing
 from gateway.config import CarrierAddress, Config, PeerConfig
 from gateway.errors import CarrierLost, IdentityError
 from gateway.identity import fingerprint_of_file
+from gateway.logs import Throttle
 from gateway.peers import PeerDirectory
 from gateway.tls import TlsContexts, describe_tls_failure
 from gateway.transport import CarrierTransport
@@ -36,7 +38,9 @@ REFUSAL_LOG_INTERVAL = 1.0  # during a flood, one log line per second says how m
 
 class HandshakeGate:
     """Counts a listener's unauthenticated connections; refuses beyond the caps, logged
-    (at most once a second per cap: a flood must not become a flood of log lines)."""
+    (at most once a second per cap: a flood must not become a flood of log lines).
+
+    A source is an IPv4 address or an IPv6 /64 (one host commonly holds a whole /64)."""
 
     def __init__(self, where: str, limit: int = MAX_HANDSHAKES,
                  per_source: int = MAX_HANDSHAKES_PER_SOURCE) -> None:
@@ -45,16 +49,26 @@ class HandshakeGate:
         self.per_source = per_source
         self.open = 0
         self.by_source: dict[str, int] = {}
-        self._refused = {"listener": 0, "source": 0}  # since that cap's last log line
-        self._logged_at = {"listener": -REFUSAL_LOG_INTERVAL, "source": -REFUSAL_LOG_INTERVAL}
+        self._listener_log = Throttle(REFUSAL_LOG_INTERVAL)
+        self._source_log = Throttle(REFUSAL_LOG_INTERVAL)
+
+    @staticmethod
+    def source_of(address: str) -> str:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
 
     def admit(self, source: str) -> bool:
         from_source = self.by_source.get(source, 0)
         if self.open >= self.limit:
-            self._refuse("listener", f"{self.open} open on this listener (limit {self.limit})")
+            self._refused(self._listener_log, f"{self.open} open on this listener (limit {self.limit})")
             return False
         if from_source >= self.per_source:
-            self._refuse("source", f"{from_source} open from {source} (limit {self.per_source} per source)")
+            self._refused(self._source_log,
+                          f"{from_source} open from {source} (limit {self.per_source} per source)")
             return False
         self.open += 1
         self.by_source[source] = from_source + 1
@@ -68,14 +82,11 @@ class HandshakeGate:
         else:
             del self.by_source[source]
 
-    def _refuse(self, cap: str, why: str) -> None:
-        self._refused[cap] += 1
-        now = trio.current_time()
-        if now - self._logged_at[cap] >= REFUSAL_LOG_INTERVAL:
+    def _refused(self, throttle: Throttle, why: str) -> None:
+        left_out = throttle.due()
+        if left_out is not None:
             log.warning("carrier listener %s: refused %d connection(s): unauthenticated handshakes: %s",
-                        self.where, self._refused[cap], why)
-            self._refused[cap] = 0
-            self._logged_at[cap] = now
+                        self.where, left_out + 1, why)
 
 
 def _where(address: CarrierAddress) -> str:
@@ -167,8 +178,8 @@ class Links:
 
         async def accepted(stream: trio.SocketStream) -> None:
             try:
-                source = str(stream.socket.getpeername()[0])
-            except OSError:
+                source = gate.source_of(str(stream.socket.getpeername()[0]))
+            except (OSError, ValueError):
                 await stream.aclose()  # gone already
                 return
             if not gate.admit(source):

@@ -43,7 +43,7 @@ def _established(sock: socket.socket) -> bool:
 
 
 class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink, Abortable):
-    __slots__ = ("_closed", "_sending", "sock")
+    __slots__ = ("_closed", "_error", "_sending", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -52,6 +52,10 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink, Abortable):
         self.sock = sock
         self._closed = False
         self._sending = False  # a send_all holds bytes: try_send must not overtake them
+        # The first error a send met. Meeting it consumed the socket's pending error, so
+        # the next recv would return b"" as if the peer had closed cleanly: a reset would
+        # pass on as an EOF. Reads raise it instead.
+        self._error: OSError | None = None
 
     @classmethod
     def from_trio(cls, stream: trio.SocketStream) -> LocalStream:
@@ -90,7 +94,10 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink, Abortable):
         waited = False
         while True:
             try:
+                self._raise_send_error()
                 data = self.sock.recv(size)
+                if not data:
+                    self._raise_send_error()  # met by a send while this task waited
             except _WOULD_BLOCK:
                 await trio.lowlevel.wait_readable(self.sock)
                 self._check_open()
@@ -110,6 +117,7 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink, Abortable):
         try:
             while view:
                 try:
+                    self._raise_send_error()
                     sent = self.sock.send(view)
                 except _WOULD_BLOCK:
                     await trio.lowlevel.wait_writable(self.sock)
@@ -117,6 +125,7 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink, Abortable):
                     waited = True
                     continue
                 except OSError as exc:
+                    self._error = self._error or exc
                     raise trio.BrokenResourceError(
                         f"connection broken: {exc.strerror or exc}") from exc
                 view = view[sent:]
@@ -135,12 +144,19 @@ class LocalStream(trio.abc.HalfCloseableStream, NonBlockingSink, Abortable):
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Write what fits now, without blocking; 0 if nothing did (or the socket failed:
         the next `send_all` reports that)."""
-        if self._closed or self._sending:
+        if self._closed or self._sending or self._error is not None:
             return 0
         try:
             return self.sock.send(data)
-        except OSError:
+        except _WOULD_BLOCK:
             return 0
+        except OSError as exc:
+            self._error = exc  # the next read or send_all reports it
+            return 0
+
+    def _raise_send_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()

@@ -36,3 +36,25 @@ def setup_logging(verbosity: int = 0) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level_for(verbosity))
+
+
+class Throttle:
+    """At most one log line per `interval` seconds for one kind of event, with the count
+    of those not logged: an event a peer can cause at will must not become a log flood."""
+
+    __slots__ = ("_last", "interval", "suppressed")
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.suppressed = 0
+        self._last = -interval
+
+    def due(self) -> int | None:
+        """None: stay quiet (counted); else log now, with this many left out since the last."""
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return None
+        self._last = now
+        left_out, self.suppressed = self.suppressed, 0
+        return left_out

@@ -22,8 +22,8 @@ class SessionRecord:
     each hold one, and a generator-based manager costs several times the memory.
     """
 
-    __slots__ = ("circuit_id", "drains", "error", "log", "note", "received", "role", "sent", "started",
-                 "what")
+    __slots__ = ("circuit_id", "closed", "drains", "error", "log", "note", "received", "role", "sent",
+                 "started", "what")
 
     def __init__(self, sessions: SessionLog, role: str, what: str, circuit_id: int,
                  drains: bool) -> None:
@@ -37,6 +37,7 @@ class SessionRecord:
         self.received = 0
         self.error = ""
         self.note = ""
+        self.closed = False  # exited: a second exit (a failing clean-up's fallback) is a no-op
 
     def finish(self, sent: int, received: int, error: str = "", note: str = "") -> None:
         """`sent` went towards the target side, `received` came back from it. `error`: why
@@ -51,6 +52,9 @@ class SessionRecord:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.log.closed(self)
         if value is not None and not self.error and not self.note:
             # Left by an exception, not through finish(): never an "ok".

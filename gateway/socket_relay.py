@@ -34,6 +34,7 @@ from gateway.errors import SessionError
 from gateway.localsock import LocalStream, set_reset_on_close
 from gateway.sessions import SessionRecord
 from gateway.splice import SPLICE_CHUNK, SpliceResult, splice
+from gateway_codecs import ErrorCode
 
 if TYPE_CHECKING:
     from gateway.carrier import Carrier
@@ -264,6 +265,18 @@ class _Session:
         self.on_end(error)
 
 
+def abort_unrelayed(stream: LocalStream, circuit: Circuit, reason: str,
+                    code: int = ErrorCode.CANCELLED) -> None:
+    """End a session that broke before its relaying started (end-to-end handshake failed
+    or timed out, cancelled while it waited): RST on the circuit and on the socket, as for
+    any broken session. A close here would say the session completed."""
+    if circuit.broken is None:
+        circuit.reset(code, reason)
+    circuit.close_now()
+    stream.abort(reason)
+    stream.close_now()
+
+
 def _guarded(session: _Session, handler: Callable[..., None], *args: int) -> None:
     """A bug in one session's handling must not take the relay (every session) down."""
     try:
@@ -281,7 +294,14 @@ def _internal_error(session: _Session, exc: Exception) -> None:
         session.hub.sessions.pop(session.fd, None)
         with contextlib.suppress(OSError, ValueError):
             session.hub.epoll.unregister(session.fd)
+        session.ended = True
+        set_reset_on_close(session.sock)
         session.sock.close()
+        if not session.record.closed:
+            out, back = ((session.to_circuit, session.to_socket) if session.socket_is_client
+                         else (session.to_socket, session.to_circuit))
+            session.record.finish(out, back, f"internal error: {exc}")
+            session.record.__exit__(None, None, None)  # a drain must not wait for it
 
 
 def _describe(error: BaseException | None) -> str:

@@ -72,6 +72,10 @@ async def splice(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStrea
             while True:
                 data = await src.receive_some(SPLICE_CHUNK)
                 if not data:
+                    # This task may have been rescheduled in the same batch in which the
+                    # other direction broke and cancelled the session: an EOF read now
+                    # may be a reset in disguise, and must not go on as a clean end.
+                    await trio.lowlevel.checkpoint_if_cancelled()
                     await dst.send_eof()
                     return
                 # Hand over without a second scheduling round when it fits at once (the

@@ -20,11 +20,16 @@ from gateway.circuit import DatagramCircuit
 from gateway.errors import SessionError
 from gateway.sessions import SessionRecord
 from gateway.splice import describe_abnormal_end, describe_error, is_cancellation
+from gateway_codecs import ErrorCode
 
 MAX_UDP_PAYLOAD = 65535  # receive buffer: any datagram fits (65,507 over IPv4)
 # Errors a UDP send can report for an earlier datagram (ICMP): the flow goes on.
-_TRANSIENT = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENOBUFS,
-              errno.EAGAIN, errno.EMSGSIZE}
+_TRANSIENT = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENOBUFS, errno.EAGAIN, errno.EMSGSIZE}
+# On the exit's connected socket, ECONNREFUSED (ICMP port unreachable) says the target's
+# port is closed: the flow ends there. Carrying on would hand what is still in flight to
+# whatever binds the port next (a restarted server would take a stale datagram of the old
+# flow for a new client's first one: iperf3's UDP handshake then answers the wrong flow).
+TARGET_CLOSED = "target port closed (ICMP port unreachable); flow ended"
 
 
 class DatagramPort(Protocol):
@@ -56,17 +61,20 @@ class SocketPort:
             try:
                 return await self.sock.recv(MAX_UDP_PAYLOAD)
             except OSError as exc:
-                if exc.errno not in _TRANSIENT:
-                    raise
-                self.errors += 1
+                self._check(exc)
 
     async def send(self, data: bytes) -> None:
         try:
             await self.sock.send(data)
         except OSError as exc:
-            if exc.errno not in _TRANSIENT:
-                raise
-            self.errors += 1
+            self._check(exc)
+
+    def _check(self, exc: OSError) -> None:
+        if exc.errno == errno.ECONNREFUSED:
+            raise trio.BrokenResourceError(TARGET_CLOSED) from exc
+        if exc.errno not in _TRANSIENT:
+            raise exc
+        self.errors += 1
 
 
 @dataclass
@@ -171,8 +179,9 @@ class PlainFlow:
     """
 
     def __init__(self, circuit: DatagramCircuit, send_local: Callable[[bytes], object],
-                 counts: DatagramCounts | None = None) -> None:
+                 counts: DatagramCounts | None = None, ends_when_refused: bool = False) -> None:
         self.circuit = circuit
+        self.ends_when_refused = ends_when_refused  # the exit's connected socket: see TARGET_CLOSED
         self.counts = counts if counts is not None else DatagramCounts()
         self.last = trio.current_time()
         self.dropped = 0
@@ -185,10 +194,16 @@ class PlainFlow:
         self.counts.bytes_b_to_a += len(data)
         try:
             self._send_local(data)
-        except OSError:
+        except OSError as exc:
             # Full socket buffer or an ICMP error from an earlier datagram: dropped, as
             # UDP would. Never raised: this runs in the carrier's reader task.
             self.dropped += 1
+            if exc.errno == errno.ECONNREFUSED and self.ends_when_refused:
+                self._target_closed()
+
+    def _target_closed(self) -> None:
+        if self.circuit.broken is None:
+            self.circuit.reset(ErrorCode.CONNECTION_REFUSED, TARGET_CLOSED)
 
     def from_local(self, data: bytes) -> None:
         """Queue a datagram from the local side (the caller flushes the carrier)."""
@@ -245,6 +260,9 @@ class PlainFlow:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
+                if exc.errno == errno.ECONNREFUSED:
+                    self._target_closed()
+                    return
                 if exc.errno not in _TRANSIENT:
                     raise
                 continue

@@ -179,3 +179,35 @@ def test_udp_flows_are_logged_with_their_bytes_and_an_idle_expiry_is_no_error(tm
         assert ": 50 B out, 50 B back," in shut and "ok (gateway shut down)" in shut, shut
         for gw in (entry, exit_gw):
             assert not [ln for ln in gw.log().splitlines() if "WARNING" in ln and "NO_ERROR" in ln]
+
+
+def test_a_flow_whose_target_port_closed_ends_and_never_reaches_its_next_owner(tmp_path: Path) -> None:
+    """The target closes its port (ICMP port unreachable at the exit): that flow ends
+    (both ends log why), and what the client sends next opens a new flow. A server that
+    binds the port again never gets a datagram from the old flow's socket."""
+    port = free_tcp_udp_port()
+    first = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    first.bind(("127.0.0.1", port))
+    first.settimeout(5)
+    tunnel = tunnel_toml("u", "udp", port, extra="udp_idle_timeout = 60\n")
+    exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel)
+    with running(exit_gw, entry), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        entry.wait_log("up (peer exit)")
+        client.settimeout(5)
+        tunnel_addr = ("127.0.0.1", entry.tunnel_port("u"))
+        client.sendto(b"hello", tunnel_addr)
+        data, old_flow = first.recvfrom(100)
+        assert data == b"hello"
+        first.close()
+        client.sendto(b"into the void", tunnel_addr)  # ICMP port unreachable at the exit
+        exit_gw.wait_log("target port closed", timeout=10)
+        entry.wait_log("target port closed", timeout=10)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
+            second.bind(("127.0.0.1", port))
+            second.settimeout(5)
+            client.sendto(b"again", tunnel_addr)
+            data, new_flow = second.recvfrom(100)
+            assert data == b"again" and new_flow != old_flow
+            second.sendto(b"answer", new_flow)
+            assert client.recv(100) == b"answer"
+        assert entry.log().count("entry session open: tunnel u udp") == 2
