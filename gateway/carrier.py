@@ -4,11 +4,13 @@ Three tasks live in the carrier's nursery: the reader (the only one that feeds t
 session bytes and turns events into circuit wake-ups), the writer, and the keepalive
 (PING every interval; silence for `keepalive_timeout` declares the carrier dead).
 
-Writes happen inline: whichever task queues frames calls `flush`, which takes
-everything the session has queued (control frames first, then payload round robin) as
-one coalesced write, without waiting. Only when the socket is full does the writer task
-take over, waiting for it to drain. That saves a task switch per message (latency) and
-keeps bulk transfers at one write per 256 KiB.
+The carrier owns its writes: circuits queue frames and call `queued()`; `flush` then
+takes everything the session has queued (control frames first, then payload round
+robin) as one coalesced write, without waiting, either at once or when the current
+`write_batch` ends (see writes.py: one write per carrier per reader batch or relay
+wake-up). Only when the socket is full does the writer task take over, waiting for it
+to drain. That saves a task switch per message (latency) and keeps bulk transfers at
+one write per 256 KiB.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gateway.circuit import Circuit, DatagramCircuit, _CircuitBase
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused
 from gateway.logs import Throttle
 from gateway.transport import CarrierTransport, TransportBroken
+from gateway.writes import queued, write_batch
 from gateway_codecs import (
     CarrierEnded,
     CarrierSession,
@@ -189,11 +192,9 @@ class Carrier:
 
     # ------------------------------------------------------------------ circuits
 
-    def open(self, request: OpenRequest, flush: bool = True) -> AnyCircuit:
-        """Open a circuit now (OPEN is queued; data may follow before OPEN_OK).
-
-        `flush=False` lets the caller add the first data, so both leave in one write.
-        """
+    def open(self, request: OpenRequest) -> AnyCircuit:
+        """Open a circuit now (OPEN is queued; data may follow before OPEN_OK: inside a
+        `write_batch` both leave in one write)."""
         try:
             cid = self.session.open_circuit(request)
         except ProtocolError as exc:
@@ -201,9 +202,12 @@ class Carrier:
         cls = DatagramCircuit if request.kind is CircuitKind.UDP else Circuit
         circuit = cls(self, cid, request)
         self.circuits[cid] = circuit
-        if flush:
-            self.flush()
+        self.queued()
         return circuit
+
+    def queued(self) -> None:
+        """Frames were queued in the session: written now, or when the batch ends."""
+        queued(self)
 
     def forget(self, circuit: _CircuitBase) -> None:
         if self.circuits.get(circuit.id) is circuit:
@@ -310,14 +314,15 @@ class Carrier:
                 self.close_reason = f"protocol violation by peer: {exc}"
                 log.warning("carrier %s: %s; closing it", self.description, self.close_reason)
                 return
-            for event in events:
-                self._dispatch(event)
+            with write_batch():  # what the events make circuits and relays send: one write each
+                for event in events:
+                    self._dispatch(event)
+                self.queued()  # PONGs, credit updates, refusals
             if size < READ_SIZE and self._established.is_set():
                 # The peer has said HELLO (over TLS, its certificate was checked before):
                 # now read in big batches.
                 # (Nothing refers to the small buffer: events were handled, split frames copied.)
                 buffer = memoryview(bytearray(READ_SIZE))
-            self.flush()  # PONGs, credit updates, refusals
             if filled >= size - READ_MIN_ROOM:
                 # More is probably waiting: let the circuits just fed run first. Otherwise
                 # the next read finds nothing and waiting for the socket yields anyway.

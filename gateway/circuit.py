@@ -3,7 +3,8 @@
 A `Circuit` is a `trio.abc.HalfCloseableStream` over one TCP-kind circuit of a
 carrier; a `DatagramCircuit` carries whole UDP datagrams. Both are fed by their
 carrier's reader task (synchronously, from session events) and write by asking the
-carrier's session to queue frames and then `carrier.flush()`, which writes at once.
+carrier's session to queue frames and then `carrier.queued()` (the carrier writes them
+at once, or at the end of the current write batch).
 A circuit may also push what arrives straight into a sink (`sink`, set by `splice`)
 and take pushes itself (`try_send`): that is how relays avoid a task switch per message.
 """
@@ -79,12 +80,12 @@ class _CircuitBase:
         self._raise_if_broken()
         self.carrier.session.accept_circuit(self.id)
         self._answered = True
-        self.carrier.flush()
+        self.carrier.queued()
 
     def refuse(self, code: int, reason: str) -> None:
         if self.broken is None:
             self.carrier.session.refuse_circuit(self.id, code, reason)
-            self.carrier.flush()
+            self.carrier.queued()
         self._fail(OpenRefused(code, reason))
         self.carrier.forget(self)
 
@@ -112,7 +113,7 @@ class _CircuitBase:
         """Abort both directions now (RST); further use raises."""
         if self.broken is None:
             self.carrier.session.reset_circuit(self.id, code, reason)
-            self.carrier.flush()
+            self.carrier.queued()
             self._fail(CircuitBroken(code, reason or "reset locally"))
         self.carrier.forget(self)
 
@@ -231,15 +232,14 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                 session.send_data(self.id, chunk)
                 self.bytes_sent += len(chunk)
                 view = view[credit:]
-                self.carrier.flush()
+                self.carrier.queued()
             await trio.lowlevel.checkpoint()
         finally:
             self._sending = False
 
-    def try_send(self, data: bytes | bytearray | memoryview, flush: bool = True) -> int:
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Queue what the credit allows now, without blocking; 0 if nothing fits (or a
-        send_all is holding earlier bytes). Lets a relay push circuit to circuit.
-        `flush=False` leaves the write to the caller (one write for a batch of circuits)."""
+        send_all is holding earlier bytes). Lets a relay push circuit to circuit."""
         if self._sending or self._eof_sent or self._closed or self.broken is not None:
             return 0
         session = self.carrier.session
@@ -251,8 +251,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         chunk = data if len(data) <= credit else memoryview(data)[:credit]
         session.send_data(self.id, chunk)
         self.bytes_sent += len(chunk)
-        if flush:
-            self.carrier.flush()
+        self.carrier.queued()
         return len(chunk)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -277,7 +276,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         self._raise_if_broken()
         self._eof_sent = True
         self.carrier.session.send_eof(self.id)
-        self.carrier.flush()
+        self.carrier.queued()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
@@ -331,7 +330,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         self.bytes_received += n
         if self.broken is None:
             self._acknowledge(n)
-            self.carrier.flush()
+            self.carrier.queued()
         return data
 
     async def aclose(self) -> None:
@@ -355,7 +354,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                 if not self._eof_sent:
                     self._eof_sent = True
                     self.carrier.session.send_eof(self.id)
-                    self.carrier.flush()
+                    self.carrier.queued()
                 if self._eof_received:
                     self.carrier.forget(self)
             self._inbound.clear()
@@ -428,12 +427,9 @@ class DatagramCircuit(_CircuitBase):
         super()._fail(error)
         self.ended.set()
 
-    def send(self, datagram: bytes, flush: bool = True) -> bool:
+    def send(self, datagram: bytes) -> bool:
         """Queue one datagram for the carrier; False if it was dropped (queue full).
-
-        `flush=False` leaves the write to the caller (`carrier.flush()` after a batch):
-        one TLS write for many datagrams.
-        """
+        Inside a `write_batch` (a listener's burst) many datagrams leave in one write."""
         self._raise_if_broken()
         if self._eof_received:
             self.dropped_out += 1  # the far side ended the flow: one in flight, dropped
@@ -448,8 +444,7 @@ class DatagramCircuit(_CircuitBase):
         if queued:
             self.datagrams_sent += 1
             self.bytes_sent += len(datagram)
-            if flush:
-                self.carrier.flush()
+            self.carrier.queued()
         else:
             self.dropped_out += 1
         return queued
@@ -480,7 +475,7 @@ class DatagramCircuit(_CircuitBase):
                     self.carrier.session.send_eof(self.id)
                 else:
                     self.carrier.session.reset_circuit(self.id, ErrorCode.NO_ERROR, "flow closed")
-                self.carrier.flush()
+                self.carrier.queued()
             self._closed = True
             self._lot.unpark_all()
             self.carrier.forget(self)

@@ -33,6 +33,7 @@ from gateway.udp import (
     flow_record,
     relay_datagrams,
 )
+from gateway.writes import write_batch
 from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")
@@ -150,7 +151,8 @@ class TunnelEndpoint:
                 if carrier is not None and self.exit_peer is None and self.relay.running:
                     # The common case needs no task: the relay takes the session now.
                     try:
-                        self._relay_client(stream, carrier, what)
+                        with write_batch():  # OPEN and the client's first bytes: one write
+                            self._relay_client(stream, carrier, what)
                     except Exception:  # a bug in one session must not stop the listener
                         log.exception("%s: internal error", what)
                         stream.abort("internal error")
@@ -163,7 +165,7 @@ class TunnelEndpoint:
         try:
             if carrier is None:
                 raise OpenRefused(0x0107, f"no carrier to {self.tunnel.via[0]} is up")
-            circuit = carrier.open(self.request, flush=False)
+            circuit = carrier.open(self.request)
         except OpenRefused as exc:
             log.warning("%s: refused: %s", what, exc)
             stream.abort(str(exc))
@@ -179,10 +181,7 @@ class TunnelEndpoint:
         count, for the session's byte count."""
         credit = circuit.send_credit
         early = stream.try_receive(min(credit, DEFAULT_RECEIVE)) if credit > 0 else None
-        sent = circuit.try_send(early) if early else 0
-        if not sent:
-            circuit.carrier.flush()
-        return sent
+        return circuit.try_send(early) if early else 0
 
     def _relay_client(self, stream: LocalStream, carrier: Carrier, what: str) -> None:
         circuit = self._open(stream, carrier, what)
@@ -200,14 +199,13 @@ class TunnelEndpoint:
             stream.abort("gateway shut down")
             stream.close_now()
             raise
-        circuit = self._open(stream, carrier, what)
-        if circuit is None:
-            return
-        early = 0
-        if self.exit_peer is None:  # (end-to-end: the TLS handshake must come first)
-            early = self._send_early(stream, circuit)
-        else:
-            circuit.carrier.flush()
+        with write_batch():  # OPEN and the client's first bytes: one write
+            circuit = self._open(stream, carrier, what)
+            if circuit is None:
+                return
+            early = 0
+            if self.exit_peer is None:  # (end-to-end: the TLS handshake must come first)
+                early = self._send_early(stream, circuit)
         with self.sessions.track("entry", what, circuit) as record:
             far: trio.abc.HalfCloseableStream = circuit
             try:
@@ -273,33 +271,30 @@ class TunnelEndpoint:
             flows: dict[tuple[str, int], _Flow] = {}
             while True:
                 await trio.lowlevel.wait_readable(sock)
-                touched: set[Carrier] = set()
-                for _ in range(SOCKET_BATCH):
-                    try:
-                        data, client = sock.recvfrom(MAX_UDP_PAYLOAD)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        continue  # an ICMP error for an earlier reply; the flow's timeout handles it
-                    flow = flows.get(client)
-                    if flow is None or flow.circuit.ended.is_set():
-                        # No flow, or one that has just ended (its task has not yet run to
-                        # remove it): this datagram starts a new flow, never joins the old.
-                        flow = self._new_flow(sock, client, flows, nursery)
-                        if flow is None:
-                            self.dropped += 1
-                            continue
-                    if flow.plain is not None:
-                        flow.plain.from_local(data)
-                        touched.add(flow.circuit.carrier)
-                    else:
-                        assert flow.inbox is not None
+                with write_batch():  # the burst's datagrams leave in one write per carrier
+                    for _ in range(SOCKET_BATCH):
                         try:
-                            flow.inbox.send_nowait(data)
-                        except (trio.WouldBlock, trio.BrokenResourceError):
-                            self.dropped += 1
-                for carrier in touched:
-                    carrier.flush()
+                            data, client = sock.recvfrom(MAX_UDP_PAYLOAD)
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError:
+                            continue  # an ICMP error for an earlier reply; the flow's timeout handles it
+                        flow = flows.get(client)
+                        if flow is None or flow.circuit.ended.is_set():
+                            # No flow, or one that has just ended (its task has not yet run to
+                            # remove it): this datagram starts a new flow, never joins the old.
+                            flow = self._new_flow(sock, client, flows, nursery)
+                            if flow is None:
+                                self.dropped += 1
+                                continue
+                        if flow.plain is not None:
+                            flow.plain.from_local(data)
+                        else:
+                            assert flow.inbox is not None
+                            try:
+                                flow.inbox.send_nowait(data)
+                            except (trio.WouldBlock, trio.BrokenResourceError):
+                                self.dropped += 1
 
     def _new_flow(self, sock: socket.socket, client: tuple[str, int],
                   flows: dict[tuple[str, int], _Flow], nursery: trio.Nursery) -> _Flow | None:

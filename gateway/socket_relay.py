@@ -34,14 +34,15 @@ from gateway.errors import SessionError
 from gateway.localsock import LocalStream, set_reset_on_close
 from gateway.sessions import SessionRecord
 from gateway.splice import SPLICE_CHUNK, SpliceResult, splice
+from gateway.writes import write_batch
 from gateway_codecs import ErrorCode
 
 if TYPE_CHECKING:
-    from gateway.carrier import Carrier
+    pass
 
 log = logging.getLogger("tunnelgate.relay")
 
-MAX_EVENTS = 512  # socket events handled per wake-up before the carriers are flushed
+MAX_EVENTS = 512  # socket events handled per wake-up (one write batch)
 _IN, _OUT, _ERR, _HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 
 SessionEnd = Callable[[BaseException | None], None]
@@ -206,11 +207,10 @@ class _Session:
             self.socket_eof_done = True
             self._end_if_done()
             return
-        if circuit.try_send(data, flush=False) < len(data):
+        if circuit.try_send(data) < len(data):
             self.fail(circuit.broken or SessionError("circuit closed"))
             return
         self.to_circuit += len(data)
-        self.hub.touched.add(circuit.carrier)
 
     def on_events(self, mask: int) -> None:
         if self.sock_error is not None:
@@ -350,7 +350,6 @@ class SocketRelay:
     def __init__(self) -> None:
         self.epoll = select.epoll()
         self.sessions: dict[int, _Session | _ErrorWatch] = {}
-        self.touched: set[Carrier] = set()  # carriers with queued frames, flushed once per wake-up
         self.running = False
 
     def adopt(self, sock: socket.socket, circuit: Circuit, record: SessionRecord,
@@ -362,8 +361,8 @@ class SocketRelay:
         session = _Session(self, sock, circuit, record, socket_is_client, on_end)
         session.to_circuit = sent_before
         self.sessions[session.fd] = session
-        _guarded(session, session.start)
-        self._flush()
+        with write_batch():
+            _guarded(session, session.start)
 
     @contextlib.contextmanager
     def watch_errors(self, sock: socket.socket, on_error: Callable[[SessionError], None]
@@ -404,11 +403,6 @@ class SocketRelay:
             finally:
                 circuit.watcher = None
 
-    def _flush(self) -> None:
-        touched, self.touched = self.touched, set()
-        for carrier in touched:
-            carrier.flush()
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; then abort what is still open (shutdown's drain is over)."""
         self.running = True
@@ -416,17 +410,17 @@ class SocketRelay:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self.epoll)
-                for fd, mask in self.epoll.poll(0, MAX_EVENTS):
-                    session = self.sessions.get(fd)
-                    if isinstance(session, _Session):
-                        _guarded(session, session.on_events, mask)
-                    elif session is not None:
-                        session.on_events(mask)
-                self._flush()
+                with write_batch():  # one write per carrier for all this wake-up moved
+                    for fd, mask in self.epoll.poll(0, MAX_EVENTS):
+                        session = self.sessions.get(fd)
+                        if isinstance(session, _Session):
+                            _guarded(session, session.on_events, mask)
+                        elif session is not None:
+                            session.on_events(mask)
         finally:
             self.running = False
-            for session in list(self.sessions.values()):
-                session.fail(SessionError("gateway shut down"))
-            self._flush()
+            with write_batch():
+                for session in list(self.sessions.values()):
+                    session.fail(SessionError("gateway shut down"))
             trio.lowlevel.notify_closing(self.epoll)
             self.epoll.close()

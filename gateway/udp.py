@@ -20,6 +20,7 @@ from gateway.circuit import DatagramCircuit
 from gateway.errors import SessionError
 from gateway.sessions import SessionRecord
 from gateway.splice import describe_abnormal_end, describe_error, is_cancellation
+from gateway.writes import write_batch
 from gateway_codecs import ErrorCode
 
 MAX_UDP_PAYLOAD = 65535  # receive buffer: any datagram fits (65,507 over IPv4)
@@ -164,8 +165,8 @@ def flow_record(record: SessionRecord, counts: DatagramCounts, outward_is_a_to_b
         ended_by = None  # no cycle through this frame
 
 
-# Datagrams read from a socket per wakeup before the carrier is flushed once: one TLS
-# write carries the batch.
+# Datagrams read from a socket per wakeup, in one write batch: one TLS write carries
+# them all.
 SOCKET_BATCH = 64
 
 
@@ -175,7 +176,7 @@ class PlainFlow:
     Datagrams from the circuit go to the local socket from the carrier's reader task
     (`circuit.sink`, a non-blocking send: dropped if the socket is full, as UDP would);
     datagrams from the local socket are read in batches by whoever owns that socket and
-    queued without a flush per datagram. No task switch per datagram in either direction.
+    queued in one write batch. No task switch per datagram in either direction.
     """
 
     def __init__(self, circuit: DatagramCircuit, send_local: Callable[[bytes], object],
@@ -206,10 +207,10 @@ class PlainFlow:
             self.circuit.reset(ErrorCode.CONNECTION_REFUSED, TARGET_CLOSED)
 
     def from_local(self, data: bytes) -> None:
-        """Queue a datagram from the local side (the caller flushes the carrier)."""
+        """Queue a datagram from the local side (the caller's write batch sends it)."""
         self.last = trio.current_time()
         try:
-            queued = self.circuit.send(data, flush=False)
+            queued = self.circuit.send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             queued = False  # the flow is ending: dropped, as UDP would (never raised to the listener)
         if queued:
@@ -254,18 +255,17 @@ class PlainFlow:
         return self.counts
 
     def _drain(self, local: socket.socket) -> None:
-        for _ in range(SOCKET_BATCH):
-            try:
-                data = local.recv(MAX_UDP_PAYLOAD)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                if exc.errno == errno.ECONNREFUSED:
-                    self._target_closed()
-                    return
-                if exc.errno not in _TRANSIENT:
-                    raise
-                continue
-            self.from_local(data)
-        if not self.circuit.broken:
-            self.circuit.carrier.flush()
+        with write_batch():  # the burst leaves in one write
+            for _ in range(SOCKET_BATCH):
+                try:
+                    data = local.recv(MAX_UDP_PAYLOAD)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.ECONNREFUSED:
+                        self._target_closed()
+                        return
+                    if exc.errno not in _TRANSIENT:
+                        raise
+                    continue
+                self.from_local(data)

@@ -1,0 +1,73 @@
+"""The carriers' write coalescer: frames queued during a batch leave in one write per carrier.
+
+Circuits never write: they queue frames in their carrier's session and call
+`carrier.queued()`. Outside a batch that writes at once (a task that sends, then
+awaits). Inside a batch (`with write_batch():` around a carrier reader's dispatch of
+what one read brought, a relay's wake-up, a UDP listener's burst, an accept that opens a
+circuit and sends the client's first bytes) each carrier is only marked; when the
+outermost batch ends, every marked carrier writes once. A middle relay whose reader
+batch fed forty frames into the onward carrier thus makes one TLS write, not forty:
+aioquic's `_transmit_soon`, without a scheduler round.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from trio.lowlevel import RunVar
+
+if TYPE_CHECKING:
+    from gateway.carrier import Carrier
+
+
+class _Writes:
+    __slots__ = ("depth", "dirty")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: dict[Carrier, None] = {}  # insertion-ordered: flushed in the order touched
+
+
+_WRITES: RunVar[_Writes] = RunVar("tunnelgate_writes")
+
+
+def _writes() -> _Writes:
+    try:
+        return _WRITES.get()
+    except LookupError:
+        writes = _Writes()
+        _WRITES.set(writes)
+        return writes
+
+
+def queued(carrier: Carrier) -> None:
+    """`carrier` has frames queued: write them now, or at the end of the current batch."""
+    writes = _writes()
+    if writes.depth:
+        writes.dirty[carrier] = None
+    else:
+        carrier.flush()
+
+
+class write_batch:
+    """Defer every carrier write until the outermost batch ends; then one write each.
+
+    A class, not @contextmanager: it runs for every message, and a generator costs more.
+    """
+
+    __slots__ = ("_writes",)
+
+    def __enter__(self) -> None:
+        self._writes = writes = _writes()
+        writes.depth += 1
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        writes = self._writes
+        writes.depth -= 1
+        if writes.depth == 0 and writes.dirty:
+            dirty = writes.dirty
+            writes.dirty = {}
+            for carrier in dirty:
+                carrier.flush()
