@@ -22,7 +22,7 @@ from gateway.identity import fingerprint_of_file
 from gateway.logs import Throttle
 from gateway.peers import PeerDirectory
 from gateway.tls import TlsContexts, describe_tls_failure
-from gateway.transport import CarrierTransport
+from gateway.transport import open_transport
 from gateway_codecs import Role, Settings
 
 log = logging.getLogger("tunnelgate.links")
@@ -101,6 +101,14 @@ def _has_tls_cause(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
+
+
+def _remote(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _connect_failure(exc: OSError) -> str:
@@ -207,23 +215,29 @@ class Links:
         await trio.serve_listeners(accepted, listeners, handler_nursery=handler_nursery)
 
     async def _accepted(self, stream: trio.SocketStream, scheme: str, on_up: Callable[[], None]) -> None:
-        transport = CarrierTransport.from_trio(stream)
-        remote = transport.remote()
-        if scheme == "tcp":
+        remote = _remote(stream)
+        try:
+            with trio.fail_after(self.timing.handshake_timeout):
+                transport = await open_transport(scheme, stream, self._context(scheme, None),
+                                                 server_side=True)
+            try:
+                fingerprint = transport.peer_fingerprint()
+            except IdentityError:
+                transport.close()
+                raise
+        except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError) as exc:
+            why = ("TLS handshake timed out" if isinstance(exc, trio.TooSlowError)
+                   else describe_tls_failure(exc))
+            log.warning("carrier from %s refused: %s", remote, why)
+            return
+        if fingerprint is None:  # plain: the peer's name will be what its HELLO says
             carrier = Carrier(transport, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
                               None, f"from {remote} (plain)", self.session_nursery)
         else:
-            try:
-                with trio.fail_after(self.timing.handshake_timeout):
-                    await transport.start_tls(self.contexts.server(), server_side=True)
-                fingerprint = transport.peer_fingerprint()
-                peer = self.by_fingerprint.get(fingerprint)
-                if peer is None:
-                    raise IdentityError(f"certificate {fingerprint} is not a configured peer")
-            except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError) as exc:
-                why = ("TLS handshake timed out" if isinstance(exc, trio.TooSlowError)
-                       else describe_tls_failure(exc))
-                log.warning("carrier from %s refused: %s", remote, why)
+            peer = self.by_fingerprint.get(fingerprint)
+            if peer is None:
+                log.warning("carrier from %s refused: certificate %s is not a configured peer",
+                            remote, fingerprint)
                 transport.close()
                 return
             carrier = Carrier(transport, Role.ACCEPTOR, self.settings, self.timing, self.on_request,
@@ -232,6 +246,13 @@ class Links:
             await self._carry(carrier, on_up)
         except CarrierLost as exc:
             log.warning("carrier from %s failed: %s", remote, exc.reason)
+
+    def _context(self, scheme: str, peer: PeerConfig | None) -> ssl.SSLContext | None:
+        """The TLS context a carrier of `scheme` needs (None for plain ones): the server
+        context when accepting, the one that verifies `peer` when dialing it."""
+        if scheme == "tcp":
+            return None
+        return self.contexts.server() if peer is None else self.contexts.client_for(peer.cert)
 
     # ------------------------------------------------------------------ dialing
 
@@ -269,20 +290,20 @@ class Links:
     async def _dial(self, peer: PeerConfig) -> Carrier:
         assert peer.dial is not None
         where = _where(peer.dial)
+        scheme = peer.dial.scheme
         with trio.fail_after(self.timing.handshake_timeout):
-            transport = CarrierTransport.from_trio(
-                await trio.open_tcp_stream(peer.dial.host, peer.dial.port))
-            if peer.dial.scheme == "tcp":
-                log.warning("carrier to %s (%s) is plain TCP: unencrypted and unauthenticated",
-                            peer.name, where)
-                return Carrier(transport, Role.DIALER, self.settings, self.timing, self.on_request,
-                               peer.name, f"to {peer.name} at {where} (plain)", self.session_nursery)
-            try:
-                await transport.start_tls(self.contexts.client_for(peer.cert), server_side=False)
-                got = transport.peer_fingerprint()
-            except BaseException:
-                transport.close()
-                raise
+            stream = await trio.open_tcp_stream(peer.dial.host, peer.dial.port)
+            transport = await open_transport(scheme, stream, self._context(scheme, peer), server_side=False)
+        try:
+            got = transport.peer_fingerprint()
+        except IdentityError:
+            transport.close()
+            raise
+        if got is None:
+            log.warning("carrier to %s (%s) is plain TCP: unencrypted and unauthenticated",
+                        peer.name, where)
+            return Carrier(transport, Role.DIALER, self.settings, self.timing, self.on_request,
+                           peer.name, f"to {peer.name} at {where} (plain)", self.session_nursery)
         expected = {fp for fp, p in self.by_fingerprint.items() if p is peer}
         if expected and got not in expected:
             transport.close()

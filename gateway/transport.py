@@ -1,4 +1,10 @@
-"""Carrier transports: a connected TCP socket, plain or TLS, driven without a stream layer.
+"""Carrier transports: what a carrier runs over, behind one interface.
+
+`CarrierTransport` is all a carrier needs from its connection: non-blocking reads and
+writes, waits, close, and who the peer proved to be (if the transport authenticates).
+`open_transport` picks the implementation from the address's scheme, in this one place:
+`tcp` is a plain socket (`SocketTransport`), `tls` is TLS 1.3 on it (`TlsTransport`).
+A WebSocket transport is one more subclass and one more scheme here.
 
 TLS is OpenSSL on the socket itself (a non-blocking `ssl.SSLSocket`): OpenSSL reads and
 writes the file descriptor directly, so a record costs one syscall and no copy through
@@ -9,9 +15,11 @@ the carrier write from whichever task queued the frames, without a task switch.
 
 from __future__ import annotations
 
+import abc
 import errno
 import socket
 import ssl
+from typing import ClassVar
 
 import trio
 
@@ -26,41 +34,60 @@ class TransportBroken(Exception):
     """The carrier's connection failed; `str()` says how."""
 
 
-class CarrierTransport:
-    """One carrier's connection. Not a trio stream on purpose: see the module docstring."""
+class CarrierTransport(abc.ABC):
+    """The connection under one carrier. Not a trio stream on purpose: see the module
+    docstring (a carrier writes from whichever task queued frames, never blocking)."""
 
-    def __init__(self, sock: socket.socket, tls: ssl.SSLSocket | None = None) -> None:
-        self.sock: socket.socket = tls if tls is not None else sock
-        self.tls = tls
+    scheme: ClassVar[str]
+
+    @abc.abstractmethod
+    def try_recv_into(self, buffer: memoryview) -> int | None:
+        """Bytes read into `buffer`; 0 at a clean end; None if nothing is ready."""
+
+    @abc.abstractmethod
+    def looks_drained(self, got: int, asked: int) -> bool:
+        """Whether a read of `got` bytes (of `asked`) probably emptied the connection."""
+
+    @abc.abstractmethod
+    async def wait_readable(self) -> None: ...
+
+    @abc.abstractmethod
+    def try_send(self, data: memoryview) -> int | None:
+        """Bytes written now (maybe fewer than given); None if the connection is full."""
+
+    @abc.abstractmethod
+    async def wait_writable(self) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close now, never waiting."""
+
+    @abc.abstractmethod
+    def remote(self) -> str:
+        """The peer's address, for logs."""
+
+    def peer_fingerprint(self) -> str | None:
+        """The fingerprint of the key the peer proved it holds; None if this transport
+        does not authenticate (plain TCP: the peer's name is only what its HELLO says)."""
+        return None
+
+
+class SocketTransport(CarrierTransport):
+    """A connected TCP socket, plain (`tcp://`)."""
+
+    scheme = "tcp"
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.closed = False
 
     @classmethod
-    def from_trio(cls, stream: trio.SocketStream) -> CarrierTransport:
+    def from_trio(cls, stream: trio.SocketStream) -> socket.socket:
         """Take over the socket of a connected trio SocketStream."""
         sock = socket.socket(fileno=stream.socket.detach())
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        return cls(sock)
-
-    async def start_tls(self, context: ssl.SSLContext, server_side: bool) -> None:
-        """Run the TLS handshake on this socket (the caller sets the deadline)."""
-        tls = context.wrap_socket(self.sock, server_side=server_side, do_handshake_on_connect=False)
-        tls.setblocking(False)
-        self.sock = self.tls = tls
-        while True:
-            try:
-                tls.do_handshake()
-                return
-            except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(tls)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(tls)
-
-    def peer_fingerprint(self) -> str:
-        der = self.tls.getpeercert(binary_form=True) if self.tls is not None else None
-        if not der:
-            raise IdentityError("peer presented no certificate")
-        return fingerprint_of_der_cert(der)
+        return sock
 
     def remote(self) -> str:
         try:
@@ -72,7 +99,6 @@ class CarrierTransport:
     # -------------------------------------------------------------- reading
 
     def try_recv_into(self, buffer: memoryview) -> int | None:
-        """Bytes read into `buffer`; 0 at a clean end; None if nothing is ready."""
         try:
             return self.sock.recv_into(buffer)
         except ssl.SSLWantReadError:
@@ -87,12 +113,8 @@ class CarrierTransport:
             raise TransportBroken(_describe(exc)) from exc
 
     def looks_drained(self, got: int, asked: int) -> bool:
-        """Whether a read of `got` bytes (of `asked`) probably emptied the socket: plain TCP
-        returns less than asked only then; TLS returns one record at a time, so a record
-        shorter than the maximum is most likely the last one that has arrived."""
-        if self.tls is None:
-            return got < asked
-        return got < min(asked, TLS_MAX_RECORD) and not self.tls.pending()
+        """Plain TCP returns less than asked only when the socket is empty."""
+        return got < asked
 
     async def wait_readable(self) -> None:
         await trio.lowlevel.wait_readable(self.sock)
@@ -100,7 +122,6 @@ class CarrierTransport:
     # -------------------------------------------------------------- writing
 
     def try_send(self, data: memoryview) -> int | None:
-        """Bytes written now (maybe fewer than given); None if the socket is full."""
         try:
             return self.sock.send(data)
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
@@ -116,17 +137,84 @@ class CarrierTransport:
     # -------------------------------------------------------------- closing
 
     def close(self) -> None:
-        """Close now. TLS close_notify is best effort (never waits)."""
         if self.closed:
             return
         self.closed = True
-        if self.tls is not None:
-            try:
-                self.tls.unwrap()
-            except (OSError, ssl.SSLError, ValueError):
-                pass
+        self._before_close()
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
+
+    def _before_close(self) -> None:
+        pass
+
+
+class TlsTransport(SocketTransport):
+    """TLS 1.3 on a connected TCP socket (`tls://`): OpenSSL reads and writes the socket."""
+
+    scheme = "tls"
+
+    def __init__(self, tls: ssl.SSLSocket) -> None:
+        super().__init__(tls)
+        self.tls = tls
+
+    @classmethod
+    async def handshake(cls, sock: socket.socket, context: ssl.SSLContext, server_side: bool
+                        ) -> TlsTransport:
+        """Run the TLS handshake on `sock` (the caller sets the deadline, and closes `sock`
+        if this raises)."""
+        tls = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+        tls.setblocking(False)
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    return cls(tls)
+                except ssl.SSLWantReadError:
+                    await trio.lowlevel.wait_readable(tls)
+                except ssl.SSLWantWriteError:
+                    await trio.lowlevel.wait_writable(tls)
+        except BaseException:
+            tls.close()
+            raise
+
+    def peer_fingerprint(self) -> str:
+        der = self.tls.getpeercert(binary_form=True)
+        if not der:
+            raise IdentityError("peer presented no certificate")
+        return fingerprint_of_der_cert(der)
+
+    def looks_drained(self, got: int, asked: int) -> bool:
+        """TLS returns one record at a time, so a record shorter than the maximum is most
+        likely the last one that has arrived."""
+        return got < min(asked, TLS_MAX_RECORD) and not self.tls.pending()
+
+    def _before_close(self) -> None:
+        try:
+            self.tls.unwrap()  # close_notify, best effort (never waits)
+        except (OSError, ssl.SSLError, ValueError):
+            pass
+
+
+SCHEMES = ("tls", "tcp")
+
+
+async def open_transport(scheme: str, stream: trio.SocketStream, context: ssl.SSLContext | None,
+                         server_side: bool) -> CarrierTransport:
+    """The transport `scheme` names, over a connected TCP stream (the caller sets the
+    deadline). The one place that maps a scheme to a transport; `context` is the TLS
+    context for schemes that use one."""
+    sock = SocketTransport.from_trio(stream)
+    if scheme == "tcp":
+        return SocketTransport(sock)
+    if scheme == "tls":
+        assert context is not None
+        try:
+            return await TlsTransport.handshake(sock, context, server_side)
+        except BaseException:
+            sock.close()
+            raise
+    sock.close()
+    raise ValueError(f"unknown carrier scheme {scheme!r}")
 
 
 def _describe(exc: BaseException) -> str:

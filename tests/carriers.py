@@ -10,7 +10,7 @@ import trio
 
 from gateway.carrier import AnyCircuit, Carrier, Timing
 from gateway.circuit import Circuit
-from gateway.transport import CarrierTransport
+from gateway.transport import SocketTransport
 from gateway_codecs import CircuitKind, OpenRequest, Role, Settings
 
 Inbound = trio.MemoryReceiveChannel[AnyCircuit]
@@ -23,7 +23,7 @@ async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier,
     left_sock, right_sock = socket.socketpair()
     for sock in (left_sock, right_sock):
         sock.setblocking(False)
-    left, right = CarrierTransport(left_sock), CarrierTransport(right_sock)
+    left, right = SocketTransport(left_sock), SocketTransport(right_sock)
     inbound_send, inbound_receive = trio.open_memory_channel[AnyCircuit](16)
 
     async def on_request(carrier: Carrier, circuit: AnyCircuit) -> None:
