@@ -13,6 +13,7 @@ session; this costs none (memory per idle relayed session: two circuits).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from gateway.circuit import Circuit
 from gateway.errors import CircuitBroken
@@ -23,13 +24,19 @@ from gateway_codecs import ErrorCode
 log = logging.getLogger("tunnelgate.relay")
 
 
-class _Bridge:
-    __slots__ = ("a", "a_to_b", "b", "b_to_a", "ended", "eof_a_to_b", "eof_b_to_a", "record")
+Transform = Callable[[bytes | memoryview, int], bytes | memoryview]
 
-    def __init__(self, a: Circuit, b: Circuit, record: SessionRecord) -> None:
+
+class _Bridge:
+    __slots__ = ("a", "a_to_b", "b", "b_to_a", "ended", "eof_a_to_b", "eof_b_to_a", "record",
+                 "transform")
+
+    def __init__(self, a: Circuit, b: Circuit, record: SessionRecord,
+                 transform: Transform | None = None) -> None:
         self.a = a
         self.b = b
         self.record = record
+        self.transform = transform
         self.a_to_b = 0
         self.b_to_a = 0
         self.eof_a_to_b = False
@@ -43,6 +50,8 @@ class _Bridge:
         self.on_event()  # what either leg queued before the bridge existed
 
     def _push_a_to_b(self, data: bytes | memoryview) -> int:
+        if self.transform is not None:
+            data = self.transform(data, self.a_to_b)
         sent = self.b.try_send(data)
         self.a_to_b += sent
         return sent
@@ -52,13 +61,16 @@ class _Bridge:
         self.b_to_a += sent
         return sent
 
-    def _move(self, src: Circuit, dst: Circuit) -> int:
+    def _move(self, src: Circuit, dst: Circuit, transform: Transform | None = None,
+              position: int = 0) -> int:
         """Move what `src` has queued into `dst` as far as its credit allows."""
         moved = 0
         while (credit := dst.send_credit) > 0:
-            data = src.take_nowait(min(credit, SPLICE_CHUNK))
+            data: bytes | memoryview | None = src.take_nowait(min(credit, SPLICE_CHUNK))
             if data is None:
                 break
+            if transform is not None:
+                data = transform(data, position + moved)
             moved += dst.try_send(data)
         return moved
 
@@ -80,7 +92,7 @@ class _Bridge:
                 other.reset(broken.broken.code, broken.broken.reason)
                 self._end(broken.broken)
                 return
-        self.a_to_b += self._move(a, b)
+        self.a_to_b += self._move(a, b, self.transform, self.a_to_b)
         self.b_to_a += self._move(b, a)
         if a.at_eof and not self.eof_a_to_b:
             self.eof_a_to_b = True
@@ -108,8 +120,10 @@ class _Bridge:
         self.record.__exit__(None, None, None)
 
 
-def bridge(a: Circuit, b: Circuit, record: SessionRecord) -> None:
+def bridge(a: Circuit, b: Circuit, record: SessionRecord, transform: Transform | None = None) -> None:
     """Relay `a` <-> `b` until both directions ended or one leg broke. `record` is entered
-    now and exited at the end, with the byte counts and the reason."""
+    now and exited at the end, with the byte counts and the reason. `transform(data,
+    offset)` rewrites what goes a -> b (the test-only fault injector: it runs inside this,
+    the production path, never beside it)."""
     record.__enter__()
-    _Bridge(a, b, record).start()
+    _Bridge(a, b, record, transform).start()

@@ -21,13 +21,13 @@ from gateway.circuit_bridge import bridge
 from gateway.config import Config, PeerConfig
 from gateway.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.errors import CircuitBroken, TunnelgateError
-from gateway.faults import ByteFlipper, DatagramFlipper, fault_injection_offset
+from gateway.faults import DatagramFlipper, byte_flipper, fault_injection_offset
 from gateway.localsock import LocalStream
 from gateway.peers import PeerDirectory
 from gateway.policy import Policy, parse_ip
 from gateway.sessions import SessionLog
 from gateway.socket_relay import SocketRelay, abort_unrelayed
-from gateway.splice import Abortable, SpliceResult, describe_abnormal_end, describe_error, splice
+from gateway.splice import SpliceResult, describe_abnormal_end, describe_error
 from gateway.tls import TlsContexts
 from gateway.udp import (
     CircuitPort,
@@ -305,21 +305,13 @@ class CircuitServer:
             onward.reset(ErrorCode.CANCELLED, "the previous hop closed the circuit")
             return
         record = self.sessions.track("relay", f"{what} -> {next_hop}", circuit)
-        if isinstance(circuit, Circuit) and isinstance(onward, Circuit) and self.flip_offset is None:
-            bridge(circuit, onward, record)  # the common case: no task from here on
+        if isinstance(circuit, Circuit) and isinstance(onward, Circuit):
+            # No task from here on; the test-only fault injector is a transform inside.
+            flip = byte_flipper(self.flip_offset) if self.flip_offset is not None else None
+            bridge(circuit, onward, record, flip)
             return
         with record:
-            if isinstance(circuit, Circuit) and isinstance(onward, Circuit):
-                upstream: trio.abc.HalfCloseableStream = circuit
-                if self.flip_offset is not None:
-                    upstream = ByteFlipper(circuit, self.flip_offset)
-                result = SpliceResult()
-                try:
-                    await splice(_PassReset(upstream, circuit, onward), _PassReset(onward, onward, circuit),
-                                 result)
-                finally:
-                    record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
-            elif isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
+            if isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
                 try:
                     inbound: DatagramPort = CircuitPort(circuit)
                     if self.flip_offset is not None:
@@ -333,53 +325,6 @@ class CircuitServer:
                         cleanup.shield = True  # both legs, even when cancelled
                         await circuit.aclose()
                         await onward.aclose()
-
-
-class _PassReset(trio.abc.HalfCloseableStream, Abortable):
-    """One leg of a relayed circuit: when it breaks with a code (RST from its far side,
-    e.g. INTEGRITY_ERROR from an end-to-end exit, or its carrier lost), the other leg
-    is reset with the same code and reason rather than a bare CANCELLED, so the RST
-    travels the whole chain and every hop's log says why the session ended."""
-
-    def __init__(self, inner: trio.abc.HalfCloseableStream, own: Circuit, other: Circuit) -> None:
-        self.inner = inner  # `own`, possibly wrapped (the test-only byte flipper)
-        self.own = own
-        self.other = other
-
-    def abort(self, reason: str) -> None:
-        """splice aborts both sides when one broke (see splice.Abortable)."""
-        self.own.abort(reason)
-
-    def _pass_on(self, exc: trio.BrokenResourceError) -> None:
-        if isinstance(exc.__cause__, CircuitBroken):
-            self.other.reset(exc.__cause__.code, exc.__cause__.reason)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        try:
-            return await self.inner.receive_some(max_bytes)
-        except trio.BrokenResourceError as exc:
-            self._pass_on(exc)
-            raise
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self.inner.send_all(data)
-        except trio.BrokenResourceError as exc:
-            self._pass_on(exc)
-            raise
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        try:
-            await self.inner.send_eof()
-        except trio.BrokenResourceError as exc:
-            self._pass_on(exc)
-            raise
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def _log_failure(what: str, error: BaseException | None) -> None:

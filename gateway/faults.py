@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-
-import trio
+from collections.abc import Callable
 
 from gateway.udp import DatagramPort
 
@@ -29,33 +28,16 @@ def fault_injection_offset() -> int | None:
     return offset
 
 
-class ByteFlipper(trio.abc.HalfCloseableStream):
-    """Passes a stream through, inverting the byte at `offset` of what it receives."""
+def byte_flipper(offset: int) -> Callable[[bytes | memoryview, int], bytes | memoryview]:
+    """A bridge transform inverting byte `offset` of the stream (counted from the entry)."""
 
-    def __init__(self, inner: trio.abc.HalfCloseableStream, offset: int) -> None:
-        self.inner = inner
-        self.offset = offset
-        self.position = 0
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.inner.receive_some(max_bytes)
-        start, self.position = self.position, self.position + len(data)
-        if start <= self.offset < self.position:
-            i = self.offset - start
-            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+    def flip(data: bytes | memoryview, position: int) -> bytes | memoryview:
+        if position <= offset < position + len(data):
+            i = offset - position
+            return bytes(data[:i]) + bytes([data[i] ^ 0xFF]) + bytes(data[i + 1:])
         return data
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+    return flip
 
 
 class DatagramFlipper:

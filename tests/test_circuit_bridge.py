@@ -16,6 +16,7 @@ import trio.testing
 from gateway.circuit import Circuit
 from gateway.circuit_bridge import bridge
 from gateway.errors import CircuitBroken
+from gateway.faults import byte_flipper
 from gateway.sessions import SessionLog
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
@@ -105,3 +106,34 @@ async def test_a_reset_travels_through_with_its_code_and_reason() -> None:
     cause = caught.value.__cause__
     assert isinstance(cause, CircuitBroken)
     assert cause.code == ErrorCode.INTEGRITY_ERROR and cause.reason == "bad record"
+
+
+@pytest.mark.parametrize("offset", [0, 5000, 16 * 1024 + 3, 3 * 1024 * 1024 - 1])
+async def test_a_transform_rewrites_each_byte_once_whatever_the_credit(offset: int) -> None:
+    """The test-only fault injector is a transform inside the bridge: it must see every
+    byte exactly once at its true offset, whether the bytes went straight through (sink)
+    or waited in the queue for credit."""
+    data = bytes(range(256)) * 4096 * 3  # 3 MiB through 16 KiB windows: both paths, many times
+    window = 16 * 1024
+    sessions = SessionLog()
+    with trio.fail_after(30):
+        async with carrier_pair(window) as (left, left_in), carrier_pair(window) as (right, right_in):
+            entry, upstream = await open_pair(left, left_in)
+            onward, exit_end = await open_pair(right, right_in)
+            bridge(upstream, onward, sessions.track("relay", "t", upstream), byte_flipper(offset))
+
+            async def send() -> None:
+                await entry.send_all(data)
+                await entry.send_eof()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                parts = []
+                while chunk := await exit_end.receive_some(7000):  # a slow-ish, small reader
+                    parts.append(chunk)
+            await exit_end.send_eof()
+            await sessions.wait_idle()
+    got = b"".join(parts)
+    assert len(got) == len(data)
+    diffs = [i for i, (x, y) in enumerate(zip(got, data, strict=True)) if x != y]
+    assert diffs == [offset]
