@@ -17,16 +17,16 @@ from typing import TypeVar
 
 import trio
 
+from gateway.carriers.links import Links
+from gateway.carriers.peers import PeerDirectory
 from gateway.config import Config
-from gateway.endpoints import TunnelEndpoint
 from gateway.errors import ConfigError
-from gateway.exits import CircuitServer
-from gateway.identity import load_identity
-from gateway.links import Links
-from gateway.peers import PeerDirectory
-from gateway.sessions import SessionLog
-from gateway.socket_relay import SocketRelay
-from gateway.tls import TlsContexts
+from gateway.relay.socket_relay import SocketRelay
+from gateway.roles.endpoints import TunnelEndpoint
+from gateway.roles.exits import CircuitServer
+from gateway.roles.sessions import SessionLog
+from gateway.security.identity import load_identity
+from gateway.security.tls import TlsContexts
 
 log = logging.getLogger("tunnelgate")
 

@@ -44,7 +44,7 @@ def _keygen(name: str) -> int:
     from pathlib import Path
 
     from gateway.config import NAME_RE
-    from gateway.identity import write_identity
+    from gateway.security.identity import write_identity
 
     prefix = Path(name)
     stem = prefix.name.removesuffix(".key").removesuffix(".crt")
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "keygen":
             return _keygen(args.name)
         if args.verb == "fingerprint":
-            from gateway.identity import fingerprint_of_file
+            from gateway.security.identity import fingerprint_of_file
 
             print(fingerprint_of_file(args.file))
             return 0

@@ -28,8 +28,8 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError, IdentityError
-from gateway.identity import fingerprint_of_cert, load_cert, load_identity
-from gateway.policy import AllowRule, Policy, RoutePolicy, is_host_name, parse_ip
+from gateway.security.identity import fingerprint_of_cert, load_cert, load_identity
+from gateway.security.policy import AllowRule, Policy, RoutePolicy, is_host_name, parse_ip
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")

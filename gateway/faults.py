@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from gateway.udp import DatagramPort
+from gateway.relay.udp import DatagramPort
 
 log = logging.getLogger("tunnelgate.faults")
 ENV = "TUNNELGATE_TEST_FLIP_BYTE"

@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from gateway.carrier import AnyCircuit, Carrier, Timing
-from gateway.circuit import Circuit
-from gateway.transport import SocketTransport
+from gateway.carriers.carrier import AnyCircuit, Carrier, Timing
+from gateway.carriers.circuit import Circuit
+from gateway.carriers.transport import SocketTransport
 from gateway_codecs import CircuitKind, OpenRequest, Role, Settings
 
 Inbound = trio.MemoryReceiveChannel[AnyCircuit]

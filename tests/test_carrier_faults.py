@@ -10,7 +10,7 @@ import logging
 import pytest
 import trio
 
-from gateway.carrier import Carrier
+from gateway.carriers.carrier import Carrier
 from gateway_codecs import DataReceived, Event
 from tests.carriers import carrier_pair, open_pair
 

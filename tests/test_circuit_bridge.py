@@ -13,11 +13,11 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.circuit import Circuit
-from gateway.circuit_bridge import bridge
+from gateway.carriers.circuit import Circuit
 from gateway.errors import CircuitBroken
 from gateway.faults import byte_flipper
-from gateway.sessions import SessionLog
+from gateway.relay.circuit_bridge import bridge
+from gateway.roles.sessions import SessionLog
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
 

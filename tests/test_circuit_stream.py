@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from gateway.circuit import Circuit
+from gateway.carriers.circuit import Circuit
 from tests.carriers import carrier_pair, open_pair
 
 

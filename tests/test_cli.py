@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.identity import fingerprint_of_file
 from gateway.logs import setup_logging
+from gateway.security.identity import fingerprint_of_file
 
 ROOT = Path(__file__).resolve().parent.parent
 

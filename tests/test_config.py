@@ -9,7 +9,7 @@ import pytest
 
 from gateway.config import CarrierAddress, ListenAddress, Target, load_config, parse_config
 from gateway.errors import ConfigError
-from gateway.identity import load_identity, write_identity
+from gateway.security.identity import load_identity, write_identity
 
 
 @pytest.fixture

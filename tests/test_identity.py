@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import IdentityError
-from gateway.identity import (
+from gateway.security.identity import (
     Identity,
     fingerprint_of_cert,
     fingerprint_of_file,
@@ -24,7 +24,7 @@ from gateway.identity import (
     load_identity,
     write_identity,
 )
-from gateway.tls import (
+from gateway.security.tls import (
     client_context,
     describe_tls_failure,
     identify_peer,

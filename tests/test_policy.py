@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.policy import AllowRule, Policy, RoutePolicy, parse_ports
+from gateway.security.policy import AllowRule, Policy, RoutePolicy, parse_ports
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -28,15 +28,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.circuit import Circuit
-from gateway.circuit_bridge import bridge
-from gateway.e2e import SecureStream
-from gateway.identity import write_identity
-from gateway.localsock import LocalStream
-from gateway.sessions import SessionLog, SessionRecord
-from gateway.socket_relay import SocketRelay
-from gateway.splice import SpliceResult, describe_error
-from gateway.tls import client_context, server_context
+from gateway.carriers.circuit import Circuit
+from gateway.relay.circuit_bridge import bridge
+from gateway.relay.localsock import LocalStream
+from gateway.relay.socket_relay import SocketRelay
+from gateway.relay.splice import SpliceResult, describe_error
+from gateway.roles.sessions import SessionLog, SessionRecord
+from gateway.security.e2e import SecureStream
+from gateway.security.identity import write_identity
+from gateway.security.tls import client_context, server_context
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.circuit import Circuit
-from gateway.e2e import SecureStream
-from gateway.identity import write_identity
-from gateway.localsock import LocalStream
-from gateway.socket_relay import SocketRelay
-from gateway.splice import SpliceResult
-from gateway.tls import client_context, server_context
+from gateway.carriers.circuit import Circuit
+from gateway.relay.localsock import LocalStream
+from gateway.relay.socket_relay import SocketRelay
+from gateway.relay.splice import SpliceResult
+from gateway.security.e2e import SecureStream
+from gateway.security.identity import write_identity
+from gateway.security.tls import client_context, server_context
 from tests.carriers import carrier_pair, open_pair
 
 TRIALS = 60

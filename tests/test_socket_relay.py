@@ -15,10 +15,10 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.circuit import Circuit
+from gateway.carriers.circuit import Circuit
 from gateway.errors import CircuitBroken
-from gateway.sessions import SessionLog
-from gateway.socket_relay import SocketRelay, _Session
+from gateway.relay.socket_relay import SocketRelay, _Session
+from gateway.roles.sessions import SessionLog
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.identity import fingerprint_of_file, write_identity
-from gateway.tls import client_context, server_context
-from gateway.transport import CarrierTransport, SocketTransport, TlsTransport, open_transport
+from gateway.carriers.transport import CarrierTransport, SocketTransport, TlsTransport, open_transport
+from gateway.security.identity import fingerprint_of_file, write_identity
+from gateway.security.tls import client_context, server_context
 
 
 async def _pair(scheme: str, tmp_path: Path) -> tuple[CarrierTransport, CarrierTransport]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from gateway.circuit import DatagramCircuit
-from gateway.udp import PlainFlow
+from gateway.carriers.circuit import DatagramCircuit
+from gateway.relay.udp import PlainFlow
 from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 from tests.carriers import carrier_pair
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from trio.lowlevel import RunVar
 
 if TYPE_CHECKING:
-    from gateway.carrier import Carrier
+    from gateway.carriers.carrier import Carrier
 
 
 class _Writes:

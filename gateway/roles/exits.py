@@ -15,21 +15,17 @@ from typing import Literal
 
 import trio
 
-from gateway.carrier import AnyCircuit, Carrier
-from gateway.circuit import Circuit, DatagramCircuit
-from gateway.circuit_bridge import bridge
+from gateway.carriers.carrier import AnyCircuit, Carrier
+from gateway.carriers.circuit import Circuit, DatagramCircuit
+from gateway.carriers.peers import PeerDirectory
 from gateway.config import Config, PeerConfig
-from gateway.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.errors import CircuitBroken, TunnelgateError
 from gateway.faults import DatagramFlipper, byte_flipper, fault_injection_offset
-from gateway.localsock import LocalStream
-from gateway.peers import PeerDirectory
-from gateway.policy import Policy, parse_ip
-from gateway.sessions import SessionLog
-from gateway.socket_relay import SocketRelay, abort_unrelayed
-from gateway.splice import SpliceResult, describe_abnormal_end, describe_error
-from gateway.tls import TlsContexts
-from gateway.udp import (
+from gateway.relay.circuit_bridge import bridge
+from gateway.relay.localsock import LocalStream
+from gateway.relay.socket_relay import SocketRelay, abort_unrelayed
+from gateway.relay.splice import SpliceResult, describe_abnormal_end, describe_error
+from gateway.relay.udp import (
     CircuitPort,
     DatagramCounts,
     DatagramPort,
@@ -38,6 +34,10 @@ from gateway.udp import (
     flow_record,
     relay_datagrams,
 )
+from gateway.roles.sessions import SessionLog
+from gateway.security.e2e import SealedFlow, SealedPort, SecureStream
+from gateway.security.policy import Policy, parse_ip
+from gateway.security.tls import TlsContexts
 from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 
 log = logging.getLogger("tunnelgate.exit")

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import trio
 
-from gateway.circuit import Circuit, DatagramCircuit, _CircuitBase
+from gateway.carriers.circuit import Circuit, DatagramCircuit, _CircuitBase
+from gateway.carriers.transport import CarrierTransport, TransportBroken
+from gateway.carriers.writes import queued
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused
 from gateway.logs import Throttle
-from gateway.transport import CarrierTransport, TransportBroken
-from gateway.writes import queued
 from gateway_codecs import (
     CarrierEnded,
     CarrierSession,

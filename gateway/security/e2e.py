@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gateway.circuit import Circuit, DatagramCircuit
+from gateway.carriers.circuit import Circuit, DatagramCircuit
 from gateway.errors import CircuitBroken, IdentityError
-from gateway.identity import fingerprint_of_der_cert
-from gateway.splice import Abortable
+from gateway.relay.splice import Abortable
+from gateway.security.identity import fingerprint_of_der_cert
 from gateway_codecs import ErrorCode
 
 READ_SIZE = 256 * 1024

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from gateway.carrier import Carrier
+from gateway.carriers.carrier import Carrier
 from gateway.config import PeerConfig
 
 

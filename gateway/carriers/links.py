@@ -15,14 +15,14 @@ from collections.abc import Callable
 
 import trio
 
-from gateway.carrier import Carrier, RequestHandler, Timing
+from gateway.carriers.carrier import Carrier, RequestHandler, Timing
+from gateway.carriers.peers import PeerDirectory
+from gateway.carriers.transport import open_transport
 from gateway.config import CarrierAddress, Config, PeerConfig
 from gateway.errors import CarrierLost, IdentityError
-from gateway.identity import fingerprint_of_file
 from gateway.logs import Throttle
-from gateway.peers import PeerDirectory
-from gateway.tls import TlsContexts, describe_tls_failure
-from gateway.transport import open_transport
+from gateway.security.identity import fingerprint_of_file
+from gateway.security.tls import TlsContexts, describe_tls_failure
 from gateway_codecs import Role, Settings
 
 log = logging.getLogger("tunnelgate.links")

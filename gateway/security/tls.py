@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol, TypeVar
 
 from gateway.errors import IdentityError
-from gateway.identity import Identity, fingerprint_of_der_cert
+from gateway.security.identity import Identity, fingerprint_of_der_cert
 
 _T = TypeVar("_T")
 

@@ -14,18 +14,16 @@ import socket
 
 import trio
 
-from gateway.carrier import Carrier
-from gateway.circuit import Circuit, DatagramCircuit
+from gateway.carriers.carrier import Carrier
+from gateway.carriers.circuit import Circuit, DatagramCircuit
+from gateway.carriers.peers import PeerDirectory
+from gateway.carriers.writes import write_batch
 from gateway.config import Config, TunnelConfig
-from gateway.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.errors import CircuitBroken, OpenRefused
-from gateway.localsock import DEFAULT_RECEIVE, LocalStream
-from gateway.peers import PeerDirectory
-from gateway.sessions import SessionLog
-from gateway.socket_relay import SocketRelay, abort_unrelayed
-from gateway.splice import SpliceResult, describe_abnormal_end, describe_error
-from gateway.tls import TlsContexts
-from gateway.udp import (
+from gateway.relay.localsock import DEFAULT_RECEIVE, LocalStream
+from gateway.relay.socket_relay import SocketRelay, abort_unrelayed
+from gateway.relay.splice import SpliceResult, describe_abnormal_end, describe_error
+from gateway.relay.udp import (
     MAX_UDP_PAYLOAD,
     SOCKET_BATCH,
     DatagramCounts,
@@ -33,7 +31,9 @@ from gateway.udp import (
     flow_record,
     relay_datagrams,
 )
-from gateway.writes import write_batch
+from gateway.roles.sessions import SessionLog
+from gateway.security.e2e import SealedFlow, SealedPort, SecureStream
+from gateway.security.tls import TlsContexts
 from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")

@@ -24,7 +24,7 @@ from typing import ClassVar
 import trio
 
 from gateway.errors import IdentityError
-from gateway.identity import fingerprint_of_der_cert
+from gateway.security.identity import fingerprint_of_der_cert
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 TLS_MAX_RECORD = 16384  # plaintext bytes in one TLS record (RFC 8446, 5.1)

@@ -20,7 +20,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from gateway.errors import CircuitBroken, OpenRefused
-from gateway.splice import Abortable, NonBlockingSink, PushSource
+from gateway.relay.splice import Abortable, NonBlockingSink, PushSource
 from gateway_codecs import (
     MAX_DATAGRAM,
     ErrorCode,
@@ -29,7 +29,7 @@ from gateway_codecs import (
 )
 
 if TYPE_CHECKING:
-    from gateway.carrier import Carrier
+    from gateway.carriers.carrier import Carrier
 
 # A UDP flow's inbound queue: datagrams beyond this are dropped and counted, so a
 # slow UDP target never makes the carrier's reader wait.

@@ -10,7 +10,7 @@ from types import TracebackType
 
 import trio
 
-from gateway.splice import describe_abnormal_end
+from gateway.relay.splice import describe_abnormal_end
 
 log = logging.getLogger("tunnelgate.session")
 

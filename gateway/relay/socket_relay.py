@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from gateway.circuit import Circuit
+from gateway.carriers.circuit import Circuit
+from gateway.carriers.writes import write_batch
 from gateway.errors import SessionError
-from gateway.localsock import LocalStream, set_reset_on_close
-from gateway.sessions import SessionRecord
-from gateway.splice import SPLICE_CHUNK, SpliceResult, splice
-from gateway.writes import write_batch
+from gateway.relay.localsock import LocalStream, set_reset_on_close
+from gateway.relay.splice import SPLICE_CHUNK, SpliceResult, splice
+from gateway.roles.sessions import SessionRecord
 from gateway_codecs import ErrorCode
 
 if TYPE_CHECKING:

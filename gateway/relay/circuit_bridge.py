@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from gateway.circuit import Circuit
+from gateway.carriers.circuit import Circuit
 from gateway.errors import CircuitBroken
-from gateway.sessions import SessionRecord
-from gateway.splice import SPLICE_CHUNK
+from gateway.relay.splice import SPLICE_CHUNK
+from gateway.roles.sessions import SessionRecord
 from gateway_codecs import ErrorCode
 
 log = logging.getLogger("tunnelgate.relay")

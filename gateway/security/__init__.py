@@ -1,0 +1,1 @@
+"""Identities, TLS contexts, per-peer policy and end-to-end protection."""
