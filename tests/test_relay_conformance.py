@@ -228,3 +228,42 @@ async def test_a_relay_shut_down_mid_session_breaks_both_ends(pairing: str, tmp_
             await _assert_broken(s.left.stream)
             await _assert_broken(s.right.stream)
     assert "shut down" in s.record.error
+
+
+@pytest.mark.parametrize("failure", ["broken", "timeout", "cancelled"])
+async def test_a_failed_end_to_end_handshake_resets_both_ends(failure: str) -> None:
+    """Before relaying starts, a session whose end-to-end handshake fails, times out or is
+    cancelled ends with RST on the socket and on the circuit (END_TO_END_FAILED), never
+    with a close that could pass for a complete session."""
+    from gateway.errors import CircuitBroken
+    from gateway.relay.socket_relay import handshake_or_abort
+
+    async def handshake() -> None:
+        if failure == "broken":
+            raise trio.BrokenResourceError("end-to-end peer presented the wrong key")
+        if failure == "timeout":
+            raise trio.TooSlowError
+        await trio.sleep_forever()
+
+    sessions = SessionLog()
+    with trio.fail_after(10):
+        async with carrier_pair() as (dialer, inbound):
+            far, near = await open_pair(dialer, inbound)
+            client, sock = _tcp_pair(small=False)
+            record = sessions.track("exit", "t", near)
+            warned: list[str] = []
+            with trio.move_on_after(0.2 if failure == "cancelled" else 5), record:
+                assert await handshake_or_abort(handshake, LocalStream(sock), near, record,
+                                                warned.append) is None
+            with pytest.raises(trio.BrokenResourceError) as caught:
+                await far.receive_some(10)
+            stream = _socket_end(client).stream
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.receive_some(10)
+            await stream.aclose()
+    cause = caught.value.__cause__
+    assert isinstance(cause, CircuitBroken)
+    if failure == "cancelled":
+        assert cause.code == ErrorCode.CANCELLED and "shut down" in record.error
+    else:
+        assert cause.code == ErrorCode.END_TO_END_FAILED and record.error and warned

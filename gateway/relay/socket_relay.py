@@ -24,8 +24,8 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -33,7 +33,7 @@ from gateway.carriers.circuit import Circuit
 from gateway.carriers.writes import write_batch
 from gateway.errors import SessionError
 from gateway.relay.localsock import LocalStream, set_reset_on_close
-from gateway.relay.splice import SPLICE_CHUNK, SpliceResult, splice
+from gateway.relay.splice import SPLICE_CHUNK, SpliceResult, describe_abnormal_end, describe_error, splice
 from gateway.roles.sessions import SessionRecord
 from gateway_codecs import ErrorCode
 
@@ -46,6 +46,7 @@ MAX_EVENTS = 512  # socket events handled per wake-up (one write batch)
 _IN, _OUT, _ERR, _HUP = select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP
 
 SessionEnd = Callable[[BaseException | None], None]
+T = TypeVar("T")
 
 
 class _Session:
@@ -275,6 +276,26 @@ def abort_unrelayed(stream: LocalStream, circuit: Circuit, reason: str,
     circuit.close_now()
     stream.abort(reason)
     stream.close_now()
+
+
+async def handshake_or_abort(handshake: Callable[[], Awaitable[T]], stream: LocalStream,
+                             circuit: Circuit, record: SessionRecord,
+                             warn: Callable[[str], None]) -> T | None:
+    """Run a session's end-to-end handshake before it is relayed. If it fails or times
+    out, the session ends as broken (RST both ways, END_TO_END_FAILED, logged with the
+    reason) and this returns None; if it is cancelled, the same, and the cancel goes on."""
+    try:
+        return await handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        reason = ("end-to-end handshake timed out" if isinstance(exc, trio.TooSlowError)
+                  else describe_error(exc))
+        warn(reason)
+        record.finish(0, 0, reason)
+        abort_unrelayed(stream, circuit, reason, ErrorCode.END_TO_END_FAILED)
+        return None
+    except BaseException as exc:
+        abort_unrelayed(stream, circuit, describe_abnormal_end(exc))
+        raise
 
 
 def _guarded(session: _Session, handler: Callable[..., None], *args: int) -> None:

@@ -21,8 +21,8 @@ from gateway.carriers.writes import write_batch
 from gateway.config import Config, TunnelConfig
 from gateway.errors import CircuitBroken, OpenRefused
 from gateway.relay.localsock import DEFAULT_RECEIVE, LocalStream
-from gateway.relay.socket_relay import SocketRelay, abort_unrelayed
-from gateway.relay.splice import SpliceResult, describe_abnormal_end, describe_error
+from gateway.relay.socket_relay import SocketRelay, handshake_or_abort
+from gateway.relay.splice import SpliceResult, describe_error
 from gateway.relay.udp import (
     MAX_UDP_PAYLOAD,
     SOCKET_BATCH,
@@ -34,7 +34,7 @@ from gateway.relay.udp import (
 from gateway.roles.sessions import SessionLog
 from gateway.security.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.security.tls import TlsContexts
-from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
+from gateway_codecs import CircuitKind, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")
 
@@ -208,19 +208,13 @@ class TunnelEndpoint:
                 early = self._send_early(stream, circuit)
         with self.sessions.track("entry", what, circuit) as record:
             far: trio.abc.HalfCloseableStream = circuit
-            try:
-                if self.exit_peer is not None:
-                    far = await self._secure_stream(circuit)
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-                reason = "end-to-end handshake timed out" if isinstance(exc, trio.TooSlowError) \
-                    else describe_error(exc)
-                log.warning("%s: failed: %s", what, reason)
-                record.finish(0, 0, reason)
-                abort_unrelayed(stream, circuit, reason, ErrorCode.END_TO_END_FAILED)
-                return
-            except BaseException as exc:
-                abort_unrelayed(stream, circuit, describe_abnormal_end(exc))
-                raise
+            if self.exit_peer is not None:
+                secure = await handshake_or_abort(
+                    lambda: self._secure_stream(circuit), stream, circuit, record,
+                    lambda reason: log.warning("%s: failed: %s", what, reason))
+                if secure is None:
+                    return
+                far = secure
             result = SpliceResult()
             try:
                 await self.relay.splice_socket(stream, far, circuit, result)

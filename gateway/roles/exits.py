@@ -23,8 +23,8 @@ from gateway.errors import CircuitBroken, TunnelgateError
 from gateway.faults import DatagramFlipper, byte_flipper, fault_injection_offset
 from gateway.relay.circuit_bridge import bridge
 from gateway.relay.localsock import LocalStream
-from gateway.relay.socket_relay import SocketRelay, abort_unrelayed
-from gateway.relay.splice import SpliceResult, describe_abnormal_end, describe_error
+from gateway.relay.socket_relay import SocketRelay, handshake_or_abort
+from gateway.relay.splice import SpliceResult, describe_error
 from gateway.relay.udp import (
     CircuitPort,
     DatagramCounts,
@@ -205,21 +205,18 @@ class CircuitServer:
         with self.sessions.track("exit", what, circuit) as record:
             near: trio.abc.HalfCloseableStream = circuit
             if circuit.request.end_to_end:
-                secure = SecureStream(circuit, self.contexts.server(), server_side=True)
-                try:
+                async def handshake() -> SecureStream:
+                    secure = SecureStream(circuit, self.contexts.server(), server_side=True)
                     with trio.fail_after(self.connect_timeout):
                         await secure.do_handshake()
-                except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-                    reason = describe_error(exc) or "end-to-end handshake timed out"
-                    log.warning("exit %s: %s", what, reason)
-                    record.finish(0, 0, reason)
-                    abort_unrelayed(stream, circuit, reason, ErrorCode.END_TO_END_FAILED)
+                    return secure
+
+                secured = await handshake_or_abort(handshake, stream, circuit, record,
+                                                   lambda reason: log.warning("exit %s: %s", what, reason))
+                if secured is None:
                     return
-                except BaseException as exc:
-                    abort_unrelayed(stream, circuit, describe_abnormal_end(exc))
-                    raise
-                record.what += f" (end-to-end with {self._who(secure.peer_fingerprint)})"
-                near = secure
+                record.what += f" (end-to-end with {self._who(secured.peer_fingerprint)})"
+                near = secured
             result = SpliceResult()
             try:
                 await self.relay.splice_socket(stream, near, circuit, result, stream_first=False)
