@@ -21,10 +21,10 @@ from gateway.carriers.links import Links
 from gateway.carriers.peers import PeerDirectory
 from gateway.config import Config
 from gateway.errors import ConfigError
+from gateway.relay.sessions import SessionLog
 from gateway.relay.socket_relay import SocketRelay
 from gateway.roles.endpoints import TunnelEndpoint
 from gateway.roles.exits import CircuitServer
-from gateway.roles.sessions import SessionLog
 from gateway.security.identity import load_identity
 from gateway.security.tls import TlsContexts
 

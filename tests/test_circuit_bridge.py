@@ -17,7 +17,7 @@ from gateway.carriers.circuit import Circuit
 from gateway.errors import CircuitBroken
 from gateway.faults import byte_flipper
 from gateway.relay.circuit_bridge import bridge
-from gateway.roles.sessions import SessionLog
+from gateway.relay.sessions import SessionLog
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
 

@@ -17,8 +17,8 @@ import trio.testing
 
 from gateway.carriers.circuit import Circuit
 from gateway.errors import CircuitBroken
+from gateway.relay.sessions import SessionLog
 from gateway.relay.socket_relay import SocketRelay, _Session
-from gateway.roles.sessions import SessionLog
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
 

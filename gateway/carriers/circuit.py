@@ -20,7 +20,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from gateway.errors import CircuitBroken, OpenRefused
-from gateway.relay.splice import Abortable, NonBlockingSink, PushSource
+from gateway.stream_abilities import Abortable, NonBlockingSink, PushSource
 from gateway_codecs import (
     MAX_DATAGRAM,
     ErrorCode,

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 from gateway.carriers.circuit import Circuit
 from gateway.errors import CircuitBroken
+from gateway.relay.sessions import SessionRecord
 from gateway.relay.splice import SPLICE_CHUNK
-from gateway.roles.sessions import SessionRecord
 from gateway_codecs import ErrorCode
 
 log = logging.getLogger("tunnelgate.relay")

@@ -17,7 +17,7 @@ import struct
 
 import trio
 
-from gateway.relay.splice import Abortable, NonBlockingSink
+from gateway.stream_abilities import Abortable, NonBlockingSink
 
 DEFAULT_RECEIVE = 256 * 1024
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)

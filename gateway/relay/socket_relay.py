@@ -33,8 +33,8 @@ from gateway.carriers.circuit import Circuit
 from gateway.carriers.writes import write_batch
 from gateway.errors import SessionError
 from gateway.relay.localsock import LocalStream, set_reset_on_close
+from gateway.relay.sessions import SessionRecord
 from gateway.relay.splice import SPLICE_CHUNK, SpliceResult, describe_abnormal_end, describe_error, splice
-from gateway.roles.sessions import SessionRecord
 from gateway_codecs import ErrorCode
 
 if TYPE_CHECKING:

@@ -8,43 +8,15 @@ still gets the full reply. A broken side aborts both.
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from gateway.errors import SessionError
+from gateway.stream_abilities import Abortable, NonBlockingSink, PushSource
 
 # Bytes per read. The circuit side hands over whole queued frames up to this much.
 SPLICE_CHUNK = 256 * 1024
-
-
-class Abortable(abc.ABC):
-    """A stream that can signal an abort (a circuit: RST) instead of a clean close."""
-
-    __slots__ = ()
-
-    @abc.abstractmethod
-    def abort(self, reason: str) -> None: ...
-
-
-class PushSource(abc.ABC):
-    """A stream that can push what arrives straight into a sink (a circuit)."""
-
-    __slots__ = ()
-
-    sink: Callable[[bytes], int] | None
-    sunk: int
-
-
-class NonBlockingSink(abc.ABC):
-    """A stream that can take bytes without waiting (a local socket, a circuit)."""
-
-    __slots__ = ()
-
-    @abc.abstractmethod
-    def try_send(self, data: bytes | bytearray | memoryview) -> int: ...
 
 
 @dataclass

@@ -1,2 +1,2 @@
 """Session roles: the entry (tunnel listeners), the exit and the relay hop (circuits a peer
-opens), and the session log."""
+opens)."""

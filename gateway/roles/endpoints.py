@@ -21,6 +21,7 @@ from gateway.carriers.writes import write_batch
 from gateway.config import Config, TunnelConfig
 from gateway.errors import CircuitBroken, OpenRefused
 from gateway.relay.localsock import DEFAULT_RECEIVE, LocalStream
+from gateway.relay.sessions import SessionLog
 from gateway.relay.socket_relay import SocketRelay, handshake_or_abort
 from gateway.relay.splice import SpliceResult, describe_error
 from gateway.relay.udp import (
@@ -31,7 +32,6 @@ from gateway.relay.udp import (
     flow_record,
     relay_datagrams,
 )
-from gateway.roles.sessions import SessionLog
 from gateway.security.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.security.tls import TlsContexts
 from gateway_codecs import CircuitKind, OpenRequest

@@ -23,6 +23,7 @@ from gateway.errors import CircuitBroken, TunnelgateError
 from gateway.faults import DatagramFlipper, byte_flipper, fault_injection_offset
 from gateway.relay.circuit_bridge import bridge
 from gateway.relay.localsock import LocalStream
+from gateway.relay.sessions import SessionLog
 from gateway.relay.socket_relay import SocketRelay, handshake_or_abort
 from gateway.relay.splice import SpliceResult, describe_error
 from gateway.relay.udp import (
@@ -34,7 +35,6 @@ from gateway.relay.udp import (
     flow_record,
     relay_datagrams,
 )
-from gateway.roles.sessions import SessionLog
 from gateway.security.e2e import SealedFlow, SealedPort, SecureStream
 from gateway.security.policy import Policy, parse_ip
 from gateway.security.tls import TlsContexts

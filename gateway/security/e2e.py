@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.carriers.circuit import Circuit, DatagramCircuit
 from gateway.errors import CircuitBroken, IdentityError
-from gateway.relay.splice import Abortable
 from gateway.security.identity import fingerprint_of_der_cert
+from gateway.stream_abilities import Abortable
 from gateway_codecs import ErrorCode
 
 READ_SIZE = 256 * 1024
