@@ -25,7 +25,7 @@ import os
 import select
 import socket
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -36,9 +36,6 @@ from gateway.relay.localsock import LocalStream, set_reset_on_close
 from gateway.relay.sessions import SessionRecord
 from gateway.relay.splice import SPLICE_CHUNK, SpliceResult, describe_abnormal_end, describe_error, splice
 from gateway_codecs import ErrorCode
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("tunnelgate.relay")
 
