@@ -222,7 +222,7 @@ class Links:
                                                  server_side=True)
             try:
                 fingerprint = transport.peer_fingerprint()
-            except IdentityError:
+            except BaseException:
                 transport.close()
                 raise
         except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError) as exc:
@@ -291,12 +291,13 @@ class Links:
         assert peer.dial is not None
         where = _where(peer.dial)
         scheme = peer.dial.scheme
+        context = self._context(scheme, peer)  # before connecting: nothing to clean up if it fails
         with trio.fail_after(self.timing.handshake_timeout):
             stream = await trio.open_tcp_stream(peer.dial.host, peer.dial.port)
-            transport = await open_transport(scheme, stream, self._context(scheme, peer), server_side=False)
+            transport = await open_transport(scheme, stream, context, server_side=False)
         try:
             got = transport.peer_fingerprint()
-        except IdentityError:
+        except BaseException:
             transport.close()
             raise
         if got is None:

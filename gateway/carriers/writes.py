@@ -12,6 +12,7 @@ the read is parsed (batching it gained nothing measurable; see carrier.py).
 
 from __future__ import annotations
 
+import logging
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ class _Writes:
         self.dirty: dict[Carrier, None] = {}  # insertion-ordered: flushed in the order touched
 
 
+log = logging.getLogger("tunnelgate.carrier")
 _WRITES: RunVar[_Writes] = RunVar("tunnelgate_writes")
 
 
@@ -70,4 +72,7 @@ class write_batch:
             dirty = writes.dirty
             writes.dirty = {}
             for carrier in dirty:
-                carrier.flush()
+                try:
+                    carrier.flush()
+                except Exception:  # flush reports its failures itself; one must not stop the rest
+                    log.exception("carrier %s: write failed", carrier)
