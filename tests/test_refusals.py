@@ -129,3 +129,25 @@ def test_a_hello_naming_another_gateway_than_the_certificate_is_logged(tmp_path:
     with running(exit_gw, entry):
         exit_gw.wait_log("up (peer entry)")
         exit_gw.wait_log("HELLO names 'impostor', but the certificate is peer entry's")
+
+
+def test_a_refused_udp_client_is_not_asked_for_again_at_once(tmp_path: Path) -> None:
+    """Every datagram of a client whose flow was refused must not become one more OPEN
+    (and one more refusal logged at each hop): the entry holds such a client back for a
+    second, dropping its datagrams."""
+    import time
+
+    exit_gw, entry = pair_configs(tmp_path, allow='["udp://127.0.0.1:1"]',
+                                  tunnels_on_entry=tunnel_toml("u", "udp", 9))
+    with running(exit_gw, entry), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        entry.wait_log("up (peer exit)")
+        port = entry.tunnel_port("u")
+        c.sendto(b"first", ("127.0.0.1", port))
+        exit_gw.wait_log("refused udp://127.0.0.1:9")
+        entry.wait_log("FORBIDDEN_TARGET")
+        started = time.monotonic()
+        while time.monotonic() - started < 0.5:  # well within the hold
+            c.sendto(b"again", ("127.0.0.1", port))
+            time.sleep(0.005)
+        time.sleep(0.2)  # let anything that was opened be refused and logged
+        assert exit_gw.log().count("refused udp://127.0.0.1:9") == 1

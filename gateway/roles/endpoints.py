@@ -43,6 +43,8 @@ ACCEPT_BACKOFF = 0.1  # out of file descriptors or memory: wait, then accept aga
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 UDP_LISTENER_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF asked for on UDP listeners
+REFUSED_HOLD = 1.0  # s a client whose flow was refused is not asked for again
+REFUSED_CLIENTS = 4096  # refused clients remembered at most (UDP sources can be spoofed)
 
 
 def _addr(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
@@ -102,6 +104,10 @@ class TunnelEndpoint:
         self.udp_idle = config.udp_idle_timeout(tunnel)
         self.accepting = True
         self.dropped = 0
+        # Clients whose last flow was refused (OPEN_FAIL), until when their datagrams are
+        # dropped: without it every datagram of a refused client would be one more OPEN
+        # (and one more refusal logged at each hop). Bounded: the oldest entry goes first.
+        self._refused: dict[tuple[str, int], float] = {}
         kind = CircuitKind.UDP if tunnel.listen.kind == "udp" else CircuitKind.TCP
         self.request = OpenRequest(kind, tunnel.target.host, tunnel.target.port,
                                    tuple(tunnel.via[1:]), tunnel.end_to_end)
@@ -294,6 +300,11 @@ class TunnelEndpoint:
                   flows: dict[tuple[str, int], _Flow], nursery: trio.Nursery) -> _Flow | None:
         if not self.accepting:
             return None
+        refused_until = self._refused.get(client)
+        if refused_until is not None:
+            if trio.current_time() < refused_until:
+                return None
+            del self._refused[client]
         carrier = self.peers.current(self.tunnel.via[0])
         if carrier is None:
             log.debug("tunnel %s: no carrier for a new flow from %s; dropped",
@@ -343,5 +354,9 @@ class TunnelEndpoint:
                     scope.shield = True
                     await circuit.aclose()
         cause = counts.error.__cause__ if counts.error is not None else None
+        if isinstance(cause, OpenRefused):
+            if len(self._refused) >= REFUSED_CLIENTS:
+                del self._refused[next(iter(self._refused))]
+            self._refused[client] = trio.current_time() + REFUSED_HOLD
         if isinstance(cause, CircuitBroken):
             log.warning("%s: %s", what, cause)
