@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from gateway.carriers.circuit import DatagramCircuit
-from gateway.relay.udp import PlainFlow
+from gateway.relay.udp import DatagramFlow
 from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 from tests.carriers import carrier_pair
 
@@ -22,7 +22,7 @@ async def test_a_datagram_for_a_flow_that_just_ended_is_dropped_not_raised(end: 
             assert isinstance(near, DatagramCircuit) and isinstance(far, DatagramCircuit)
             far.accept()
             await near.wait_open()
-            flow = PlainFlow(near, lambda data: None)
+            flow = DatagramFlow(near, lambda data: None)
             flow.from_local(b"one")
             dialer.flush()
             assert await far.receive() == b"one"

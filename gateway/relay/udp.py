@@ -1,8 +1,9 @@
 """Datagram relaying: one function moves whole datagrams both ways with an idle timeout.
 
-Every UDP role is two `DatagramPort`s joined by `relay_datagrams`: a listener flow and
-a circuit at the edge, a circuit and a connected socket at the exit, two circuits in a
-middle relay. Nothing here ever blocks the carrier: circuits drop (and count) instead.
+A flow between a local socket and a circuit (entry and exit, plain or end-to-end) is a
+`DatagramFlow`, without a task per datagram; a middle relay joins two circuits with
+`relay_datagrams`. Nothing here ever blocks the carrier: circuits drop (and count)
+instead.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class DatagramPort(Protocol):
 
 
 class CircuitPort:
+    """A datagram circuit as a DatagramPort (a middle relay's legs)."""
+
     def __init__(self, circuit: DatagramCircuit) -> None:
         self.circuit = circuit
 
@@ -48,34 +51,6 @@ class CircuitPort:
     async def send(self, data: bytes) -> None:
         self.circuit.send(data)  # drops and counts when the carrier is backed up
         await trio.lowlevel.checkpoint()
-
-
-class SocketPort:
-    """A connected UDP socket (exit side: one per flow, so replies come back to it)."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self.errors = 0
-
-    async def receive(self) -> bytes | None:
-        while True:
-            try:
-                return await self.sock.recv(MAX_UDP_PAYLOAD)
-            except OSError as exc:
-                self._check(exc)
-
-    async def send(self, data: bytes) -> None:
-        try:
-            await self.sock.send(data)
-        except OSError as exc:
-            self._check(exc)
-
-    def _check(self, exc: OSError) -> None:
-        if exc.errno == errno.ECONNREFUSED:
-            raise trio.BrokenResourceError(TARGET_CLOSED) from exc
-        if exc.errno not in _TRANSIENT:
-            raise exc
-        self.errors += 1
 
 
 @dataclass
@@ -170,19 +145,34 @@ def flow_record(record: SessionRecord, counts: DatagramCounts, outward_is_a_to_b
 SOCKET_BATCH = 64
 
 
-class PlainFlow:
-    """The fast path of an unprotected UDP flow (no end-to-end sealing).
+class Sealing(Protocol):
+    """End-to-end protection of a flow's datagrams (e2e.SealedFlow): a transform on it."""
+
+    def seal(self, datagram: bytes) -> bytes: ...
+    def open(self, sealed: bytes) -> bytes | None: ...  # None: forged, corrupted or replayed
+
+
+FORGED = "end-to-end datagram failed authentication (tampered or replayed)"
+
+
+class DatagramFlow:
+    """One UDP flow between a local socket and a circuit, every role's and every kind's:
+    entry and exit, plain or end-to-end (`sealing`, a transform on each datagram).
 
     Datagrams from the circuit go to the local socket from the carrier's reader task
     (`circuit.sink`, a non-blocking send: dropped if the socket is full, as UDP would);
     datagrams from the local socket are read in batches by whoever owns that socket and
-    queued in one write batch. No task switch per datagram in either direction.
+    queued in one write batch. No task switch per datagram in either direction. A
+    datagram that fails authentication resets the flow with INTEGRITY_ERROR: a relay
+    that tampers is an attack, and the operator must see it rather than a quiet loss.
     """
 
     def __init__(self, circuit: DatagramCircuit, send_local: Callable[[bytes], object],
-                 counts: DatagramCounts | None = None, ends_when_refused: bool = False) -> None:
+                 counts: DatagramCounts | None = None, ends_when_refused: bool = False,
+                 sealing: Sealing | None = None) -> None:
         self.circuit = circuit
         self.ends_when_refused = ends_when_refused  # the exit's connected socket: see TARGET_CLOSED
+        self.sealing = sealing
         self.counts = counts if counts is not None else DatagramCounts()
         self.last = trio.current_time()
         self.dropped = 0
@@ -191,6 +181,13 @@ class PlainFlow:
 
     def _to_local(self, data: bytes) -> None:
         self.last = trio.current_time()
+        if self.sealing is not None:
+            opened = self.sealing.open(data)
+            if opened is None:
+                if self.circuit.broken is None:
+                    self.circuit.reset(ErrorCode.INTEGRITY_ERROR, FORGED)
+                return
+            data = opened
         self.counts.b_to_a += 1
         self.counts.bytes_b_to_a += len(data)
         try:
@@ -209,8 +206,9 @@ class PlainFlow:
     def from_local(self, data: bytes) -> None:
         """Queue a datagram from the local side (the caller's write batch sends it)."""
         self.last = trio.current_time()
+        wire = data if self.sealing is None else self.sealing.seal(data)
         try:
-            queued = self.circuit.send(data)
+            queued = self.circuit.send(wire)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             queued = False  # the flow is ending: dropped, as UDP would (never raised to the listener)
         if queued:

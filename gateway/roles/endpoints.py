@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -28,17 +29,16 @@ from gateway.relay.udp import (
     MAX_UDP_PAYLOAD,
     SOCKET_BATCH,
     DatagramCounts,
-    PlainFlow,
+    DatagramFlow,
     flow_record,
-    relay_datagrams,
 )
-from gateway.security.e2e import SealedFlow, SealedPort, SecureStream
+from gateway.security.e2e import SealedFlow, SecureStream
 from gateway.security.tls import TlsContexts
 from gateway_codecs import CircuitKind, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")
 
-FLOW_QUEUE = 32  # datagrams waiting per sealed flow between the listener and its task
+FLOW_QUEUE = 32  # a sealed flow's datagrams held while its end-to-end handshake runs
 ACCEPT_BACKOFF = 0.1  # out of file descriptors or memory: wait, then accept again
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
@@ -58,36 +58,22 @@ def _log_circuit_failure(what: str, error: BaseException | None) -> None:
         log.warning("%s: %s: %s", what, "refused" if isinstance(error, OpenRefused) else "failed", error)
 
 
-class _Flow:
-    """One client address:port of a UDP tunnel: its circuit, and how datagrams reach it."""
+def _reply_to(sock: socket.socket, client: tuple[str, int]) -> Callable[[bytes], object]:
+    def reply(data: bytes) -> None:
+        sock.sendto(data, client)
 
-    __slots__ = ("circuit", "inbox", "outbox", "plain")
+    return reply
+
+
+class _Flow:
+    """One client address:port of a UDP tunnel: its circuit, and its relay once it runs."""
+
+    __slots__ = ("circuit", "early", "relay")
 
     def __init__(self, circuit: DatagramCircuit) -> None:
         self.circuit = circuit
-        self.plain: PlainFlow | None = None  # the fast path, without end-to-end sealing
-        self.inbox: trio.MemorySendChannel[bytes] | None = None  # sealed flows: via a task
-        self.outbox: trio.MemoryReceiveChannel[bytes] | None = None
-
-
-class _FlowPort:
-    """The client side of one UDP flow: datagrams routed to it by the listener loop."""
-
-    def __init__(self, inbox: trio.MemoryReceiveChannel[bytes], sock: socket.socket,
-                 client: tuple[str, int]) -> None:
-        self.inbox = inbox
-        self.sock = sock
-        self.client = client
-
-    async def receive(self) -> bytes | None:
-        return await self.inbox.receive()
-
-    async def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendto(data, self.client)
-        except OSError:
-            pass  # full, or the client went away: dropped, as UDP would
-        await trio.lowlevel.checkpoint()
+        self.relay: DatagramFlow | None = None  # set at once, or after the end-to-end handshake
+        self.early: list[bytes] = []  # the client's datagrams that came before it (bounded)
 
 
 class TunnelEndpoint:
@@ -245,13 +231,14 @@ class TunnelEndpoint:
 
     # ------------------------------------------------------------------ UDP
 
-    async def _sealed_port(self, circuit: DatagramCircuit) -> SealedPort:
+    async def _sealing(self, circuit: DatagramCircuit) -> SealedFlow:
+        """The flow's end-to-end keys, agreed with the exit gateway (whose key must be the peer's)."""
         assert self.exit_peer is not None
         with trio.fail_after(self.handshake_timeout):
-            flow, fingerprint = await SealedFlow.establish(
+            sealing, fingerprint = await SealedFlow.establish(
                 circuit, self.contexts.client_for(self.exit_peer.cert), server_side=False)
         self._check_exit(fingerprint)
-        return SealedPort(flow)
+        return sealing
 
     async def _serve_udp(self, nursery: trio.Nursery,
                          task_status: trio.TaskStatus[tuple[str, int]]) -> None:
@@ -287,14 +274,12 @@ class TunnelEndpoint:
                             if flow is None:
                                 self.dropped += 1
                                 continue
-                        if flow.plain is not None:
-                            flow.plain.from_local(data)
+                        if flow.relay is not None:
+                            flow.relay.from_local(data)
+                        elif len(flow.early) < FLOW_QUEUE:  # its end-to-end handshake runs
+                            flow.early.append(data)
                         else:
-                            assert flow.inbox is not None
-                            try:
-                                flow.inbox.send_nowait(data)
-                            except (trio.WouldBlock, trio.BrokenResourceError):
-                                self.dropped += 1
+                            self.dropped += 1
 
     def _new_flow(self, sock: socket.socket, client: tuple[str, int],
                   flows: dict[tuple[str, int], _Flow], nursery: trio.Nursery) -> _Flow | None:
@@ -317,15 +302,9 @@ class TunnelEndpoint:
             return None
         assert isinstance(circuit, DatagramCircuit)
 
-        def reply(data: bytes) -> None:
-            sock.sendto(data, client)
-
         flow = _Flow(circuit)
         if self.exit_peer is None:
-            flow.plain = PlainFlow(circuit, reply)
-        else:
-            flow.inbox, outbox = trio.open_memory_channel[bytes](FLOW_QUEUE)
-            flow.outbox = outbox
+            flow.relay = DatagramFlow(circuit, _reply_to(sock, client))
         flows[client] = flow
         nursery.start_soon(self._udp_flow, flow, sock, client, flows)
         return flow
@@ -334,22 +313,22 @@ class TunnelEndpoint:
                         flows: dict[tuple[str, int], _Flow]) -> None:
         what = f"tunnel {self.tunnel.name} udp {_addr(client)} -> {self.route}"
         circuit = flow.circuit
-        counts = flow.plain.counts if flow.plain is not None else DatagramCounts()
+        counts = flow.relay.counts if flow.relay is not None else DatagramCounts()
         with self.sessions.track("entry", what, circuit, drains=False) as record:
             try:
                 with flow_record(record, counts):
-                    if flow.plain is not None:
-                        await flow.plain.run(self.udp_idle)
-                    else:
-                        assert flow.outbox is not None
-                        sealed = await self._sealed_port(circuit)
-                        await relay_datagrams(_FlowPort(flow.outbox, sock, client), sealed,
-                                              self.udp_idle, counts)
+                    if flow.relay is None:  # end to end: the same relay, sealing each datagram
+                        relay = DatagramFlow(circuit, _reply_to(sock, client), counts,
+                                             sealing=await self._sealing(circuit))
+                        with write_batch():
+                            for data in flow.early:
+                                relay.from_local(data)
+                        flow.early = []
+                        flow.relay = relay
+                    await flow.relay.run(self.udp_idle)
             finally:
                 if flows.get(client) is flow:  # not a newer flow of the same client
                     del flows[client]
-                if flow.outbox is not None:
-                    flow.outbox.close()
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
                     await circuit.aclose()

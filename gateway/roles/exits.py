@@ -29,13 +29,12 @@ from gateway.relay.splice import SpliceResult, describe_error
 from gateway.relay.udp import (
     CircuitPort,
     DatagramCounts,
+    DatagramFlow,
     DatagramPort,
-    PlainFlow,
-    SocketPort,
     flow_record,
     relay_datagrams,
 )
-from gateway.security.e2e import SealedFlow, SealedPort, SecureStream
+from gateway.security.e2e import SealedFlow, SecureStream
 from gateway.security.policy import Policy, parse_ip
 from gateway.security.tls import TlsContexts
 from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
@@ -233,22 +232,22 @@ class CircuitServer:
         circuit.accept()
         idle = self.config.gateway.udp_idle_timeout
         counts = DatagramCounts()
-        sealed_flow = circuit.request.end_to_end  # a->b: circuit->target sealed, target->circuit plain
         with self.sessions.track("exit", what, circuit, drains=False) as record:
             try:
-                with flow_record(record, counts, outward_is_a_to_b=sealed_flow):
-                    if sealed_flow:
+                # a->b is target -> circuit: the outward direction is b->a.
+                with flow_record(record, counts, outward_is_a_to_b=False):
+                    sealing = None
+                    if circuit.request.end_to_end:
                         with trio.fail_after(self.connect_timeout):
-                            sealed, fingerprint = await SealedFlow.establish(
+                            sealing, fingerprint = await SealedFlow.establish(
                                 circuit, self.contexts.server(), server_side=True)
                         record.what += f" (end-to-end with {self._who(fingerprint)})"
-                        await relay_datagrams(SealedPort(sealed), SocketPort(sock), idle, counts)
-                    else:
-                        local = socket.socket(fileno=sock.detach())
-                        local.setblocking(False)
-                        with local:
-                            flow = PlainFlow(circuit, local.send, counts, ends_when_refused=True)
-                            await flow.run(idle, local)
+                    local = socket.socket(fileno=sock.detach())
+                    local.setblocking(False)
+                    with local:
+                        flow = DatagramFlow(circuit, local.send, counts, ends_when_refused=True,
+                                            sealing=sealing)
+                        await flow.run(idle, local)
                 if counts.error is not None:
                     log.warning("exit %s: %s", what, describe_error(counts.error))
             finally:

@@ -262,30 +262,3 @@ class SealedFlow:
 
 def _derive(material: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
-
-
-class SealedPort:
-    """A DatagramPort over a sealed flow: seals on send, opens (or rejects) on receive.
-
-    A datagram that fails authentication resets the flow with INTEGRITY_ERROR: a relay
-    that tampers is an attack, and the operator must see it rather than a quiet loss.
-    """
-
-    def __init__(self, flow: SealedFlow) -> None:
-        self.flow = flow
-
-    async def receive(self) -> bytes | None:
-        sealed = await self.flow.circuit.receive()
-        if sealed is None:
-            return None
-        plain = self.flow.open(sealed)
-        if plain is None:
-            reason = "end-to-end datagram failed authentication (tampered or replayed)"
-            self.flow.circuit.reset(ErrorCode.INTEGRITY_ERROR, reason)
-            error = _integrity(reason)
-            raise trio.BrokenResourceError(str(error)) from error
-        return plain
-
-    async def send(self, data: bytes) -> None:
-        self.flow.circuit.send(self.flow.seal(data))
-        await trio.lowlevel.checkpoint()
