@@ -13,8 +13,6 @@ import logging
 import os
 from collections.abc import Callable
 
-from gateway.relay.udp import DatagramPort
-
 log = logging.getLogger("tunnelgate.faults")
 ENV = "TUNNELGATE_TEST_FLIP_BYTE"
 
@@ -40,19 +38,13 @@ def byte_flipper(offset: int) -> Callable[[bytes | memoryview, int], bytes | mem
     return flip
 
 
-class DatagramFlipper:
-    """Inverts one byte of every datagram received through `inner`."""
+def datagram_flipper(offset: int) -> Callable[[bytes], bytes]:
+    """A datagram relay transform inverting byte `offset mod len` of every datagram."""
 
-    def __init__(self, inner: DatagramPort, offset: int) -> None:
-        self.inner = inner
-        self.offset = offset
+    def flip(data: bytes) -> bytes:
+        if not data:
+            return data
+        i = offset % len(data)
+        return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
 
-    async def receive(self) -> bytes | None:
-        data = await self.inner.receive()
-        if data:
-            i = self.offset % len(data)
-            data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
-        return data
-
-    async def send(self, data: bytes) -> None:
-        await self.inner.send(data)
+    return flip

@@ -1,8 +1,9 @@
 """Datagram relaying: one function moves whole datagrams both ways with an idle timeout.
 
-A flow between a local socket and a circuit (entry and exit, plain or end-to-end) is a
-`DatagramFlow`, without a task per datagram; a middle relay joins two circuits with
-`relay_datagrams`. Nothing here ever blocks the carrier: circuits drop (and count)
+Every UDP flow is relayed by `DatagramFlow`, without a task per datagram: between a
+local socket and a circuit (entry and exit, plain or end-to-end, where sealing is a
+transform on each datagram), and, twice, between a middle relay's two circuits
+(`bridge_datagrams`). Nothing here ever blocks the carrier: circuits drop (and count)
 instead.
 """
 
@@ -34,25 +35,6 @@ _TRANSIENT = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENOBUFS, errno.EAGAIN
 TARGET_CLOSED = "target port closed (ICMP port unreachable); flow ended"
 
 
-class DatagramPort(Protocol):
-    async def receive(self) -> bytes | None: ...  # None: the flow ended
-    async def send(self, data: bytes) -> None: ...
-
-
-class CircuitPort:
-    """A datagram circuit as a DatagramPort (a middle relay's legs)."""
-
-    def __init__(self, circuit: DatagramCircuit) -> None:
-        self.circuit = circuit
-
-    async def receive(self) -> bytes | None:
-        return await self.circuit.receive()
-
-    async def send(self, data: bytes) -> None:
-        self.circuit.send(data)  # drops and counts when the carrier is backed up
-        await trio.lowlevel.checkpoint()
-
-
 @dataclass
 class DatagramCounts:
     a_to_b: int = 0
@@ -61,50 +43,6 @@ class DatagramCounts:
     bytes_b_to_a: int = 0
     idle: bool = False
     error: BaseException | None = None
-
-
-async def relay_datagrams(a: DatagramPort, b: DatagramPort, idle_timeout: float,
-                          counts: DatagramCounts | None = None) -> DatagramCounts:
-    """Relay until either side ends or breaks the flow, or nothing moved for `idle_timeout` s.
-
-    A broken side is reported in `error`, not raised: the caller logs it. Pass `counts`
-    to keep them when the call is cancelled."""
-    if counts is None:
-        counts = DatagramCounts()
-    last = trio.current_time()
-
-    async def pump(src: DatagramPort, dst: DatagramPort, forward: bool,
-                   scope: trio.CancelScope) -> None:
-        nonlocal last
-        while True:
-            try:
-                data = await src.receive()
-                if data is None:
-                    scope.cancel()
-                    return
-                last = trio.current_time()
-                await dst.send(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                counts.error = counts.error or exc
-                scope.cancel()
-                return
-            if forward:
-                counts.a_to_b += 1
-                counts.bytes_a_to_b += len(data)
-            else:
-                counts.b_to_a += 1
-                counts.bytes_b_to_a += len(data)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, a, b, True, nursery.cancel_scope)
-        nursery.start_soon(pump, b, a, False, nursery.cancel_scope)
-        while True:
-            await trio.sleep_until(last + idle_timeout)
-            if trio.current_time() >= last + idle_timeout:
-                counts.idle = True
-                nursery.cancel_scope.cancel()
-                break
-    return counts
 
 
 @contextmanager
@@ -267,3 +205,47 @@ class DatagramFlow:
                         raise
                     continue
                 self.from_local(data)
+
+
+async def bridge_datagrams(a: DatagramCircuit, b: DatagramCircuit, idle_timeout: float,
+                           counts: DatagramCounts,
+                           transform: Callable[[bytes], bytes] | None = None) -> None:
+    """A middle relay's UDP flow: what arrives on `a` goes into `b` and back, straight from
+    the carriers' readers (two `DatagramFlow`s whose "local side" is the other circuit),
+    until either leg ends or breaks, or `idle_timeout` of silence. `transform` rewrites
+    what goes a -> b (the test-only fault injector). Counts and the error go to `counts`."""
+
+    def into(circuit: DatagramCircuit, change: Callable[[bytes], bytes] | None) -> Callable[[bytes], None]:
+        def send(data: bytes) -> None:
+            try:
+                circuit.send(change(data) if change is not None else data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # that leg is ending: dropped, as UDP would (this runs in a reader)
+        return send
+
+    down = DatagramFlow(a, into(b, transform))
+    up = DatagramFlow(b, into(a, None))
+    try:
+        async with trio.open_nursery() as nursery:
+            for leg in (a, b):
+                nursery.start_soon(_cancel_when_ended, leg, nursery.cancel_scope)
+            while True:
+                quiet_until = max(down.last, up.last) + idle_timeout
+                await trio.sleep_until(quiet_until)
+                if trio.current_time() >= max(down.last, up.last) + idle_timeout:
+                    counts.idle = True
+                    nursery.cancel_scope.cancel()
+    finally:
+        a.sink = b.sink = None
+        counts.a_to_b, counts.bytes_a_to_b = down.counts.b_to_a, down.counts.bytes_b_to_a
+        counts.b_to_a, counts.bytes_b_to_a = up.counts.b_to_a, up.counts.bytes_b_to_a
+    for leg in (a, b):
+        if leg.broken is not None and counts.error is None:
+            error = trio.BrokenResourceError(str(leg.broken))
+            error.__cause__ = leg.broken
+            counts.error = error
+
+
+async def _cancel_when_ended(circuit: DatagramCircuit, scope: trio.CancelScope) -> None:
+    await circuit.ended.wait()
+    scope.cancel()

@@ -20,19 +20,17 @@ from gateway.carriers.circuit import Circuit, DatagramCircuit
 from gateway.carriers.peers import PeerDirectory
 from gateway.config import Config, PeerConfig
 from gateway.errors import CircuitBroken, TunnelgateError
-from gateway.faults import DatagramFlipper, byte_flipper, fault_injection_offset
+from gateway.faults import byte_flipper, datagram_flipper, fault_injection_offset
 from gateway.relay.circuit_bridge import bridge
 from gateway.relay.localsock import LocalStream
 from gateway.relay.sessions import SessionLog
 from gateway.relay.socket_relay import SocketRelay, handshake_or_abort
 from gateway.relay.splice import SpliceResult, describe_error
 from gateway.relay.udp import (
-    CircuitPort,
     DatagramCounts,
     DatagramFlow,
-    DatagramPort,
+    bridge_datagrams,
     flow_record,
-    relay_datagrams,
 )
 from gateway.security.e2e import SealedFlow, SecureStream
 from gateway.security.policy import Policy, parse_ip
@@ -309,13 +307,12 @@ class CircuitServer:
         with record:
             if isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
                 try:
-                    inbound: DatagramPort = CircuitPort(circuit)
-                    if self.flip_offset is not None:
-                        inbound = DatagramFlipper(inbound, self.flip_offset)
+                    flip_datagram = (datagram_flipper(self.flip_offset) if self.flip_offset is not None
+                                     else None)
                     counts = DatagramCounts()
                     with flow_record(record, counts):
-                        await relay_datagrams(inbound, CircuitPort(onward),
-                                              self.config.gateway.udp_idle_timeout, counts)
+                        await bridge_datagrams(circuit, onward, self.config.gateway.udp_idle_timeout,
+                                               counts, flip_datagram)
                 finally:
                     with trio.move_on_after(1) as cleanup:
                         cleanup.shield = True  # both legs, even when cancelled
