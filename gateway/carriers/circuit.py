@@ -14,7 +14,7 @@ from __future__ import annotations
 import operator
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 from trio.lowlevel import ParkingLot
@@ -23,13 +23,11 @@ from gateway.errors import CircuitBroken, OpenRefused
 from gateway.stream_abilities import Abortable, NonBlockingSink, PushSource
 from gateway_codecs import (
     MAX_DATAGRAM,
+    CarrierSession,
     ErrorCode,
     LocalProtocolError,
     OpenRequest,
 )
-
-if TYPE_CHECKING:
-    from gateway.carriers.carrier import Carrier
 
 # A UDP flow's inbound queue: datagrams beyond this are dropped and counted, so a
 # slow UDP target never makes the carrier's reader wait.
@@ -44,10 +42,22 @@ MIN_TUNING_SPAN = 0.002  # on loopback an RTT is microseconds: do not let noise 
 _NO_DATA: deque[bytes] = deque(maxlen=0)
 
 
+class CarrierLink(Protocol):
+    """What a circuit needs of the carrier it is on (carrier.Carrier): its session, a way
+    to say frames are queued, to be forgotten, and the round-trip time for auto-tuning.
+    A protocol, not an import: the carrier imports circuits, never the reverse."""
+
+    session: CarrierSession
+    rtt: float | None
+
+    def queued(self) -> None: ...
+    def forget(self, circuit: _CircuitBase) -> None: ...
+
+
 class _CircuitBase:
     """What stream and datagram circuits share: identity, answer state, breakage."""
 
-    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest) -> None:
+    def __init__(self, carrier: CarrierLink, circuit_id: int, request: OpenRequest) -> None:
         self.carrier = carrier
         self.id = circuit_id
         self.request = request
@@ -121,7 +131,7 @@ class _CircuitBase:
 class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockingSink, Abortable):
     """A TCP-kind circuit as a half-closeable byte stream with per-circuit credit."""
 
-    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest) -> None:
+    def __init__(self, carrier: CarrierLink, circuit_id: int, request: OpenRequest) -> None:
         super().__init__(carrier, circuit_id, request)
         self._eof_received = False
         self._eof_sent = False
@@ -371,7 +381,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
 class DatagramCircuit(_CircuitBase):
     """A UDP flow: whole datagrams both ways, dropped (and counted) rather than blocking."""
 
-    def __init__(self, carrier: Carrier, circuit_id: int, request: OpenRequest) -> None:
+    def __init__(self, carrier: CarrierLink, circuit_id: int, request: OpenRequest) -> None:
         super().__init__(carrier, circuit_id, request)
         self._eof_received = False
         self.dropped_in = 0

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from trio.lowlevel import RunVar
 
-if TYPE_CHECKING:
-    from gateway.carriers.carrier import Carrier
+
+class Writer(Protocol):
+    """What the coalescer needs of a carrier: write what its session has queued."""
+
+    def flush(self) -> None: ...
 
 
 class _Writes:
@@ -27,7 +30,7 @@ class _Writes:
 
     def __init__(self) -> None:
         self.depth = 0
-        self.dirty: dict[Carrier, None] = {}  # insertion-ordered: flushed in the order touched
+        self.dirty: dict[Writer, None] = {}  # insertion-ordered: flushed in the order touched
 
 
 log = logging.getLogger("tunnelgate.carrier")
@@ -43,7 +46,7 @@ def _writes() -> _Writes:
         return writes
 
 
-def queued(carrier: Carrier) -> None:
+def queued(carrier: Writer) -> None:
     """`carrier` has frames queued: write them now, or at the end of the current batch."""
     writes = _writes()
     if writes.depth:

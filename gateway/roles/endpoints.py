@@ -21,6 +21,7 @@ from gateway.carriers.peers import PeerDirectory
 from gateway.carriers.writes import write_batch
 from gateway.config import Config, TunnelConfig
 from gateway.errors import CircuitBroken, OpenRefused
+from gateway.relay.e2e import SealedFlow, SecureStream
 from gateway.relay.localsock import DEFAULT_RECEIVE, LocalStream
 from gateway.relay.sessions import SessionLog
 from gateway.relay.socket_relay import SocketRelay, handshake_or_abort
@@ -32,7 +33,6 @@ from gateway.relay.udp import (
     DatagramFlow,
     flow_record,
 )
-from gateway.security.e2e import SealedFlow, SecureStream
 from gateway.security.tls import TlsContexts
 from gateway_codecs import CircuitKind, OpenRequest
 

@@ -22,6 +22,7 @@ from gateway.config import Config, PeerConfig
 from gateway.errors import CircuitBroken, TunnelgateError
 from gateway.faults import byte_flipper, datagram_flipper, fault_injection_offset
 from gateway.relay.circuit_bridge import bridge
+from gateway.relay.e2e import SealedFlow, SecureStream
 from gateway.relay.localsock import LocalStream
 from gateway.relay.sessions import SessionLog
 from gateway.relay.socket_relay import SocketRelay, handshake_or_abort
@@ -32,7 +33,6 @@ from gateway.relay.udp import (
     bridge_datagrams,
     flow_record,
 )
-from gateway.security.e2e import SealedFlow, SecureStream
 from gateway.security.policy import Policy, parse_ip
 from gateway.security.tls import TlsContexts
 from gateway_codecs import CircuitKind, ErrorCode, OpenRequest

@@ -1,1 +1,1 @@
-"""Identities, TLS contexts, per-peer policy and end-to-end protection."""
+"""Identities, TLS contexts and per-peer policy."""
