@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import Any, Protocol
 
 
 class _UTCFormatter(logging.Formatter):
@@ -58,3 +59,21 @@ class Throttle:
         self._last = now
         left_out, self.suppressed = self.suppressed, 0
         return left_out
+
+
+class _HasPeer(Protocol):
+    def getpeername(self) -> Any: ...
+
+
+def format_address(sockaddr: tuple[Any, ...]) -> str:
+    """``host:port``, or ``[host]:port`` for IPv6: how addresses appear in log lines."""
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_address(sock: _HasPeer) -> str:
+    """The connected peer of `sock`, for a log line (``?`` once it is gone)."""
+    try:
+        return format_address(sock.getpeername())
+    except OSError:
+        return "?"

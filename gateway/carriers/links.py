@@ -20,7 +20,7 @@ from gateway.carriers.peers import PeerDirectory
 from gateway.carriers.transport import open_transport
 from gateway.config import CarrierAddress, Config, PeerConfig
 from gateway.errors import CarrierLost, IdentityError
-from gateway.logs import Throttle
+from gateway.logs import Throttle, peer_address
 from gateway.security.identity import fingerprint_of_file
 from gateway.security.tls import TlsContexts, describe_tls_failure
 from gateway_codecs import Role, Settings
@@ -101,14 +101,6 @@ def _has_tls_cause(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__
     return False
-
-
-def _remote(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _connect_failure(exc: OSError) -> str:
@@ -215,7 +207,7 @@ class Links:
         await trio.serve_listeners(accepted, listeners, handler_nursery=handler_nursery)
 
     async def _accepted(self, stream: trio.SocketStream, scheme: str, on_up: Callable[[], None]) -> None:
-        remote = _remote(stream)
+        remote = peer_address(stream.socket)
         try:
             with trio.fail_after(self.timing.handshake_timeout):
                 transport = await open_transport(scheme, stream, self._context(scheme, None),

@@ -24,6 +24,7 @@ from typing import ClassVar
 import trio
 
 from gateway.errors import IdentityError
+from gateway.logs import peer_address
 from gateway.security.identity import fingerprint_of_der_cert
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
@@ -90,11 +91,7 @@ class SocketTransport(CarrierTransport):
         return sock
 
     def remote(self) -> str:
-        try:
-            host, port = self.sock.getpeername()[:2]
-        except OSError:
-            return "?"
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return peer_address(self.sock)
 
     # -------------------------------------------------------------- reading
 

@@ -163,12 +163,7 @@ class DatagramFlow:
         circuit = self.circuit
         try:
             async with trio.open_nursery() as nursery:
-
-                async def end_when_circuit_ends() -> None:
-                    await circuit.ended.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(end_when_circuit_ends)
+                nursery.start_soon(_cancel_when_ended, circuit, nursery.cancel_scope)
                 while True:
                     with trio.move_on_at(self.last + idle_timeout) as waiting:
                         if local is None:

@@ -21,6 +21,7 @@ from gateway.carriers.peers import PeerDirectory
 from gateway.carriers.writes import write_batch
 from gateway.config import Config, TunnelConfig
 from gateway.errors import CircuitBroken, OpenRefused
+from gateway.logs import format_address as _addr
 from gateway.relay.e2e import SealedFlow, SecureStream
 from gateway.relay.localsock import DEFAULT_RECEIVE, LocalStream
 from gateway.relay.sessions import SessionLog
@@ -45,11 +46,6 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 UDP_LISTENER_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF asked for on UDP listeners
 REFUSED_HOLD = 1.0  # s a client whose flow was refused is not asked for again
 REFUSED_CLIENTS = 4096  # refused clients remembered at most (UDP sources can be spoofed)
-
-
-def _addr(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = sockaddr[0], sockaddr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _log_circuit_failure(what: str, error: BaseException | None) -> None:
