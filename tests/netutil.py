@@ -424,6 +424,23 @@ def tunnel_toml(name: str, kind: str, target_port: int, via: str = "exit", liste
             f'via = ["{via}"]\ntarget = "127.0.0.1:{target_port}"\n{extra}')
 
 
+def push_until_blocked(sock: socket.socket, block: bytes, limit: int) -> int:
+    """Fill every buffer on the way until `sock`'s send (which has a timeout) makes no
+    progress; the bytes sent in whole blocks (part of the last block may have gone too).
+    Fails past `limit` bytes: something buffered without bound for a reader that reads
+    nothing."""
+    sent = 0
+    deadline = time.monotonic() + IO_TIMEOUT
+    while True:
+        assert time.monotonic() < deadline, "the tunnel never pushed back"
+        assert sent < limit, f"{limit} B buffered for a target that reads nothing"
+        try:
+            sock.sendall(block)
+        except TimeoutError:
+            return sent
+        sent += len(block)
+
+
 def stalled_circuit_beside_bulk(stuck_port: int, bulk_port: int, stall: StallHandler,
                                 handler: BulkHandler) -> None:
     """Stall one circuit (its target never reads) until the client's send blocks; then
@@ -431,18 +448,8 @@ def stalled_circuit_beside_bulk(stuck_port: int, bulk_port: int, stall: StallHan
     stalled one must deliver everything once its target reads again."""
     with socket.create_connection(("127.0.0.1", stuck_port), timeout=1.0) as c:
         assert stall.connected.wait(IO_TIMEOUT)
-        # Fill every buffer on the way until the client's send makes no progress.
         block = b"s" * (64 * 1024)
-        stuck_sent = 0
-        deadline = time.monotonic() + IO_TIMEOUT
-        while True:
-            assert time.monotonic() < deadline, "the stalled circuit never pushed back"
-            assert stuck_sent < 1024 * MiB, "1 GiB buffered for a target that reads nothing"
-            try:
-                c.sendall(block)
-            except TimeoutError:
-                break  # blocked: (part of) this block may have gone
-            stuck_sent += len(block)
+        stuck_sent = push_until_blocked(c, block, 1024 * MiB)
         # The carrier is shared: another circuit must still move 20 MiB each way.
         started = time.monotonic()
         n, sha = bulk_exchange(bulk_port, 20 * MiB, seed=5, timeout=30)

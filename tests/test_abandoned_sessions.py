@@ -11,13 +11,12 @@ import signal
 import socket
 import struct
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.gateways import pair_configs, running, wait_until
-from tests.netutil import IO_TIMEOUT, MiB, TcpServer, tunnel_toml
+from tests.netutil import IO_TIMEOUT, MiB, TcpServer, push_until_blocked, tunnel_toml
 
 TCP_STATE_CLOSE = 7  # tcpi_state, the first byte of struct tcp_info
 
@@ -41,16 +40,7 @@ def _tcp_state(sock: socket.socket) -> int:
 def _fill_then_reset(port: int) -> int:
     """Push into the tunnel until it pushes back; then reset. Returns bytes sent."""
     client = socket.create_connection(("127.0.0.1", port), timeout=1.0)
-    block, sent = b"r" * 65536, 0
-    deadline = time.monotonic() + IO_TIMEOUT
-    while True:
-        assert time.monotonic() < deadline, "the tunnel never pushed back"
-        assert sent < 512 * MiB, "512 MiB buffered for a target that reads nothing"
-        try:
-            client.sendall(block)
-        except TimeoutError:
-            break
-        sent += len(block)
+    sent = push_until_blocked(client, b"r" * 65536, 512 * MiB)
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()  # RST
     return sent

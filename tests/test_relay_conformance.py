@@ -30,11 +30,11 @@ import trio
 
 from gateway.carriers.circuit import Circuit
 from gateway.relay.circuit_bridge import bridge
+from gateway.relay.e2e import SecureStream
 from gateway.relay.localsock import LocalStream
 from gateway.relay.sessions import SessionLog, SessionRecord
 from gateway.relay.socket_relay import SocketRelay
 from gateway.relay.splice import SpliceResult, describe_error
-from gateway.security.e2e import SecureStream
 from gateway.security.identity import write_identity
 from gateway.security.tls import client_context, server_context
 from gateway_codecs import ErrorCode

@@ -17,10 +17,10 @@ import pytest
 import trio
 
 from gateway.carriers.circuit import Circuit
+from gateway.relay.e2e import SecureStream
 from gateway.relay.localsock import LocalStream
 from gateway.relay.socket_relay import SocketRelay
 from gateway.relay.splice import SpliceResult
-from gateway.security.e2e import SecureStream
 from gateway.security.identity import write_identity
 from gateway.security.tls import client_context, server_context
 from tests.carriers import carrier_pair, open_pair
