@@ -21,8 +21,8 @@ from gateway.carriers.links import Links
 from gateway.carriers.peers import PeerDirectory
 from gateway.config import Config
 from gateway.errors import ConfigError
+from gateway.relay.engine import RelayEngine
 from gateway.relay.sessions import SessionLog
-from gateway.relay.socket_relay import SocketRelay
 from gateway.roles.endpoints import TunnelEndpoint
 from gateway.roles.exits import CircuitServer
 from gateway.security.identity import load_identity
@@ -66,7 +66,7 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
     peers = PeerDirectory(list(config.peer))
     sessions = SessionLog()
     contexts = TlsContexts(identity, [p.cert for p in config.peer if p.cert is not None], gw.ca)
-    relay = SocketRelay()
+    relay = RelayEngine()
     server = CircuitServer(config, peers, sessions, contexts, relay)
     links = Links(config, contexts, peers, server)
     endpoints = [TunnelEndpoint(t, config, peers, sessions, contexts, relay) for t in config.tunnel]

@@ -1,19 +1,20 @@
 """One conformance suite for every way a TCP session is relayed (issue 10, item 8).
 
 Each pairing builds a real session the way the gateway does, with its two far ends as
-trio streams the test drives:
+trio streams the test drives; every pairing is one `StreamRelay` of the relay engine
+with two ports:
 
-- socket-circuit: a loopback TCP connection and a circuit, joined by `SocketRelay`
-  (entry and exit sessions without end-to-end TLS);
-- socket-tls: the same with TLS 1.3 inside the circuit (end-to-end sessions), spliced
-  with both ends watched (`SocketRelay.splice_socket`);
-- circuit-circuit: two circuits joined by a middle relay's bridge.
+- socket-circuit: a loopback TCP connection and a circuit (entry and exit sessions
+  without end-to-end TLS);
+- socket-tls: the same with TLS 1.3 inside the circuit (end-to-end sessions; the
+  handshake runs first, then the engine relays the TLS port);
+- circuit-circuit: two circuits (a middle relay).
 
 Every pairing must pass the same cases: half-close in either order, a reset at either
 end reaches the other as a break (never an EOF) and the session is logged as broken,
 credit stops reading while a reset still ends the session, and a relay shut down mid
-session breaks both ends. The single relay engine of the redesign has to pass this
-suite unchanged.
+session breaks both ends. The whole suite runs under each readiness backend (CI runs
+it once more with TUNNELGATE_READINESS=portable).
 """
 
 from __future__ import annotations
@@ -29,19 +30,18 @@ import pytest
 import trio
 
 from gateway.carriers.circuit import Circuit
-from gateway.relay.circuit_bridge import bridge
 from gateway.relay.e2e import SecureStream
+from gateway.relay.engine import RelayEngine
+from gateway.relay.handshake import handshake_or_abort
 from gateway.relay.localsock import LocalStream
 from gateway.relay.sessions import SessionLog, SessionRecord
-from gateway.relay.socket_relay import SocketRelay
-from gateway.relay.splice import SpliceResult, describe_error
 from gateway.security.identity import write_identity
 from gateway.security.tls import client_context, server_context
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
+from tests.engine import bridge, relay_socket
 
 PAIRINGS = ["socket-circuit", "socket-tls", "circuit-circuit"]
-WITH_A_TASK = ["socket-circuit", "socket-tls"]  # the bridge has none to shut down
 MIB = 1 << 20
 
 
@@ -94,18 +94,16 @@ def _tcp_pair(small: bool) -> tuple[socket.socket, socket.socket]:
 @asynccontextmanager
 async def relayed(pairing: str, tmp_path: Path, window: int = 256 * 1024) -> AsyncIterator[Relayed]:
     sessions = SessionLog()
-    relay = SocketRelay()
     opened: list[End] = []
     async with carrier_pair(window) as (dialer, inbound), trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
+        engine = RelayEngine()
+        await nursery.start(engine.run)
         far, near = await open_pair(dialer, inbound)
-        record = sessions.track("exit", pairing, near)
         if pairing == "socket-circuit":
             client, sock = _tcp_pair(small=True)
-            sock.setblocking(False)
-            relay.adopt(sock, near, record, socket_is_client=False, on_end=lambda error: None)
+            relay_socket(engine, sock, near, sessions, pairing)
             opened.append(_socket_end(client))
-            yield Relayed(opened[0], _circuit_end(far), record, sessions, nursery.cancel_scope.cancel)
+            left, right = opened[0], _circuit_end(far)
         elif pairing == "socket-tls":
             identity = write_identity(tmp_path / "gw")
             near_tls = SecureStream(near, server_context(identity, [tmp_path / "gw.crt"]), server_side=True)
@@ -114,25 +112,15 @@ async def relayed(pairing: str, tmp_path: Path, window: int = 256 * 1024) -> Asy
                 handshakes.start_soon(near_tls.do_handshake)
                 handshakes.start_soon(far_tls.do_handshake)
             client, sock = _tcp_pair(small=True)
-            scope = trio.CancelScope()
-
-            async def spliced() -> None:
-                with record, scope:
-                    result = SpliceResult()
-                    try:
-                        await relay.splice_socket(LocalStream(sock), near_tls, near, result,
-                                                  stream_first=False)
-                    finally:
-                        record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
-
-            nursery.start_soon(spliced)
+            relay_socket(engine, sock, near_tls.into_port(), sessions, pairing)
             opened.append(_socket_end(client))
-            yield Relayed(opened[0], _circuit_end(far, far_tls), record, sessions, scope.cancel)
+            left, right = opened[0], _circuit_end(far, far_tls)
         else:
             onward, exit_end = await open_pair(dialer, inbound)
-            bridge(near, onward, record)
-            yield Relayed(_circuit_end(far), _circuit_end(exit_end), record, sessions,
-                          nursery.cancel_scope.cancel)
+            bridge(engine, near, onward, sessions, pairing)
+            left, right = _circuit_end(far), _circuit_end(exit_end)
+        (session,) = engine.sessions
+        yield Relayed(left, right, session.record, sessions, nursery.cancel_scope.cancel)
         nursery.cancel_scope.cancel()
     for end in opened:
         await end.stream.aclose()
@@ -217,7 +205,7 @@ async def test_credit_stops_reads_and_a_reset_still_ends_the_session(pairing: st
     assert s.record.error
 
 
-@pytest.mark.parametrize("pairing", WITH_A_TASK)
+@pytest.mark.parametrize("pairing", PAIRINGS)
 async def test_a_relay_shut_down_mid_session_breaks_both_ends(pairing: str, tmp_path: Path) -> None:
     with trio.fail_after(10):
         async with relayed(pairing, tmp_path) as s:
@@ -236,7 +224,6 @@ async def test_a_failed_end_to_end_handshake_resets_both_ends(failure: str) -> N
     cancelled ends with RST on the socket and on the circuit (END_TO_END_FAILED), never
     with a close that could pass for a complete session."""
     from gateway.errors import CircuitBroken
-    from gateway.relay.socket_relay import handshake_or_abort
 
     async def handshake() -> None:
         if failure == "broken":

@@ -5,8 +5,9 @@ carrier; a `DatagramCircuit` carries whole UDP datagrams. Both are fed by their
 carrier's reader task (synchronously, from session events) and write by asking the
 carrier's session to queue frames and then `carrier.queued()` (the carrier writes them
 at once, or at the end of the current write batch).
-A circuit may also push what arrives straight into a sink (`sink`, set by `splice`)
-and take pushes itself (`try_send`): that is how relays avoid a task switch per message.
+A circuit may also push what arrives straight into a sink (`sink`, set by the relay
+engine or `splice`) and take pushes itself (`try_send`): that is how relays avoid a task
+switch per message.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         # without waking the task that reads this circuit. Returns bytes written.
         self.sink: Callable[[bytes | memoryview], int] | None = None
         self.sunk = 0
-        # Optional callback for a relay that runs without a task (socket_relay.py,
-        # circuit_bridge.py): called after EOF, new credit or breakage, from the reader.
+        # Optional callback for the relay engine (it runs without a task): called after
+        # EOF, new credit or breakage, and data queued without a sink, from the reader.
         self.watcher: Callable[[], None] | None = None
         self._window = carrier.session.local_settings.initial_window
         self._tuning_bytes = 0
@@ -170,6 +171,8 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                     return
                 data = data[written:]
         self._enqueue(bytes(data))
+        if self.sink is None and self.watcher is not None:
+            self.watcher()  # a relay that takes bytes only from the queue (TLS inside)
 
     def on_eof(self) -> None:
         self._eof_received = True

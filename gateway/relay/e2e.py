@@ -1,8 +1,10 @@
 """End-to-end protection across untrusted relays (`end_to_end = true` on a tunnel).
 
 TCP: `SecureStream` runs TLS 1.3 (OpenSSL through `ssl.MemoryBIO`) inside the circuit,
-between the entry and the exit gateway, each authenticated by its own identity. It is a
-`HalfCloseableStream`: send_eof sends TLS close_notify (in TLS 1.3 that closes only our
+between the entry and the exit gateway, each authenticated by its own identity. The
+gateway runs only its handshake as a stream, then relays the session as a `TlsPort` of
+the relay engine (ports.py), which keeps the rules below. As a stream (for tools and
+tests) it is a `HalfCloseableStream`: send_eof sends TLS close_notify (in TLS 1.3 that closes only our
 direction) and then FIN, so half-close survives; a FIN without close_notify is a
 truncation and fails the session. A modified record fails authentication and the
 circuit is reset with INTEGRITY_ERROR: wrong bytes are never delivered.
@@ -31,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.carriers.circuit import Circuit, DatagramCircuit
 from gateway.errors import CircuitBroken, IdentityError
+from gateway.relay.ports import TlsPort
 from gateway.security.identity import fingerprint_of_der_cert
 from gateway.stream_abilities import Abortable
 from gateway_codecs import ErrorCode
@@ -62,6 +65,13 @@ class SecureStream(trio.abc.HalfCloseableStream, Abortable):
         if not der:
             raise IdentityError("the end-to-end peer presented no certificate")
         return fingerprint_of_der_cert(der)
+
+    def into_port(self) -> TlsPort:
+        """After the handshake: the same TLS session as a port of the relay engine, which
+        relays it without a task (with whatever the BIOs already hold)."""
+        if not isinstance(self.transport, Circuit):
+            raise TypeError("only TLS inside a circuit becomes a relay port")
+        return TlsPort(self.transport, self._ssl, self._in, self._out)
 
     def _fail(self, reason: str, exc: BaseException | None = None) -> CircuitBroken:
         """Reset the circuit with INTEGRITY_ERROR so both ends log the same reason.

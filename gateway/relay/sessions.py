@@ -10,7 +10,7 @@ from types import TracebackType
 
 import trio
 
-from gateway.relay.splice import describe_abnormal_end
+from gateway.relay.outcomes import describe_abnormal_end
 
 log = logging.getLogger("tunnelgate.session")
 
@@ -81,6 +81,10 @@ class SessionLog:
         UDP flows do not drain: they have no end of their own but the idle timeout.
         """
         return SessionRecord(self, role, what, getattr(circuit, "id", 0), drains)
+
+    def open(self, role: str, what: str, circuit: object) -> SessionRecord:
+        """`track` and enter at once: for a session the relay engine will close."""
+        return self.track(role, what, circuit).__enter__()
 
     def opened(self, record: SessionRecord) -> None:
         self.total += 1

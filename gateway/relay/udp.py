@@ -21,8 +21,8 @@ import trio
 from gateway.carriers.circuit import DatagramCircuit
 from gateway.carriers.writes import write_batch
 from gateway.errors import SessionError
+from gateway.relay.outcomes import describe_abnormal_end, describe_error, is_cancellation
 from gateway.relay.sessions import SessionRecord
-from gateway.relay.splice import describe_abnormal_end, describe_error, is_cancellation
 from gateway_codecs import ErrorCode
 
 MAX_UDP_PAYLOAD = 65535  # receive buffer: any datagram fits (65,507 over IPv4)

@@ -1,6 +1,6 @@
 """Tunnel endpoints: the local TCP and UDP listeners where sessions enter a tunnel.
 
-TCP: one circuit per accepted connection, spliced with half-close. UDP: one circuit
+TCP: one circuit per accepted connection, relayed by the engine with half-close. UDP: one circuit
 per client address:port flow, ended after `udp_idle_timeout` of silence; datagrams
 that find a full queue are dropped and counted, never allowed to stall the carrier.
 """
@@ -23,10 +23,11 @@ from gateway.config import Config, TunnelConfig
 from gateway.errors import CircuitBroken, OpenRefused
 from gateway.logs import format_address as _addr
 from gateway.relay.e2e import SealedFlow, SecureStream
-from gateway.relay.localsock import DEFAULT_RECEIVE, LocalStream
+from gateway.relay.engine import RelayEngine
+from gateway.relay.handshake import handshake_or_abort
+from gateway.relay.localsock import LocalStream
+from gateway.relay.ports import CircuitPort, SocketPort
 from gateway.relay.sessions import SessionLog
-from gateway.relay.socket_relay import SocketRelay, handshake_or_abort
-from gateway.relay.splice import SpliceResult, describe_error
 from gateway.relay.udp import (
     MAX_UDP_PAYLOAD,
     SOCKET_BATCH,
@@ -74,9 +75,9 @@ class _Flow:
 
 class TunnelEndpoint:
     def __init__(self, tunnel: TunnelConfig, config: Config, peers: PeerDirectory,
-                 sessions: SessionLog, contexts: TlsContexts, relay: SocketRelay) -> None:
+                 sessions: SessionLog, contexts: TlsContexts, engine: RelayEngine) -> None:
         self.tunnel = tunnel
-        self.relay = relay
+        self.engine = engine
         self.contexts = contexts
         self.handshake_timeout = config.gateway.handshake_timeout
         self.exit_peer = config.peer_named(tunnel.via[-1]) if tunnel.end_to_end else None
@@ -136,16 +137,10 @@ class TunnelEndpoint:
                 stream = LocalStream(conn)
                 what = f"tunnel {self.tunnel.name} {_addr(client)} -> {self.route}"
                 carrier = self.peers.current(self.tunnel.via[0])
-                if carrier is not None and self.exit_peer is None and self.relay.running:
-                    # The common case needs no task: the relay takes the session now.
-                    try:
-                        with write_batch():  # OPEN and the client's first bytes: one write
-                            self._relay_client(stream, carrier, what)
-                    except Exception:  # a bug in one session must not stop the listener
-                        log.exception("%s: internal error", what)
-                        stream.abort("internal error")
-                        stream.close_now()
-                else:
+                if carrier is not None and self.exit_peer is None:
+                    # Nothing to wait for: the engine takes the session now, no task.
+                    self._relay_plain(stream, carrier, what)
+                else:  # wait for a carrier, or run the end-to-end handshake, first
                     handlers.start_soon(self._tcp_client, stream, what)
 
     def _open(self, stream: LocalStream, carrier: Carrier | None, what: str) -> Circuit | None:
@@ -162,23 +157,20 @@ class TunnelEndpoint:
         assert isinstance(circuit, Circuit)
         return circuit
 
-    @staticmethod
-    def _send_early(stream: LocalStream, circuit: Circuit) -> int:
-        """A client that speaks first has usually sent already: OPEN and its first bytes
-        (as many as the circuit's credit allows) then leave in one write. Returns their
-        count, for the session's byte count."""
-        credit = circuit.send_credit
-        early = stream.try_receive(min(credit, DEFAULT_RECEIVE)) if credit > 0 else None
-        return circuit.try_send(early) if early else 0
-
-    def _relay_client(self, stream: LocalStream, carrier: Carrier, what: str) -> None:
-        circuit = self._open(stream, carrier, what)
-        if circuit is None:
-            return
-        early = self._send_early(stream, circuit)
-        record = self.sessions.track("entry", what, circuit)
-        self.relay.adopt(stream.sock, circuit, record, socket_is_client=True,
-                         on_end=lambda error: _log_circuit_failure(what, error), sent_before=early)
+    def _relay_plain(self, stream: LocalStream, carrier: Carrier | None, what: str) -> None:
+        """Open the circuit and hand the session to the engine (OPEN and the client's first
+        bytes leave in one write)."""
+        try:
+            with write_batch():
+                circuit = self._open(stream, carrier, what)
+                if circuit is not None:
+                    self.engine.relay(SocketPort(stream.sock, self.engine.readiness), CircuitPort(circuit),
+                                      self.sessions.open("entry", what, circuit),
+                                      on_end=lambda error: _log_circuit_failure(what, error))
+        except Exception:  # a bug in one session must not stop the listener
+            log.exception("%s: internal error", what)
+            stream.abort("internal error")
+            stream.close_now()
 
     async def _tcp_client(self, stream: LocalStream, what: str) -> None:
         try:
@@ -187,28 +179,25 @@ class TunnelEndpoint:
             stream.abort("gateway shut down")
             stream.close_now()
             raise
-        with write_batch():  # OPEN and the client's first bytes: one write
-            circuit = self._open(stream, carrier, what)
-            if circuit is None:
-                return
-            early = 0
-            if self.exit_peer is None:  # (end-to-end: the TLS handshake must come first)
-                early = self._send_early(stream, circuit)
-        with self.sessions.track("entry", what, circuit) as record:
-            far: trio.abc.HalfCloseableStream = circuit
-            if self.exit_peer is not None:
-                secure = await handshake_or_abort(
-                    lambda: self._secure_stream(circuit), stream, circuit, record,
-                    lambda reason: log.warning("%s: failed: %s", what, reason))
-                if secure is None:
-                    return
-                far = secure
-            result = SpliceResult()
-            try:
-                await self.relay.splice_socket(stream, far, circuit, result)
-            finally:
-                _log_circuit_failure(what, result.error.__cause__ if result.error is not None else None)
-                record.finish(early + result.a_to_b, result.b_to_a, describe_error(result.error))
+        if self.exit_peer is None:
+            self._relay_plain(stream, carrier, what)
+            return
+        circuit = self._open(stream, carrier, what)
+        if circuit is None:
+            return
+        record = self.sessions.open("entry", what, circuit)
+        try:
+            secure = await handshake_or_abort(
+                lambda: self._secure_stream(circuit), stream, circuit, record,
+                lambda reason: log.warning("%s: failed: %s", what, reason))
+        except BaseException as exc:
+            record.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        if secure is None:
+            record.__exit__(None, None, None)
+            return
+        self.engine.relay(SocketPort(stream.sock, self.engine.readiness), secure.into_port(), record,
+                          on_end=lambda error: _log_circuit_failure(what, error))
 
     async def _secure_stream(self, circuit: Circuit) -> SecureStream:
         """TLS 1.3 with the exit gateway inside the circuit; its key must be the peer's."""

@@ -21,12 +21,13 @@ from gateway.carriers.peers import PeerDirectory
 from gateway.config import Config, PeerConfig
 from gateway.errors import CircuitBroken, TunnelgateError
 from gateway.faults import byte_flipper, datagram_flipper, fault_injection_offset
-from gateway.relay.circuit_bridge import bridge
 from gateway.relay.e2e import SealedFlow, SecureStream
+from gateway.relay.engine import RelayEngine
+from gateway.relay.handshake import handshake_or_abort
 from gateway.relay.localsock import LocalStream
+from gateway.relay.outcomes import describe_error
+from gateway.relay.ports import CircuitPort, SocketPort
 from gateway.relay.sessions import SessionLog
-from gateway.relay.socket_relay import SocketRelay, handshake_or_abort
-from gateway.relay.splice import SpliceResult, describe_error
 from gateway.relay.udp import (
     DatagramCounts,
     DatagramFlow,
@@ -79,9 +80,9 @@ class CircuitServer:
     """The handler every carrier calls for each circuit the peer opens."""
 
     def __init__(self, config: Config, peers: PeerDirectory, sessions: SessionLog,
-                 contexts: TlsContexts, relay: SocketRelay) -> None:
+                 contexts: TlsContexts, engine: RelayEngine) -> None:
         self.config = config
-        self.relay = relay
+        self.engine = engine
         self.contexts = contexts
         self.by_fingerprint = {p.fingerprint: p.name for p in config.peer if p.fingerprint}
         self.flip_offset = fault_injection_offset()
@@ -194,33 +195,28 @@ class CircuitServer:
             stream.abort("the circuit went away during the connect")
             stream.close_now()  # the peer reset it, or its carrier was lost, meanwhile
             return
-        if not circuit.request.end_to_end and self.relay.running:
-            # The common case needs no task from here on: the relay takes the session.
-            self.relay.adopt(stream.sock, circuit, self.sessions.track("exit", what, circuit),
-                             socket_is_client=False, on_end=lambda error: _log_failure(what, error))
-            return
-        with self.sessions.track("exit", what, circuit) as record:
-            near: trio.abc.HalfCloseableStream = circuit
-            if circuit.request.end_to_end:
-                async def handshake() -> SecureStream:
-                    secure = SecureStream(circuit, self.contexts.server(), server_side=True)
-                    with trio.fail_after(self.connect_timeout):
-                        await secure.do_handshake()
-                    return secure
+        record = self.sessions.open("exit", what, circuit)
+        near: CircuitPort = CircuitPort(circuit)
+        if circuit.request.end_to_end:
+            async def handshake() -> SecureStream:
+                secure = SecureStream(circuit, self.contexts.server(), server_side=True)
+                with trio.fail_after(self.connect_timeout):
+                    await secure.do_handshake()
+                return secure
 
+            try:
                 secured = await handshake_or_abort(handshake, stream, circuit, record,
                                                    lambda reason: log.warning("exit %s: %s", what, reason))
-                if secured is None:
-                    return
-                record.what += f" (end-to-end with {self._who(secured.peer_fingerprint)})"
-                near = secured
-            result = SpliceResult()
-            try:
-                await self.relay.splice_socket(stream, near, circuit, result, stream_first=False)
-            finally:
-                if result.error is not None:
-                    log.warning("exit %s: %s", what, describe_error(result.error))
-                record.finish(result.a_to_b, result.b_to_a, describe_error(result.error))
+            except BaseException as exc:
+                record.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            if secured is None:
+                record.__exit__(None, None, None)
+                return
+            record.what += f" (end-to-end with {self._who(secured.peer_fingerprint)})"
+            near = secured.into_port()
+        self.engine.relay(near, SocketPort(stream.sock, self.engine.readiness), record,
+                          on_end=lambda error: _log_failure(what, error))
 
     def _who(self, fingerprint: str) -> str:
         return self.by_fingerprint.get(fingerprint, fingerprint)
@@ -298,12 +294,13 @@ class CircuitServer:
             # The previous hop went away while the next one answered: end the new leg too.
             onward.reset(ErrorCode.CANCELLED, "the previous hop closed the circuit")
             return
-        record = self.sessions.track("relay", f"{what} -> {next_hop}", circuit)
         if isinstance(circuit, Circuit) and isinstance(onward, Circuit):
             # No task from here on; the test-only fault injector is a transform inside.
             flip = byte_flipper(self.flip_offset) if self.flip_offset is not None else None
-            bridge(circuit, onward, record, flip)
+            self.engine.relay(CircuitPort(circuit), CircuitPort(onward),
+                              self.sessions.open("relay", f"{what} -> {next_hop}", circuit), transform=flip)
             return
+        record = self.sessions.track("relay", f"{what} -> {next_hop}", circuit)
         with record:
             if isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
                 try:

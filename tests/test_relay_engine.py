@@ -1,7 +1,7 @@
-"""SocketRelay relays a socket and a circuit like splice(): half-close, credit, resets.
+"""The relay engine between a socket and a circuit: half-close, credit, resets, bugs.
 
 The circuit is a real one (two carriers over a socketpair); the socket is one end of a
-real TCP connection on loopback; the relay runs as it does in the gateway.
+real TCP connection on loopback; the engine runs as it does in the gateway.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import trio.testing
 
 from gateway.carriers.circuit import Circuit
 from gateway.errors import CircuitBroken
+from gateway.relay.ports import SocketPort
 from gateway.relay.sessions import SessionLog
-from gateway.relay.socket_relay import SocketRelay, _Session
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
+from tests.engine import relay_socket, running_engine
 
 MIB = 1 << 20
 
@@ -54,14 +55,10 @@ async def relayed(window: int = 256 * 1024, sndbuf: int | None = None
     far_socket = trio.SocketStream(trio.socket.from_stdlib_socket(client))
     sessions = SessionLog()
     ended = Ended()
-    relay = SocketRelay()
-    async with carrier_pair(window) as (dialer, inbound), trio.open_nursery() as nursery:
-        await nursery.start(relay.run)
+    async with carrier_pair(window) as (dialer, inbound), running_engine() as engine:
         far_circuit, near_circuit = await open_pair(dialer, inbound)
-        relay.adopt(near, near_circuit, sessions.track("exit", "test", near_circuit),
-                    socket_is_client=False, on_end=ended)
+        relay_socket(engine, near, near_circuit, sessions, on_end=ended)
         yield far_circuit, far_socket, ended, sessions
-        nursery.cancel_scope.cancel()
     await far_socket.aclose()
 
 
@@ -167,31 +164,25 @@ async def test_far_reset_resets_the_socket_and_reports_the_reason() -> None:
 
 
 async def test_a_reset_met_by_a_circuit_push_is_not_taken_for_an_eof() -> None:
-    """The socket's peer resets; circuit bytes then reach the socket before the relay
-    next looks at it. The send meets (and clears) the error: it must still reset the
-    circuit, not pass on a clean EOF."""
+    """The socket's peer resets; circuit bytes then reach the socket (pushed by the
+    carrier's reader) before or after readiness reports the error. Whichever comes first,
+    the circuit must be reset, never given a clean EOF."""
     with trio.fail_after(10):
-        async with carrier_pair() as (dialer, inbound):
+        async with carrier_pair() as (dialer, inbound), running_engine() as engine:
             far, near = await open_pair(dialer, inbound)
             listener = socket.create_server(("127.0.0.1", 0))
             client = socket.create_connection(listener.getsockname())
             local, _ = listener.accept()
             listener.close()
-            local.setblocking(False)
-            relay, ended = SocketRelay(), Ended()
-            relay.adopt(local, near, SessionLog().track("exit", "t", near), socket_is_client=False,
-                        on_end=ended)  # the relay task is not running yet
+            ended = Ended()
+            relay_socket(engine, local, near, SessionLog(), on_end=ended)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()
             await far.send_all(b"reply")
-            await trio.testing.wait_all_tasks_blocked()  # the carrier reader pushed it
-            async with trio.open_nursery() as nursery:
-                await nursery.start(relay.run)
-                with pytest.raises(trio.BrokenResourceError):
-                    while await far.receive_some(100):
-                        pass
-                await ended.event.wait()
-                nursery.cancel_scope.cancel()
+            with pytest.raises(trio.BrokenResourceError):
+                while await far.receive_some(100):
+                    pass
+            await ended.event.wait()
     assert "reset" in str(ended.error).lower(), ended.error
 
 
@@ -216,13 +207,9 @@ async def test_relay_shutdown_aborts_open_sessions() -> None:
             a, b = socket.socketpair()
             b.setblocking(False)
             ended = Ended()
-            relay = SocketRelay()
             sessions = SessionLog()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(relay.run)
-                relay.adopt(b, near, sessions.track("exit", "t", near), socket_is_client=False,
-                            on_end=ended)
-                nursery.cancel_scope.cancel()
+            async with running_engine() as engine:
+                relay_socket(engine, b, near, sessions, on_end=ended)
             assert ended.event.is_set() and "shut down" in str(ended.error)
             assert sessions.active == 0
             with pytest.raises(trio.BrokenResourceError):
@@ -233,20 +220,19 @@ async def test_relay_shutdown_aborts_open_sessions() -> None:
 async def test_a_failing_session_is_ended_and_the_relay_goes_on(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A bug while handling one session ends that session (logged), not the relay."""
-    original = _Session._read_socket
+    original = SocketPort.read
 
-    def explode_for_bad(self: _Session) -> None:
-        if self.record.what == "bad":
+    def explode_for_bad(self: SocketPort, max_bytes: int) -> bytes | None:
+        data = original(self, max_bytes)
+        if data and self.relay.record.what == "bad":
             raise RuntimeError("boom")
-        original(self)
+        return data
 
-    monkeypatch.setattr(_Session, "_read_socket", explode_for_bad)
+    monkeypatch.setattr(SocketPort, "read", explode_for_bad)
     with trio.fail_after(10):
         async with carrier_pair() as (dialer, inbound):
-            relay = SocketRelay()
             sessions = SessionLog()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(relay.run)
+            async with running_engine() as engine:
                 ends = {}
                 far = {}
                 local = {}
@@ -256,14 +242,12 @@ async def test_a_failing_session_is_ended_and_the_relay_goes_on(
                     b.setblocking(False)
                     local[name] = trio.SocketStream(trio.socket.from_stdlib_socket(a))
                     ends[name] = Ended()
-                    relay.adopt(b, near, sessions.track("exit", name, near), socket_is_client=False,
-                                on_end=ends[name])
+                    relay_socket(engine, b, near, sessions, name, on_end=ends[name])
                 await local["bad"].send_all(b"x")
                 await ends["bad"].event.wait()
                 assert "internal error: boom" in str(ends["bad"].error)
                 await local["good"].send_all(b"still here")
                 assert await far["good"].receive_some(100) == b"still here"
-                nursery.cancel_scope.cancel()
             for stream in local.values():
                 await stream.aclose()
     assert "internal error" in caplog.text

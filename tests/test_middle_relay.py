@@ -1,7 +1,7 @@
-"""A middle relay's bridge joins two circuits into one stream, with end-to-end credit.
+"""A middle relay: the engine joins two circuits into one stream, with end-to-end credit.
 
-Two carrier pairs stand for the links on either side of a relay hop; the bridge joins
-the relay's two circuits; the ends are checked as one trio stream.
+Two carrier pairs stand for the links on either side of a relay hop; the relay engine
+joins the relay's two circuits; the ends are checked as one trio stream.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import trio.testing
 from gateway.carriers.circuit import Circuit
 from gateway.errors import CircuitBroken
 from gateway.faults import byte_flipper
-from gateway.relay.circuit_bridge import bridge
 from gateway.relay.sessions import SessionLog
 from gateway_codecs import ErrorCode
 from tests.carriers import carrier_pair, open_pair
+from tests.engine import bridge, running_engine
 
 MakeEnds = Callable[[], Awaitable[tuple[Circuit, Circuit]]]
 
@@ -29,12 +29,13 @@ async def relay_hop(window: int = 256 * 1024) -> AsyncIterator[tuple[MakeEnds, S
     """make_ends() opens a circuit on each link, bridges the relay's two legs and returns
     the two far ends (entry side, exit side)."""
     sessions = SessionLog()
-    async with carrier_pair(window) as (left, left_in), carrier_pair(window) as (right, right_in):
+    async with carrier_pair(window) as (left, left_in), carrier_pair(window) as (right, right_in), \
+            running_engine() as engine:
 
         async def make_ends() -> tuple[Circuit, Circuit]:
             entry_end, upstream = await open_pair(left, left_in)
             onward, exit_end = await open_pair(right, right_in)
-            bridge(upstream, onward, sessions.track("relay", "test", upstream))
+            bridge(engine, upstream, onward, sessions)
             return entry_end, exit_end
 
         yield make_ends, sessions
@@ -110,17 +111,18 @@ async def test_a_reset_travels_through_with_its_code_and_reason() -> None:
 
 @pytest.mark.parametrize("offset", [0, 5000, 16 * 1024 + 3, 3 * 1024 * 1024 - 1])
 async def test_a_transform_rewrites_each_byte_once_whatever_the_credit(offset: int) -> None:
-    """The test-only fault injector is a transform inside the bridge: it must see every
+    """The test-only fault injector is a transform inside the engine: it must see every
     byte exactly once at its true offset, whether the bytes went straight through (sink)
     or waited in the queue for credit."""
     data = bytes(range(256)) * 4096 * 3  # 3 MiB through 16 KiB windows: both paths, many times
     window = 16 * 1024
     sessions = SessionLog()
     with trio.fail_after(30):
-        async with carrier_pair(window) as (left, left_in), carrier_pair(window) as (right, right_in):
+        async with carrier_pair(window) as (left, left_in), carrier_pair(window) as (right, right_in), \
+                running_engine() as engine:
             entry, upstream = await open_pair(left, left_in)
             onward, exit_end = await open_pair(right, right_in)
-            bridge(upstream, onward, sessions.track("relay", "t", upstream), byte_flipper(offset))
+            bridge(engine, upstream, onward, sessions, transform=byte_flipper(offset))
 
             async def send() -> None:
                 await entry.send_all(data)

@@ -1,0 +1,90 @@
+"""The readiness backends: chosen from the platform or the environment, and the portable
+one reports what the engine needs (readable, writable, and a reset while not read)."""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+
+import pytest
+import trio
+
+from gateway.relay.readiness import (
+    ERROR,
+    READABLE,
+    WRITABLE,
+    EpollReadiness,
+    Readiness,
+    TaskReadiness,
+    open_readiness,
+)
+
+
+@pytest.mark.parametrize(("wanted", "expected"), [("portable", TaskReadiness), ("epoll", EpollReadiness),
+                                                  ("", EpollReadiness), ("kqueue", EpollReadiness)])
+def test_the_backend_is_chosen_from_the_environment(monkeypatch: pytest.MonkeyPatch, wanted: str,
+                                                    expected: type) -> None:
+    if not hasattr(select, "epoll"):
+        pytest.skip("no epoll on this platform")
+    monkeypatch.setenv("TUNNELGATE_READINESS", wanted)
+    assert isinstance(open_readiness(), expected)
+
+
+def test_without_epoll_the_portable_backend_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TUNNELGATE_READINESS", raising=False)
+    monkeypatch.delattr(select, "epoll", raising=False)
+    assert isinstance(open_readiness(), TaskReadiness)
+
+
+class Seen:
+    def __init__(self) -> None:
+        self.events: list[int] = []
+        self.errors: list[int] = []
+        self.changed = trio.Event()
+
+    def on_ready(self, events: int) -> None:
+        self.events.append(events)
+        self.changed.set()
+
+    def on_socket_error(self, code: int) -> None:
+        self.errors.append(code)
+        self.changed.set()
+
+    async def next(self) -> None:
+        with trio.fail_after(5):
+            await self.changed.wait()
+        self.changed = trio.Event()
+
+
+@pytest.mark.parametrize("backend", [TaskReadiness, EpollReadiness])
+async def test_a_reset_is_reported_while_the_socket_is_not_read(backend: type[Readiness]) -> None:
+    if backend is EpollReadiness and not hasattr(select, "epoll"):
+        pytest.skip("no epoll on this platform")
+    readiness = backend()
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    ours, _ = listener.accept()
+    listener.close()
+    ours.setblocking(False)
+    seen = Seen()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(readiness.serve)
+        readiness.add(ours, seen, READABLE)
+        peer.sendall(b"data nobody reads yet")
+        await seen.next()
+        assert seen.events[-1] & READABLE
+        readiness.modify(ours, WRITABLE)  # stop reading (no credit), wait to write
+        await seen.next()
+        assert seen.events[-1] & WRITABLE
+        readiness.modify(ours, 0)  # nothing wanted: only an error may still be reported
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()
+        await seen.next()
+        if seen.errors:
+            assert seen.errors == [104]  # ECONNRESET, read by the backend
+        else:
+            assert seen.events[-1] & ERROR
+        readiness.remove(ours)
+        nursery.cancel_scope.cancel()
+    ours.close()
