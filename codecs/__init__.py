@@ -26,7 +26,7 @@ from .events import (
 from .flow import ReceiveWindow, SendCredit
 from .frames import MAX_DATAGRAM, CircuitKind, FrameType, OpenRequest
 from .hello import PROTOCOL_VERSION, Capability, Settings
-from .session import CarrierSession, CircuitState, Role
+from .session import CarrierSession, CircuitSnapshot, CircuitState, Role
 
 __all__ = [
     "MAX_DATAGRAM",
@@ -41,6 +41,7 @@ __all__ = [
     "CircuitRequestRefused",
     "CircuitRequested",
     "CircuitReset",
+    "CircuitSnapshot",
     "CircuitState",
     "CreditGranted",
     "DataReceived",

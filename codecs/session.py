@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import os
 from collections import deque
+from dataclasses import dataclass, field
 
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
@@ -123,6 +124,28 @@ class _Circuit:
         self.fin_queued = False
         self.fin_sent = False
         self.remote_fin = False
+
+
+@dataclass(slots=True)
+class CircuitSnapshot:
+    """A stream circuit's state off any carrier (`detach_circuit` / `attach_circuit`):
+    its offsets and credit belong to the session, not to one connection.
+
+    Offsets are absolute and continue on the next carrier: `sent` counts every byte
+    handed to `send_data` (the `unsent` ones included, which were queued but never
+    framed), `received`/`consumed` what arrived and what the application took."""
+
+    kind: CircuitKind
+    sent: int
+    send_limit: int
+    received: int
+    consumed: int
+    receive_limit: int
+    window: int
+    fin_queued: bool
+    fin_sent: bool
+    remote_fin: bool
+    unsent: list[bytes] = field(default_factory=list)
 
 
 class CarrierSession:
@@ -413,6 +436,66 @@ class CarrierSession:
             # That was our last id: drain this carrier; the gateway dials a new one.
             self.goaway(ErrorCode.CIRCUIT_IDS_EXHAUSTED, "circuit ids exhausted")
         return cid
+
+    def detach_circuit(self, circuit_id: int) -> CircuitSnapshot:
+        """Take an open circuit off this carrier without a frame (the carrier broke, or
+        drains): its id is retired here, its state returned for `attach_circuit` on
+        another carrier. Stream bytes queued but never framed travel in the snapshot;
+        queued datagrams are dropped (datagrams may be lost)."""
+        c = self._live(circuit_id)
+        if c.state is not CircuitState.OPEN:
+            raise LocalProtocolError(f"circuit {circuit_id} is not open", ErrorCode.CIRCUIT_STATE_ERROR)
+        unsent = [bytes(piece) for piece in c.queue or ()] if c.kind is _TCP else []
+        window, credit = c.window, c.credit
+        snapshot = CircuitSnapshot(c.kind, credit.sent, credit.limit, window.received, window.consumed,
+                                   window.limit, window.size, c.fin_queued, c.fin_sent, c.remote_fin,
+                                   unsent)
+        self._drop(c)
+        return snapshot
+
+    def attach_circuit(self, snapshot: CircuitSnapshot, circuit_id: int | None = None) -> int:
+        """Continue a detached circuit on this carrier, with its offsets and credit: under
+        the next id of our parity (None), or under `circuit_id` of the peer's parity
+        (the peer attached its end first). Returns the id. Our receive limit is
+        advertised again at once; a FIN queued before the detach, and never sent,
+        follows the unsent bytes."""
+        if not self.established:
+            raise LocalProtocolError("cannot attach a circuit before the HELLO exchange")
+        if circuit_id is None:
+            if not self.can_open:
+                raise LocalProtocolError("this carrier accepts no new circuits", ErrorCode.GOING_AWAY)
+            circuit_id = self._next_local_id
+            self._next_local_id += 2
+            local = True
+        else:
+            if not self._is_peer_id(circuit_id) or circuit_id <= self._highest_peer_id \
+                    or circuit_id > MAX_CIRCUIT_ID:
+                raise LocalProtocolError(f"circuit id {circuit_id} is not a new id of the peer's",
+                                         ErrorCode.CIRCUIT_ID_ERROR)
+            self._highest_peer_id = circuit_id
+            self._peer_circuits += 1
+            local = False
+        c = _Circuit(circuit_id, snapshot.kind, local, CircuitState.OPEN, snapshot.send_limit,
+                     snapshot.window)
+        c.credit.sent = snapshot.sent
+        window = c.window
+        window.received, window.consumed, window.limit = (snapshot.received, snapshot.consumed,
+                                                          snapshot.receive_limit)
+        c.fin_queued, c.fin_sent, c.remote_fin = snapshot.fin_queued, snapshot.fin_sent, snapshot.remote_fin
+        self._circuits[circuit_id] = c
+        if not c.remote_fin:
+            # The last MAX_DATA may have been lost with the old carrier: say the limit
+            # again (absolute offsets: a repeat is harmless).
+            self._queue_control(frame(FrameType.MAX_DATA, 0, circuit_id, encode_u64(window.limit)))
+        if snapshot.unsent:
+            c.queue = deque(snapshot.unsent)
+            c.queued = sum(map(len, snapshot.unsent))
+            self._mark_ready(c)
+        elif c.fin_queued and not c.fin_sent:
+            self._queue_control(self._fin_frame(c))
+        else:
+            self._maybe_retire(c)
+        return circuit_id
 
     def accept_circuit(self, circuit_id: int) -> None:
         c = self._circuits.get(circuit_id)

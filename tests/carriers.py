@@ -20,6 +20,13 @@ Inbound = trio.MemoryReceiveChannel[AnyCircuit]
 async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier, Inbound]]:
     """Two carriers back to back over an in-memory link; the acceptor's circuits are
     delivered, unanswered, on the channel."""
+    async with carriers(window) as (dialer, _, inbound):
+        yield dialer, inbound
+
+
+@asynccontextmanager
+async def carriers(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier, Carrier, Inbound]]:
+    """`carrier_pair`, with the acceptor's carrier too."""
     left_sock, right_sock = socket.socketpair()
     for sock in (left_sock, right_sock):
         sock.setblocking(False)
@@ -48,7 +55,7 @@ async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier,
         nursery.start_soon(dialer.run, up)
         nursery.start_soon(acceptor.run, up)
         await ready.wait()
-        yield dialer, inbound_receive
+        yield dialer, acceptor, inbound_receive
         nursery.cancel_scope.cancel()
 
 

@@ -209,6 +209,11 @@ class Carrier:
         """Frames were queued in the session: written now, or when the batch ends."""
         queued(self)
 
+    def adopt(self, circuit: _CircuitBase) -> None:
+        """A circuit attached here from another carrier (Circuit.attach)."""
+        assert isinstance(circuit, Circuit | DatagramCircuit)
+        self.circuits[circuit.id] = circuit
+
     def forget(self, circuit: _CircuitBase) -> None:
         if self.circuits.get(circuit.id) is circuit:
             del self.circuits[circuit.id]

@@ -25,6 +25,7 @@ from gateway.stream_abilities import Abortable, NonBlockingSink, PushSource
 from gateway_codecs import (
     MAX_DATAGRAM,
     CarrierSession,
+    CircuitSnapshot,
     ErrorCode,
     LocalProtocolError,
     OpenRequest,
@@ -53,6 +54,7 @@ class CarrierLink(Protocol):
 
     def queued(self) -> None: ...
     def forget(self, circuit: _CircuitBase) -> None: ...
+    def adopt(self, circuit: _CircuitBase) -> None: ...
 
 
 class _CircuitBase:
@@ -149,6 +151,8 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         # EOF, new credit or breakage, and data queued without a sink, from the reader.
         self.watcher: Callable[[], None] | None = None
         self._window = carrier.session.local_settings.initial_window
+        # Off any carrier (detach): offsets and credit wait here until attach.
+        self._parked: CircuitSnapshot | None = None
         self._tuning_bytes = 0
         self._tuning_since = 0.0  # bytes the sink wrote (the reader of this circuit never saw them)
 
@@ -194,8 +198,38 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
 
     @property
     def send_credit(self) -> int:
-        """Bytes this end may send now (the peer's window)."""
+        """Bytes this end may send now (the peer's window); none while detached."""
+        if self._parked is not None:
+            return 0
         return self.carrier.session.send_credit(self.id)
+
+    # ---- a circuit belongs to its session, not to one carrier
+    @property
+    def detached(self) -> bool:
+        return self._parked is not None
+
+    def detach(self) -> None:
+        """Take this circuit off its carrier, keeping its identity, offsets and credit
+        (the carrier broke, or drains). Meanwhile sends wait (no credit), reads go on from
+        what arrived, and an EOF waits for `attach`. Bytes the carrier lost in flight
+        are not recovered here: resumption (end-to-end acknowledgements) does that."""
+        self._raise_if_broken()
+        self._parked = self.carrier.session.detach_circuit(self.id)
+        self.carrier.forget(self)
+
+    def attach(self, carrier: CarrierLink, circuit_id: int | None = None) -> int:
+        """Continue on `carrier` where the circuit left off: under a new id of ours, or
+        under the peer's `circuit_id` (it attached first). Returns the id."""
+        parked = self._parked
+        if parked is None:
+            raise trio.ClosedResourceError("this circuit is not detached")
+        self.id = carrier.session.attach_circuit(parked, circuit_id)
+        self.carrier = carrier
+        self._parked = None
+        carrier.adopt(self)
+        carrier.queued()
+        self.on_credit()  # waiting senders and the relay engine carry on
+        return self.id
 
     @property
     def at_eof(self) -> bool:
@@ -209,6 +243,9 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         If the reader took a whole window within two round trips, the sender was
         waiting for credit, not for the reader: double the window, up to a cap.
         """
+        if self._parked is not None:
+            self._parked.consumed += n  # acknowledged on the next carrier
+            return
         session = self.carrier.session
         session.consumed(self.id, n)
         self._tuning_bytes += n
@@ -234,15 +271,14 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
             # The session keeps references until the writer runs: never a caller's
             # mutable buffer.
             view = memoryview(data if isinstance(data, bytes) else bytes(data))
-            session = self.carrier.session
             while view:
-                credit = session.send_credit(self.id)
+                credit = self.send_credit
                 if credit <= 0:
                     await self._lot.park()
                     self._raise_if_broken()
                     continue
                 chunk = view[:credit]
-                session.send_data(self.id, chunk)
+                self.carrier.session.send_data(self.id, chunk)
                 self.bytes_sent += len(chunk)
                 view = view[credit:]
                 self.carrier.queued()
@@ -253,7 +289,8 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Queue what the credit allows now, without blocking; 0 if nothing fits (or a
         send_all is holding earlier bytes). Lets a relay push circuit to circuit."""
-        if self._sending or self._eof_sent or self._closed or self.broken is not None:
+        if self._sending or self._eof_sent or self._closed or self.broken is not None \
+                or self._parked is not None:
             return 0
         session = self.carrier.session
         credit = session.send_credit(self.id)
@@ -270,7 +307,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
         self._raise_if_broken()
-        while self.carrier.session.send_credit(self.id) <= 0:
+        while self.send_credit <= 0:
             await self._lot.park()
             self._raise_if_broken()
 
@@ -288,6 +325,12 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
             return
         self._raise_if_broken()
         self._eof_sent = True
+        self._send_eof()
+
+    def _send_eof(self) -> None:
+        if self._parked is not None:
+            self._parked.fin_queued = True  # FIN follows on the next carrier
+            return
         self.carrier.session.send_eof(self.id)
         self.carrier.queued()
 
@@ -366,8 +409,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
             else:
                 if not self._eof_sent:
                     self._eof_sent = True
-                    self.carrier.session.send_eof(self.id)
-                    self.carrier.queued()
+                    self._send_eof()
                 if self._eof_received:
                     self.carrier.forget(self)
             self._inbound.clear()
