@@ -6,6 +6,7 @@ folder is the byte-level specification; vectors/ holds its golden examples.
 
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
+    Acknowledged,
     CarrierEnded,
     CircuitAccepted,
     CircuitClosed,
@@ -24,13 +25,14 @@ from .events import (
     PongReceived,
 )
 from .flow import ReceiveWindow, SendCredit
-from .frames import MAX_DATAGRAM, CircuitKind, FrameType, OpenRequest
+from .frames import MAX_DATAGRAM, CircuitKind, FrameType, OpenRequest, Resumable, Resuming
 from .hello import PROTOCOL_VERSION, Capability, Settings
 from .session import CarrierSession, CircuitSnapshot, CircuitState, Role
 
 __all__ = [
     "MAX_DATAGRAM",
     "PROTOCOL_VERSION",
+    "Acknowledged",
     "Capability",
     "CarrierEnded",
     "CarrierSession",
@@ -59,6 +61,8 @@ __all__ = [
     "ProtocolError",
     "ReceiveWindow",
     "RemoteProtocolError",
+    "Resumable",
+    "Resuming",
     "Role",
     "SendCredit",
     "Settings",

@@ -28,6 +28,7 @@ class ErrorCode(enum.IntEnum):
     KEEPALIVE_TIMEOUT = 0x0009
     CANCELLED = 0x000A
     INTEGRITY_ERROR = 0x000B
+    ROUTE_LOST = 0x000C  # a carrier on a resumable circuit's route was lost: park, resume (§14)
     # OPEN_FAIL reasons: why a circuit could not be opened.
     FORBIDDEN_TARGET = 0x0101
     FORBIDDEN_ROUTE = 0x0102
@@ -42,6 +43,7 @@ class ErrorCode(enum.IntEnum):
     GOING_AWAY = 0x010B
     RESOURCE_LIMIT = 0x010C
     END_TO_END_FAILED = 0x010D
+    RESUME_REFUSED = 0x010E  # unknown, expired, replayed or unauthorized resumption (§14)
 
     @classmethod
     def describe(cls, value: int) -> str:

@@ -88,6 +88,15 @@ class EndOfStream(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Acknowledged(Event):
+    """ACK (RESUME capability): the far endpoint has delivered `delivered` units of our
+    stream (bytes, plus one for the FIN), end to end through any relays."""
+
+    circuit_id: int
+    delivered: int
+
+
+@dataclass(frozen=True, slots=True)
 class CircuitReset(Event):
     circuit_id: int
     code: ErrorCode | int

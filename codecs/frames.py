@@ -46,6 +46,7 @@ class FrameType(enum.IntEnum):
     PONG = 0x0A
     GOAWAY = 0x0B
     DATAGRAM = 0x0C
+    ACK = 0x0D  # RESUME capability: end-to-end delivery acknowledgement (SPEC.md §14)
 
 
 class CircuitKind(enum.IntEnum):
@@ -56,6 +57,8 @@ class CircuitKind(enum.IntEnum):
 class OpenFlags(enum.IntFlag):
     NONE = 0
     END_TO_END = 0x01  # the opener runs TLS 1.3 inside the circuit with the exit
+    RESUMABLE = 0x02  # RESUME capability: a new session the endpoints may resume (§14)
+    RESUMING = 0x04  # RESUME capability: this OPEN resumes an earlier session (§14)
 
 
 class AddressType(enum.IntEnum):
@@ -124,6 +127,31 @@ def decode_u64(payload: bytes) -> int:
 # --- OPEN -----------------------------------------------------------------------
 
 
+RESUME_ID_SIZE = 16  # session id, secret and verifier: 128 bits each
+_RESUMABLE = 0x01  # extension tags after OPEN's route (SPEC.md §14)
+_RESUMING = 0x02
+
+
+@dataclass(frozen=True, slots=True)
+class Resumable:
+    """A new session its endpoints may resume: its id, and SHA-256(secret)[:16], which
+    only the entry can answer (it reveals the secret when it resumes)."""
+
+    session_id: bytes
+    verifier: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Resuming:
+    """Resume `session_id`: the secret behind the last verifier, the next verifier (a
+    secret is good once), and how far the resumer has delivered the exit's stream."""
+
+    session_id: bytes
+    secret: bytes
+    next_verifier: bytes
+    delivered: int
+
+
 @dataclass(frozen=True, slots=True)
 class OpenRequest:
     """What an OPEN frame asks for: the target as the exit will see it, and the route."""
@@ -133,6 +161,16 @@ class OpenRequest:
     port: int
     route: tuple[str, ...] = ()
     end_to_end: bool = False
+    resume: Resumable | Resuming | None = None
+
+    @property
+    def flags(self) -> OpenFlags:
+        flags = OpenFlags.END_TO_END if self.end_to_end else OpenFlags.NONE
+        if isinstance(self.resume, Resumable):
+            flags |= OpenFlags.RESUMABLE
+        elif isinstance(self.resume, Resuming):
+            flags |= OpenFlags.RESUMING
+        return flags
 
 
 @functools.lru_cache(maxsize=1024)  # a tunnel opens the same target again and again
@@ -161,7 +199,19 @@ def encode_open(request: OpenRequest) -> bytes:
         if not 1 <= len(raw) <= MAX_HOP_NAME:
             raise ValueError(f"hop name must be 1..{MAX_HOP_NAME} bytes: {hop!r}")
         parts.append(bytes((len(raw),)) + raw)
+    resume = request.resume
+    if isinstance(resume, Resumable):
+        parts += [bytes((_RESUMABLE,)), _sized(resume.session_id), _sized(resume.verifier)]
+    elif isinstance(resume, Resuming):
+        parts += [bytes((_RESUMING,)), _sized(resume.session_id), _sized(resume.secret),
+                  _sized(resume.next_verifier), _U64.pack(resume.delivered)]
     return b"".join(parts)
+
+
+def _sized(value: bytes) -> bytes:
+    if len(value) != RESUME_ID_SIZE:
+        raise ValueError(f"resumption ids are {RESUME_ID_SIZE} bytes")
+    return value
 
 
 class _Reader:
@@ -189,7 +239,9 @@ class _Reader:
         return int.from_bytes(self.take(2), "big")
 
 
-def decode_open(payload: bytes, flags: int) -> OpenRequest:
+def decode_open(payload: bytes, flags: int, resume: bool = False) -> OpenRequest:
+    """`resume`: the RESUME capability was negotiated; without it the resumption flags and
+    extension are reserved bits and bytes, ignored as v1 says."""
     r = _Reader(payload, "OPEN")
     kind_raw = r.u8()
     try:
@@ -224,5 +276,22 @@ def decode_open(payload: bytes, flags: int) -> OpenRequest:
         if not 1 <= size <= MAX_HOP_NAME:
             raise RemoteProtocolError("OPEN hop name must be 1..63 bytes")
         route.append(name)
-    # Bytes after the route are reserved for extensions and ignored by v1 receivers.
-    return OpenRequest(kind, host, port, tuple(route), bool(flags & OpenFlags.END_TO_END))
+    extension: Resumable | Resuming | None = None
+    if resume and flags & (OpenFlags.RESUMABLE | OpenFlags.RESUMING):
+        if flags & OpenFlags.RESUMABLE and flags & OpenFlags.RESUMING:
+            raise RemoteProtocolError("OPEN both RESUMABLE and RESUMING")
+        tag = r.u8()
+        if flags & OpenFlags.RESUMABLE:
+            if tag != _RESUMABLE:
+                raise RemoteProtocolError("RESUMABLE OPEN without its extension")
+            extension = Resumable(r.take(RESUME_ID_SIZE), r.take(RESUME_ID_SIZE))
+        else:
+            if tag != _RESUMING:
+                raise RemoteProtocolError("RESUMING OPEN without its extension")
+            extension = Resuming(r.take(RESUME_ID_SIZE), r.take(RESUME_ID_SIZE), r.take(RESUME_ID_SIZE),
+                                 int.from_bytes(r.take(8), "big"))
+        if kind is not CircuitKind.TCP:
+            raise RemoteProtocolError("only TCP-kind circuits resume")
+    # Bytes after the route (and after a negotiated extension) are reserved for
+    # extensions and ignored.
+    return OpenRequest(kind, host, port, tuple(route), bool(flags & OpenFlags.END_TO_END), extension)

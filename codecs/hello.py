@@ -26,7 +26,7 @@ _ENTRY = struct.Struct("!HH")
 class Capability(enum.IntFlag):
     NONE = 0
     DATAGRAM = 1 << 0  # UDP flows (kind UDP circuits, DATAGRAM frames)
-    RESUME = 1 << 1  # reserved: circuit resumption on a new carrier, not in v1
+    RESUME = 1 << 1  # resumable sessions: OPEN's resumption extension and ACK (SPEC.md §14)
 
 
 class SettingId(enum.IntEnum):

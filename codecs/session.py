@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
+    Acknowledged,
     CarrierEnded,
     CircuitAccepted,
     CircuitClosed,
@@ -44,7 +45,6 @@ from .frames import (
     MAX_DATAGRAM,
     CircuitKind,
     FrameType,
-    OpenFlags,
     OpenRequest,
     decode_goaway,
     decode_open,
@@ -423,12 +423,14 @@ class CarrierSession:
         if request.kind is CircuitKind.UDP and not self.capabilities & Capability.DATAGRAM:
             raise LocalProtocolError("the peer does not support UDP flows",
                                      ErrorCode.UNSUPPORTED_KIND)
+        if request.resume is not None and not self.capabilities & Capability.RESUME:
+            raise LocalProtocolError("the peer does not support resumption",
+                                     ErrorCode.UNSUPPORTED_KIND)
         payload = encode_open(request)
         assert self.peer_settings is not None
         cid = self._next_local_id
         self._next_local_id += 2
-        flags = OpenFlags.END_TO_END if request.end_to_end else OpenFlags.NONE
-        self._queue_control(frame(FrameType.OPEN, flags, cid, payload))
+        self._queue_control(frame(FrameType.OPEN, request.flags, cid, payload))
         self._circuits[cid] = _Circuit(cid, request.kind, True, CircuitState.OPENING,
                                        self.peer_settings.initial_window,
                                        self.local_settings.initial_window)
@@ -553,6 +555,19 @@ class CarrierSession:
         c.dgram_bytes += len(data)
         self._mark_ready(c)
         return True
+
+    @property
+    def resumable(self) -> bool:
+        """Both sides announced RESUME: resumable OPENs and ACK frames may be sent."""
+        return bool(self.capabilities & Capability.RESUME)
+
+    def send_ack(self, circuit_id: int, delivered: int) -> None:
+        """Queue ACK: our endpoint delivered `delivered` units of the peer's stream (a
+        relay passes on the ACK it received). Nothing without RESUME or a live circuit."""
+        c = self._circuits.get(circuit_id)
+        if c is None or c.kind is not _TCP or not self.capabilities & Capability.RESUME:
+            return
+        self._queue_control(frame(FrameType.ACK, 0, circuit_id, encode_u64(delivered)))
 
     def consumed(self, circuit_id: int, n: int) -> None:
         """The application took `n` received bytes; MAX_DATA follows after half a window."""
@@ -737,6 +752,11 @@ class CarrierSession:
                 events.append(CreditGranted(cid, c.credit.available))
         elif ftype == FrameType.OPEN:
             self._on_open(cid, flags, payload, events)
+        elif ftype == FrameType.ACK and self.capabilities & Capability.RESUME:
+            delivered = decode_u64(payload)
+            c = self._lookup(cid, "ACK")
+            if c is not None and c.kind is _TCP:
+                events.append(Acknowledged(cid, delivered))
         elif ftype == FrameType.OPEN_OK:
             if payload:
                 raise RemoteProtocolError("OPEN_OK carries no payload", ErrorCode.FRAME_SIZE_ERROR)
@@ -827,7 +847,7 @@ class CarrierSession:
         if cid == 0 or not self._is_peer_id(cid) or cid <= self._highest_peer_id:
             raise RemoteProtocolError(f"OPEN with invalid or reused circuit id {cid}",
                                       ErrorCode.CIRCUIT_ID_ERROR)
-        request = decode_open(payload, flags)
+        request = decode_open(payload, flags, bool(self.capabilities & Capability.RESUME))
         self._highest_peer_id = cid
         assert self.peer_settings is not None
         refusal: tuple[ErrorCode, str] | None = None

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway_codecs import (
+    Capability,
     CarrierEnded,
     CarrierSession,
     CircuitKind,
@@ -25,6 +26,8 @@ from gateway_codecs import (
     ErrorCode,
     OpenRequest,
     RemoteProtocolError,
+    Resumable,
+    Resuming,
     Role,
     Settings,
 )
@@ -37,8 +40,13 @@ OPENS = (
     OpenRequest(CircuitKind.TCP, "192.0.2.1", 22),
     OpenRequest(CircuitKind.UDP, "2001:db8::1", 53),
     OpenRequest(CircuitKind.TCP, "db.internal", 5432, ("relay-b", "exit-c"), True),
+    OpenRequest(CircuitKind.TCP, "10.2.0.5", 5432, ("dc",), False, Resumable(b"S" * 16, b"V" * 16)),
+    OpenRequest(CircuitKind.TCP, "10.2.0.5", 5432, ("dc",), True,
+                Resuming(b"S" * 16, b"K" * 16, b"W" * 16, 123456)),
 )
-LOCAL = Settings(initial_window=4096, session_id=b"L" * 16)  # small window: overruns are easy
+CAPS = Capability.DATAGRAM | Capability.RESUME  # every extension is in the fuzzed bytes
+# A small window: overruns are easy.
+LOCAL = Settings(initial_window=4096, session_id=b"L" * 16, capabilities=CAPS)
 
 
 def transcripts() -> tuple[bytes, bytes, bytes]:
@@ -46,7 +54,7 @@ def transcripts() -> tuple[bytes, bytes, bytes]:
 
     Returns (dialer output after its HELLO, acceptor HELLO, acceptor output after it).
     """
-    a = CarrierSession(Role.DIALER, Settings(initial_window=4096, session_id=b"A" * 16))
+    a = CarrierSession(Role.DIALER, Settings(initial_window=4096, session_id=b"A" * 16, capabilities=CAPS))
     b = CarrierSession(Role.ACCEPTOR, LOCAL)
     hello_a, hello_b = a.data_to_send(), b.data_to_send()
     b.receive_data(hello_a)
@@ -73,6 +81,9 @@ def transcripts() -> tuple[bytes, bytes, bytes]:
     b.send_data(ids[0], b"SSH-2.0-OpenSSH_9.6\r\n" * 50)
     b.send_datagram(ids[1], b"answer")
     b.consumed(ids[0], 2048)
+    b.accept_circuit(ids[3])
+    b.send_ack(ids[3], 1)
+    b.send_ack(ids[0], 2048)
     back = b.open_circuit(OPENS[0])
     b.ping(b"12345678")
     flush()
@@ -94,7 +105,7 @@ AB, HELLO_B, BA = transcripts()
 
 def dialer_hello() -> bytes:
     return CarrierSession(Role.DIALER, Settings(initial_window=4096,
-                                                session_id=b"A" * 16)).data_to_send()
+                                                session_id=b"A" * 16, capabilities=CAPS)).data_to_send()
 
 
 def scratch_acceptor() -> tuple[CarrierSession, bytes]:
@@ -116,7 +127,7 @@ def fresh_acceptor() -> tuple[CarrierSession, bytes]:
 
 def fresh_dialer() -> tuple[CarrierSession, bytes]:
     """A dialer that read the acceptor's HELLO and opened its circuits, awaiting the rest."""
-    d = CarrierSession(Role.DIALER, Settings(initial_window=4096, session_id=b"A" * 16))
+    d = CarrierSession(Role.DIALER, Settings(initial_window=4096, session_id=b"A" * 16, capabilities=CAPS))
     d.receive_data(HELLO_B)
     for r in OPENS:
         d.open_circuit(r)
@@ -202,7 +213,7 @@ def test_the_unmutated_transcripts_are_valid() -> None:
         assert session.receive_data(transcript)
         assert session.receive_eof() == [CarrierEnded(clean=False)]  # circuit 2 is still open
     session, transcript = fresh_acceptor()
-    assert sum(isinstance(e, CircuitRequested) for e in session.receive_data(transcript)) == 3
+    assert sum(isinstance(e, CircuitRequested) for e in session.receive_data(transcript)) == len(OPENS)
 
 
 def test_a_huge_length_is_refused_before_it_is_buffered() -> None:

@@ -10,6 +10,8 @@ import pytest
 
 from gateway_codecs import (
     MAX_DATAGRAM,
+    Acknowledged,
+    Capability,
     CarrierEnded,
     CarrierSession,
     CircuitAccepted,
@@ -33,10 +35,11 @@ from gateway_codecs import (
     PingReceived,
     PongReceived,
     RemoteProtocolError,
+    Resumable,
     Role,
     Settings,
 )
-from gateway_codecs.frames import MAX_CIRCUIT_ID, frame
+from gateway_codecs.frames import MAX_CIRCUIT_ID, OpenFlags, encode_open, frame
 from gateway_codecs.session import MAX_PENDING_CONTROL_BYTES
 from tests.codec_helpers import LINK_MODES, Link, connected, of_type, parse_frames
 
@@ -646,3 +649,69 @@ def test_violations_close_the_carrier_with_their_code(
     (goaway,) = parse_frames(a.data_to_send())
     assert goaway.type == FrameType.GOAWAY
     assert int.from_bytes(goaway.payload[4:6]) == code
+
+
+# ---------------------------------------------------------------- resumption (SPEC.md §14)
+
+RESUMABLE = OpenRequest(CircuitKind.TCP, "10.2.0.5", 5432, ("dc",), False,
+                        Resumable(b"s" * 16, b"v" * 16))
+RESUMES = Settings(capabilities=Capability.DATAGRAM | Capability.RESUME)
+
+
+def test_resumable_opens_and_acks_flow_when_both_announce_resume(mode: str) -> None:
+    a, b, link = connected(mode, RESUMES, RESUMES)
+    assert a.resumable and b.resumable
+    cid = open_accepted(a, b, link, RESUMABLE)  # the request arrives with its extension
+    b.send_ack(cid, 42)
+    at_a, _ = link.pump()
+    assert of_type(at_a, Acknowledged) == [Acknowledged(cid, 42)]
+
+
+def test_without_resume_on_both_sides_nothing_of_it_is_sent_or_understood(mode: str) -> None:
+    a, b, link = connected(mode, RESUMES, Settings())
+    assert not a.resumable
+    with pytest.raises(LocalProtocolError):
+        a.open_circuit(RESUMABLE)  # never sent to a peer that did not announce it
+    cid = open_accepted(a, b, link)
+    b.send_ack(cid, 1)
+    assert not b.data_to_send()  # ACK is not sent to a peer without RESUME
+    # A v1 receiver sees a resumable OPEN's flags and extension as reserved: ignored.
+    plain = CarrierSession(Role.ACCEPTOR)
+    plain.receive_data(CarrierSession(Role.DIALER).data_to_send())
+    flags = int(OpenFlags.RESUMABLE)
+    events = plain.receive_data(frame(FrameType.OPEN, flags, 1, encode_open(RESUMABLE)))
+    (requested,) = of_type(events, CircuitRequested)
+    assert requested.request == OpenRequest(CircuitKind.TCP, "10.2.0.5", 5432, ("dc",))
+    assert plain.receive_data(frame(FrameType.ACK, 0, 1, (7).to_bytes(8, "big"))) == []
+
+
+@pytest.mark.parametrize(("flags", "tail", "code"), [
+    (OpenFlags.RESUMABLE, b"\x01" + b"s" * 16, ErrorCode.FRAME_SIZE_ERROR),  # verifier cut short
+    (OpenFlags.RESUMING, b"\x02" + b"s" * 48, ErrorCode.FRAME_SIZE_ERROR),  # no delivered offset
+    (OpenFlags.RESUMABLE, b"\x02" + b"s" * 56, ErrorCode.PROTOCOL_ERROR),  # tag of the other kind
+    (OpenFlags.RESUMABLE | OpenFlags.RESUMING, b"\x01" + b"s" * 32, ErrorCode.PROTOCOL_ERROR),
+])
+def test_a_malformed_resumption_extension_is_a_protocol_error(flags: OpenFlags, tail: bytes,
+                                                             code: ErrorCode) -> None:
+    _, b, _ = connected("whole", RESUMES, RESUMES)
+    payload = encode_open(OpenRequest(CircuitKind.TCP, "10.2.0.5", 5432)) + tail
+    with pytest.raises(RemoteProtocolError) as caught:
+        b.receive_data(frame(FrameType.OPEN, int(flags), 1, payload))
+    assert caught.value.code == code
+
+
+def test_ack_rules(mode: str) -> None:
+    a, b, link = connected(mode, RESUMES, RESUMES)
+    cid = open_accepted(a, b, link, RESUMABLE)
+    with pytest.raises(RemoteProtocolError) as caught:
+        a.receive_data(frame(FrameType.ACK, 0, cid, b"\x00" * 4))
+    assert caught.value.code == ErrorCode.FRAME_SIZE_ERROR
+    a2, b2, link2 = connected(mode, RESUMES, RESUMES)
+    udp = a2.open_circuit(UDP)
+    link2.pump()
+    b2.accept_circuit(udp)
+    link2.pump()
+    assert a2.receive_data(frame(FrameType.ACK, 0, udp, (1).to_bytes(8, "big"))) == []  # ignored
+    with pytest.raises(RemoteProtocolError) as caught:
+        a2.receive_data(frame(FrameType.ACK, 0, 2, (1).to_bytes(8, "big")))  # never opened
+    assert caught.value.code == ErrorCode.CIRCUIT_ID_ERROR
