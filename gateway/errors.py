@@ -64,3 +64,8 @@ class CarrierLost(CircuitBroken):
 class SessionError(TunnelgateError):
     """Why a relayed session ended badly (its socket broke, the gateway shut down), for
     the session's record and log line."""
+
+
+class GatewayShutdown(SessionError):
+    """The gateway is shutting down: its sessions end; a relay's resumable ones move on
+    (their endpoints resume them over another route, or when it is back)."""

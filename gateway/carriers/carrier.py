@@ -28,6 +28,7 @@ from gateway.carriers.writes import queued
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused
 from gateway.logs import Throttle
 from gateway_codecs import (
+    Acknowledged,
     CarrierEnded,
     CarrierSession,
     CircuitAccepted,
@@ -354,6 +355,10 @@ class Carrier:
                     c.on_eof()
             case CircuitAccepted(circuit_id=cid) if (c := self.circuits.get(cid)) is not None:
                 c.on_accepted()
+            case Acknowledged(circuit_id=cid, delivered=delivered):
+                c = self.circuits.get(cid)
+                if isinstance(c, Circuit):
+                    c.on_ack(delivered)
             case CircuitRefused(circuit_id=cid, code=code, reason=reason):
                 c = self.circuits.pop(cid, None)
                 if c is not None:

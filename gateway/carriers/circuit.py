@@ -153,6 +153,11 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         self._window = carrier.session.local_settings.initial_window
         # Off any carrier (detach): offsets and credit wait here until attach.
         self._parked: CircuitSnapshot | None = None
+        # End-to-end acknowledgements (ACK, RESUME capability): the highest the far
+        # endpoint reported (-1: none yet), and who hears of them (a resumable port, or
+        # a relay passing them on to its other leg).
+        self.peer_delivered = -1
+        self.ack_listener: Callable[[int], None] | None = None
         self._tuning_bytes = 0
         self._tuning_since = 0.0  # bytes the sink wrote (the reader of this circuit never saw them)
 
@@ -190,6 +195,28 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         self._lot.unpark_all()
         if self.watcher is not None:
             self.watcher()
+
+    def on_ack(self, delivered: int) -> None:
+        if delivered > self.peer_delivered:
+            self.peer_delivered = delivered
+            self._lot.unpark_all()
+            if self.ack_listener is not None:
+                self.ack_listener(delivered)
+
+    def send_ack(self, delivered: int) -> None:
+        """ACK: our end delivered `delivered` units of the far end's stream (a relay: the
+        next hop said so). Sent only where RESUME was negotiated."""
+        if self.broken is None and self._parked is None:
+            self.carrier.session.send_ack(self.id, delivered)
+            self.carrier.queued()
+
+    async def wait_ack(self) -> int:
+        """The first ACK (a resumable session's exit sends one right after OPEN_OK)."""
+        await trio.lowlevel.checkpoint()
+        while self.peer_delivered < 0:
+            self._raise_if_broken()
+            await self._lot.park()
+        return self.peer_delivered
 
     def on_broken(self, error: CircuitBroken) -> None:
         super().on_broken(error)

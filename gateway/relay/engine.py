@@ -39,8 +39,8 @@ from collections.abc import Callable
 import trio
 
 from gateway.carriers.writes import write_batch
-from gateway.errors import CircuitBroken, SessionError
-from gateway.relay.ports import CHUNK, Port
+from gateway.errors import CarrierLost, CircuitBroken, GatewayShutdown, SessionError
+from gateway.relay.ports import CHUNK, CircuitPort, Port
 from gateway.relay.readiness import Readiness, open_readiness
 from gateway.relay.sessions import SessionRecord
 from gateway_codecs import ErrorCode
@@ -141,6 +141,11 @@ class StreamRelay:
     def ended(self) -> bool:
         return self.state is not RELAYING
 
+    @property
+    def is_relay_hop(self) -> bool:
+        """Both ends are circuits: a middle relay."""
+        return type(self.a) is CircuitPort and type(self.b) is CircuitPort
+
     def start(self) -> None:
         self.a.bind(self, self.forward)
         self.b.bind(self, self.backward)
@@ -190,9 +195,13 @@ class StreamRelay:
             code, reason = error.code, error.reason
         else:
             code, reason = ErrorCode.CANCELLED, str(error) or "the other side of the relay broke"
+        # A middle relay that loses a carrier, or shuts down, under a resumable session
+        # tells the endpoints the route is lost, not the session: they resume it.
+        route_lost = (isinstance(error, CarrierLost | GatewayShutdown) and self.is_relay_hop
+                      and isinstance(self.a, CircuitPort) and self.a.resumable_route)
         for port in (self.a, self.b):
             try:
-                port.abort(code, reason)
+                port.abort(ErrorCode.ROUTE_LOST if route_lost else code, reason)
             except Exception:
                 log.exception("relayed session %s: could not abort a port", self.record.what)
         self._end(error)
@@ -230,7 +239,7 @@ class RelayEngine:
         self.sessions.add(session)
         with write_batch():  # the circuit's OPEN and the client's first bytes: one write
             if not self.running:
-                session.fail(SessionError("gateway shut down"))
+                session.fail(GatewayShutdown("gateway shut down"))
                 return
             try:
                 session.start()
@@ -249,4 +258,15 @@ class RelayEngine:
                 self.running = False
                 with write_batch():
                     for session in list(self.sessions):
-                        session.fail(SessionError("gateway shut down"))
+                        session.fail(GatewayShutdown("gateway shut down"))
+
+    def release_relayed(self) -> int:
+        """Shutting down: hand this relay's resumable sessions back to their endpoints
+        now (RST ROUTE_LOST both ways), so they resume over another route or when this
+        gateway is back, instead of waiting out the drain. Returns how many."""
+        released = [s for s in self.sessions if s.is_relay_hop and isinstance(s.a, CircuitPort)
+                    and s.a.resumable_route]
+        with write_batch():
+            for session in released:
+                session.fail(GatewayShutdown("relay shutting down; the session moves on"))
+        return len(released)

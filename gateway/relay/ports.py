@@ -86,7 +86,7 @@ class SocketPort(Port):
     a short read or a short write needs no syscall to learn that the socket is drained
     or full: level-triggered readiness reports it again if more came."""
 
-    __slots__ = ("eof_read", "mask", "readable", "readiness", "relay", "sock", "watched", "writable")
+    __slots__ = ("mask", "readable", "readiness", "relay", "sock", "watched", "writable")
 
     def __init__(self, sock: socket.socket, readiness: Readiness) -> None:
         sock.setblocking(False)
@@ -96,7 +96,6 @@ class SocketPort(Port):
         self.watched = False
         self.readable = True  # a client that speaks first has usually sent already
         self.writable = True
-        self.eof_read = False
 
     def bind(self, relay: StreamRelay, outgoing: Direction) -> None:
         self.relay = relay
@@ -159,7 +158,6 @@ class SocketPort(Port):
             raise SessionError(f"connection broken: {exc.strerror or exc}") from exc
         if not data:
             self.readable = False
-            self.eof_read = True
             self._set_mask(self.mask & ~READABLE)  # never read again
         elif len(data) < max_bytes:
             self.readable = False  # most likely drained; if not, readiness says so at once
@@ -203,7 +201,11 @@ class SocketPort(Port):
 class CircuitPort(Port):
     """A circuit. Its carrier's reader pushes arriving bytes straight into the engine
     (`Direction.push`); what the other end cannot take yet waits in the circuit's queue,
-    holding back its credit, so flow control stays end to end."""
+    holding back its credit, so flow control stays end to end.
+
+    Everything it does to its circuit goes through five primitives (`_credit`, `_send`,
+    `_take`, `_ended`, `_send_eof`), which TLS inside the circuit uses too and which
+    resumable sessions (resume.py) extend with their sequence numbers."""
 
     __slots__ = ("circuit",)
 
@@ -211,30 +213,55 @@ class CircuitPort(Port):
         self.circuit = circuit
 
     def bind(self, relay: StreamRelay, outgoing: Direction) -> None:
-        self.circuit.sink = outgoing.push
-        self.circuit.watcher = relay.on_event
+        circuit = self.circuit
+        circuit.sink = outgoing.push
+        circuit.watcher = relay.on_event
+        other = outgoing.dst
+        if isinstance(other, CircuitPort):  # a middle relay passes end-to-end ACKs on
+            circuit.ack_listener = other.circuit.send_ack
 
+    @property
+    def resumable_route(self) -> bool:
+        """The circuit carries a session its endpoints may resume (SPEC.md §14)."""
+        return self.circuit.request.resume is not None
+
+    # ---- the primitives
+    def _credit(self) -> int:
+        return self.circuit.send_credit
+
+    def _send(self, data: bytes | memoryview) -> int:
+        return self.circuit.try_send(data)
+
+    def _take(self, max_bytes: int) -> bytes | None:
+        return self.circuit.take_nowait(max_bytes)
+
+    def _ended(self) -> bool:
+        return self.circuit.at_eof
+
+    def _send_eof(self) -> None:
+        self.circuit.end_now()
+
+    # ---- Port
     def check(self) -> None:
         broken = self.circuit.broken
         if broken is not None:
             raise broken
 
     def room(self) -> int:
-        return self.circuit.send_credit
+        return self._credit()
 
     def read(self, max_bytes: int) -> bytes | None:
-        circuit = self.circuit
-        data = circuit.take_nowait(max_bytes)
-        if data is None and circuit.at_eof:
+        data = self._take(max_bytes)
+        if data is None and self._ended():
             return b""
         return data
 
     def write(self, data: bytes | memoryview) -> int:
-        return self.circuit.try_send(data)
+        return self._send(data)
 
     def write_eof(self) -> None:
         self.check()
-        self.circuit.end_now()
+        self._send_eof()
 
     def abort(self, code: int, reason: str) -> None:
         self.circuit.reset(code, reason)
@@ -244,6 +271,7 @@ class CircuitPort(Port):
         circuit = self.circuit
         circuit.sink = None
         circuit.watcher = None
+        circuit.ack_listener = None
         circuit.close_now()
 
 
@@ -279,27 +307,26 @@ class TlsPort(CircuitPort):
 
     def _flush(self) -> None:
         """Records into the circuit as far as its credit allows; then the FIN, if asked."""
-        circuit = self.circuit
         while True:
             cipher = self._cipher
             if cipher is None:
                 cipher = self._out.read()
                 if not cipher:
                     break
-            sent = circuit.try_send(cipher)
+            sent = self._send(cipher)
             if sent < len(cipher):
                 self._cipher = cipher[sent:]
                 return
             self._cipher = None
         if self._eof_wanted and not self._eof_sent:
             self._eof_sent = True
-            circuit.end_now()
+            self._send_eof()
 
     def room(self) -> int:
         self._flush()
         # A record is a few bytes longer than its plaintext: what exceeds the credit
         # waits in _cipher (at most one chunk's overhead) until the next credit.
-        return 0 if self._cipher is not None else self.circuit.send_credit
+        return 0 if self._cipher is not None else self._credit()
 
     def read(self, max_bytes: int) -> bytes | None:
         tls = self._ssl
@@ -310,9 +337,9 @@ class TlsPort(CircuitPort):
                 self._flush()  # a KeyUpdate's answer
                 # Only now take more ciphertext: the circuit's credit then still bounds
                 # what waits undecrypted (one read's worth at most).
-                cipher = self.circuit.take_nowait(TLS_READ)
+                cipher = self._take(TLS_READ)
                 if cipher is None:
-                    if self.circuit.at_eof:
+                    if self._ended():
                         raise self._fail("the circuit ended without TLS close_notify: truncated") from None
                     return None
                 self._in.write(cipher)

@@ -318,6 +318,7 @@ class CircuitServer:
 
 
 def _log_failure(what: str, error: BaseException | None) -> None:
+    """The engine's errors say what happened themselves ("connection broken: ...")."""
     if error is not None:
-        log.warning("exit %s: %s", what, describe_error(error))
+        log.warning("exit %s: %s", what, str(error) or type(error).__name__)
 
