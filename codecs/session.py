@@ -105,6 +105,7 @@ class _Circuit:
         "queue",
         "queued",
         "remote_fin",
+        "resumable",
         "state",
         "window",
     )
@@ -124,6 +125,9 @@ class _Circuit:
         self.fin_queued = False
         self.fin_sent = False
         self.remote_fin = False
+        # A resumable session's circuit (§14) is not retired by FIN both ways: ACKs still
+        # flow after the FINs, and RST NO_ERROR ends it once the session is complete.
+        self.resumable = False
 
 
 @dataclass(slots=True)
@@ -431,9 +435,10 @@ class CarrierSession:
         cid = self._next_local_id
         self._next_local_id += 2
         self._queue_control(frame(FrameType.OPEN, request.flags, cid, payload))
-        self._circuits[cid] = _Circuit(cid, request.kind, True, CircuitState.OPENING,
-                                       self.peer_settings.initial_window,
-                                       self.local_settings.initial_window)
+        c = self._circuits[cid] = _Circuit(cid, request.kind, True, CircuitState.OPENING,
+                                           self.peer_settings.initial_window,
+                                           self.local_settings.initial_window)
+        c.resumable = request.resume is not None
         if self._next_local_id > MAX_CIRCUIT_ID:
             # That was our last id: drain this carrier; the gateway dials a new one.
             self.goaway(ErrorCode.CIRCUIT_IDS_EXHAUSTED, "circuit ids exhausted")
@@ -665,7 +670,7 @@ class CarrierSession:
         c.queue = None
 
     def _maybe_retire(self, c: _Circuit) -> bool:
-        if c.fin_sent and c.remote_fin and c.state is CircuitState.OPEN:
+        if c.fin_sent and c.remote_fin and c.state is CircuitState.OPEN and not c.resumable:
             self._forget(c)
             return True
         return False
@@ -864,9 +869,10 @@ class CarrierSession:
                 raise RemoteProtocolError("OPEN flood: our refusals are not being read")
             events.append(CircuitRequestRefused(cid, request, *refusal))
             return
-        self._circuits[cid] = _Circuit(cid, request.kind, False, CircuitState.PENDING,
-                                       self.peer_settings.initial_window,
-                                       self.local_settings.initial_window)
+        c = self._circuits[cid] = _Circuit(cid, request.kind, False, CircuitState.PENDING,
+                                           self.peer_settings.initial_window,
+                                           self.local_settings.initial_window)
+        c.resumable = request.resume is not None
         self._peer_circuits += 1
         events.append(CircuitRequested(cid, request))
 

@@ -17,11 +17,13 @@ from typing import TypeVar
 
 import trio
 
+from gateway.carriers.carrier import Carrier
 from gateway.carriers.links import Links
 from gateway.carriers.peers import PeerDirectory
 from gateway.config import Config
 from gateway.errors import ConfigError
 from gateway.relay.engine import RelayEngine
+from gateway.relay.resume import ResumeTable
 from gateway.relay.sessions import SessionLog
 from gateway.roles.endpoints import TunnelEndpoint
 from gateway.roles.exits import CircuitServer
@@ -67,15 +69,24 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
     sessions = SessionLog()
     contexts = TlsContexts(identity, [p.cert for p in config.peer if p.cert is not None], gw.ca)
     relay = RelayEngine()
-    server = CircuitServer(config, peers, sessions, contexts, relay)
+
+    async def find_carrier(peer: str, deadline: float) -> Carrier | None:
+        with trio.move_on_at(deadline):
+            return await peers.wait_for(peer)
+        return None
+
+    resume = ResumeTable(gw.resume_timeout, find_carrier, gw.handshake_timeout)
+    server = CircuitServer(config, peers, sessions, contexts, relay, resume)
     links = Links(config, contexts, peers, server)
-    endpoints = [TunnelEndpoint(t, config, peers, sessions, contexts, relay) for t in config.tunnel]
+    endpoints = [TunnelEndpoint(t, config, peers, sessions, contexts, relay, resume)
+                 for t in config.tunnel]
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
             handlers = root  # carriers and sessions outlive the listeners when draining
             links.session_nursery = handlers
             await root.start(relay.run)
+            await root.start(resume.run)
             accepting = trio.CancelScope()
 
             async def listen(*, task_status: trio.TaskStatus[dict[str, object]]) -> None:
@@ -105,6 +116,8 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
             accepting.cancel()
             for endpoint in endpoints:
                 endpoint.accepting = False
+            if moved := relay.release_relayed():
+                log.info("%d resumable relayed sessions handed back to their endpoints", moved)
             for carrier in peers.carriers():
                 carrier.goaway("gateway shutting down")
             with trio.move_on_after(gw.drain_timeout):

@@ -220,8 +220,9 @@ class GatewayConfig(_Model):
     key: FilePath
     ca: FilePath | None = None
     listen: list[Carrier] = []
-    keepalive_interval: Seconds = 10.0
-    keepalive_timeout: Seconds = 30.0
+    # Short: with resumable sessions a dead carrier costs a pause, so find it in seconds.
+    keepalive_interval: Seconds = 2.0
+    keepalive_timeout: Seconds = 6.0
     handshake_timeout: Seconds = 10.0
     drain_timeout: Seconds = 10.0
     reconnect_min: Seconds = 0.5
@@ -230,6 +231,8 @@ class GatewayConfig(_Model):
     max_route_length: Annotated[int, Field(ge=1, le=32)] = 8
     initial_window: Annotated[int, Field(ge=16384, le=16777216)] = 262144
     max_circuits: Annotated[int, Field(ge=1)] = 16384
+    # How long a session whose route was lost waits to be resumed; 0: no resumption.
+    resume_timeout: Annotated[float, Field(ge=0, le=86400)] = 60.0
 
     @property
     def cert(self) -> Path:

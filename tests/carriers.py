@@ -11,7 +11,7 @@ import trio
 from gateway.carriers.carrier import AnyCircuit, Carrier, Timing
 from gateway.carriers.circuit import Circuit
 from gateway.carriers.transport import SocketTransport
-from gateway_codecs import CircuitKind, OpenRequest, Role, Settings
+from gateway_codecs import Capability, CircuitKind, OpenRequest, Role, Settings
 
 Inbound = trio.MemoryReceiveChannel[AnyCircuit]
 
@@ -25,8 +25,9 @@ async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier,
 
 
 @asynccontextmanager
-async def carriers(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier, Carrier, Inbound]]:
-    """`carrier_pair`, with the acceptor's carrier too."""
+async def carriers(window: int = 256 * 1024, resume: bool = False
+                   ) -> AsyncIterator[tuple[Carrier, Carrier, Inbound]]:
+    """`carrier_pair`, with the acceptor's carrier too; `resume`: both announce RESUME."""
     left_sock, right_sock = socket.socketpair()
     for sock in (left_sock, right_sock):
         sock.setblocking(False)
@@ -39,7 +40,8 @@ async def carriers(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier, Car
     async def refuse_all(carrier: Carrier, circuit: AnyCircuit) -> None:
         circuit.refuse(0x0101, "test")
 
-    settings = Settings(initial_window=window)
+    capabilities = Capability.DATAGRAM | (Capability.RESUME if resume else Capability.NONE)
+    settings = Settings(initial_window=window, capabilities=capabilities)
     dialer = Carrier(left, Role.DIALER, settings, Timing(), refuse_all, "acceptor", "test dialer")
     acceptor = Carrier(right, Role.ACCEPTOR, settings, Timing(), on_request, "dialer", "test acceptor")
     async with trio.open_nursery() as nursery:

@@ -1,9 +1,11 @@
 """A broken session never looks complete (issue 9, item 1): edge -> hub -> dc in network
 namespaces, one plain and one end-to-end TCP session open mid-transfer, then the relay
 between them dies (SIGKILL of hub, `ss -K` of the hub-dc carrier, or hub-dc blackholed
-until the keepalive gives up). Both the client at
-edge and the target at dc must see a reset, never a FIN, and dc's log line must carry
-the real byte counts and the error, never "ok".
+until the keepalive gives up) and does not come back. Both the client at edge and the
+target at dc must see a reset, never a FIN, and dc's log line must carry the real byte
+counts and the error, never "ok". With resumption (the default) that happens once
+`resume_timeout` has passed without a route back, and the log says so; without it
+(`resume_timeout = 0`), at once.
 """
 
 from __future__ import annotations
@@ -79,7 +81,11 @@ print(json.dumps({"outcome": outcome}), flush=True)
 """
 
 
-def _chain(stack: ExitStack, folder: Path) -> tuple[Topology, dict[str, GatewayProcess], Path]:
+RESUME_TIMEOUT = 2.0
+
+
+def _chain(stack: ExitStack, folder: Path, resume: bool = True
+           ) -> tuple[Topology, dict[str, GatewayProcess], Path]:
     topo = stack.enter_context(topology("edge", "hub", "dc"))
     dc = topo.addr("dc", "hub")
     record = folder / "echo.log"
@@ -89,7 +95,9 @@ def _chain(stack: ExitStack, folder: Path) -> tuple[Topology, dict[str, GatewayP
                + tunnel("plain", f"tcp://127.0.0.1:{TCP_PLAIN}", via, f"{dc}:{ECHO_PORT}"))
     gateways = chain_gateways(topo, folder, dialer={1: "right"},
                               allow={("dc", "hub"): [f"tcp://{dc}:{ECHO_PORT}"]},
-                              known={"edge": ["dc"], "dc": ["edge"]}, tunnels={"edge": tunnels})
+                              known={"edge": ["dc"], "dc": ["edge"]}, tunnels={"edge": tunnels},
+                              extra={gw: f"resume_timeout = {RESUME_TIMEOUT if resume else 0}\n"
+                                     for gw in ("edge", "hub", "dc")})
     start_chain(stack, topo, gateways)
     return topo, gateways, record
 
@@ -101,10 +109,14 @@ def _hold_session(topo: Topology, port: int) -> subprocess.Popen[bytes]:
     return client
 
 
-@pytest.mark.parametrize("how", ["sigkill-hub", "ss-kill-carrier", "blackhole-hub-dc"])
-def test_a_relay_dying_mid_session_resets_both_ends_plain_and_end_to_end(tmp_path: Path, how: str) -> None:
+# (With resumption, an `ss -K` of a carrier is survived: the carrier comes back at once and
+# the sessions resume; tests/test_resumption.py has that. Here the route stays down.)
+@pytest.mark.parametrize(("how", "resume"), [("sigkill-hub", True), ("blackhole-hub-dc", True),
+                                             ("sigkill-hub", False), ("ss-kill-carrier", False)])
+def test_a_relay_dying_mid_session_resets_both_ends_plain_and_end_to_end(tmp_path: Path, how: str,
+                                                                         resume: bool) -> None:
     with ExitStack() as stack:
-        topo, gateways, record = _chain(stack, tmp_path)
+        topo, gateways, record = _chain(stack, tmp_path, resume)
         clients = [_hold_session(topo, port) for port in (TCP_E2E, TCP_PLAIN)]
         if how == "sigkill-hub":
             gateways["hub"].kill()
@@ -125,4 +137,5 @@ def test_a_relay_dying_mid_session_resets_both_ends_plain_and_end_to_end(tmp_pat
         closed = [ln for ln in dc.log().splitlines() if "exit session closed" in ln]
         for line in closed:
             assert re.search(rf": {ECHOED} B out, {ECHOED} B back, [0-9.]+ s, error: ", line), line
+            assert ("not resumed within" in line) == resume, line
         assert any("end-to-end with edge" in ln for ln in closed), closed

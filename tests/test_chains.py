@@ -271,5 +271,6 @@ def test_the_readme_three_host_example_works_as_written(tmp_path: Path) -> None:
         assert dig(topo, "edge", "127.0.0.1", 5353) == DNS_ANSWER  # "dns"
         back = hash_round_trip(topo, "dc", "127.0.0.1", 2222, MIB)  # "office-ssh", the reverse one
         assert back["line"] == f"{back['sent_sha']} {MIB}", back
-        assert "end-to-end with edge" in gateways["dc"].log()
-        assert "end-to-end with dc" in gateways["edge"].log()
+        # (Written when each exit session closes, just after the client has its reply.)
+        gateways["dc"].wait_log("end-to-end with edge")
+        gateways["edge"].wait_log("end-to-end with dc")

@@ -69,7 +69,7 @@ def test_a_good_config_loads_with_parsed_values(folder: Path) -> None:
         CarrierAddress("tls", "::1", 7443),
         CarrierAddress("tcp", "127.0.0.1", 7000),
     ]
-    assert config.gateway.keepalive_timeout == 30.0
+    assert config.gateway.keepalive_timeout == 6.0 and config.gateway.resume_timeout == 60.0
     assert config.gateway.initial_window == 262144
     edge, core = config.peers
     assert edge.cert == folder / "edge.crt"
@@ -165,7 +165,7 @@ def test_unknown_key(folder: Path) -> None:
         "hub.toml: gateway.keepalive: unknown key (did you mean 'keepalive_timeout'?); expected"
         " one of: ca, drain_timeout, handshake_timeout, initial_window, keepalive_interval,"
         " keepalive_timeout, key, listen, max_circuits, max_route_length, name, reconnect_max,"
-        " reconnect_min, udp_idle_timeout"
+        " reconnect_min, resume_timeout, udp_idle_timeout"
     )
     assert error_of(folder, with_gateway("[tunnels]\n")) == (
         "hub.toml: tunnels: unknown key (did you mean 'tunnel'?); expected one of:"

@@ -47,9 +47,11 @@ def test_far_gateway_killed_and_restarted_carrier_comes_back(tmp_path: Path) -> 
 
 def test_sessions_whose_carrier_dies_are_reset_at_both_ends_not_ended(tmp_path: Path) -> None:
     """A broken tunnel must not look like a complete reply: the client gets an RST, not
-    a FIN (which would say "that was all")."""
+    a FIN (which would say "that was all"), once the session could not be resumed (the
+    exit is gone for good) within `resume_timeout`."""
     with TcpServer(echo_handler) as target:
-        exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel_toml("t", "tcp", target.port))
+        exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel_toml("t", "tcp", target.port),
+                                      gateway_extra="resume_timeout = 1.0\n")
         with running(exit_gw, entry):
             entry.wait_log("up (peer exit)")
             with socket.create_connection(("127.0.0.1", entry.tunnel_port("t")),
@@ -61,7 +63,7 @@ def test_sessions_whose_carrier_dies_are_reset_at_both_ends_not_ended(tmp_path: 
                     while c.recv(100):
                         pass
             entry.wait_log("entry session closed")
-            assert "error: CANCELLED: carrier" in entry.log()
+            assert "error: not resumed within 1 s after the route was lost (CANCELLED: carrier" in entry.log()
 
 
 def test_sigterm_drains_open_sessions_refuses_new_ones_and_exits_0(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from gateway.errors import CarrierLost, IdentityError
 from gateway.logs import Throttle, peer_address
 from gateway.security.identity import fingerprint_of_file
 from gateway.security.tls import TlsContexts, describe_tls_failure
-from gateway_codecs import Role, Settings
+from gateway_codecs import Capability, Role, Settings
 
 log = logging.getLogger("tunnelgate.links")
 
@@ -130,8 +130,11 @@ class Links:
         # Set by the gateway once its root nursery exists: sessions outlive their carrier.
         self.session_nursery: trio.Nursery | None = None
         self.timing = Timing(gw.handshake_timeout, gw.keepalive_interval, gw.keepalive_timeout)
+        capabilities = Capability.DATAGRAM
+        if gw.resume_timeout > 0:
+            capabilities |= Capability.RESUME
         self.settings = Settings(initial_window=gw.initial_window, max_circuits=gw.max_circuits,
-                                 node_name=gw.name)
+                                 node_name=gw.name, capabilities=capabilities)
         self.by_fingerprint: dict[str, PeerConfig] = {}
         for peer in config.peer:
             if peer.cert is not None:

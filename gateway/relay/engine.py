@@ -176,9 +176,23 @@ class StreamRelay:
                     and self.a.flushed and self.b.flushed:
                 self._end(None)
         except (CircuitBroken, SessionError) as exc:
-            self.fail(exc)
+            if isinstance(exc, CircuitBroken) and exc.code == ErrorCode.NO_ERROR \
+                    and self.forward.state is CLOSED and self.backward.state is CLOSED:
+                self._complete(exc)  # a resumable session's end, after both FINs
+            else:
+                self.fail(exc)
         except Exception as exc:
             self.internal_error(exc)
+
+    def _complete(self, end: CircuitBroken) -> None:
+        """RST NO_ERROR after both FINs: the endpoints have everything (SPEC.md §14).
+        Pass it on and end as complete."""
+        for port in (self.a, self.b):
+            try:
+                port.abort(ErrorCode.NO_ERROR, end.reason)
+            except Exception:
+                log.exception("relayed session %s: could not close a port", self.record.what)
+        self._end(None)
 
     # ---- the end
     def internal_error(self, exc: Exception) -> None:

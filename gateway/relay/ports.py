@@ -219,11 +219,23 @@ class CircuitPort(Port):
         other = outgoing.dst
         if isinstance(other, CircuitPort):  # a middle relay passes end-to-end ACKs on
             circuit.ack_listener = other.circuit.send_ack
+            if circuit.peer_delivered >= 0:  # one came before the relay was bridged
+                other.circuit.send_ack(circuit.peer_delivered)
 
     @property
     def resumable_route(self) -> bool:
         """The circuit carries a session its endpoints may resume (SPEC.md §14)."""
         return self.circuit.request.resume is not None
+
+    @property
+    def flushed(self) -> bool:
+        # On a relay hop, a resumable session's end is the endpoints' RST NO_ERROR, which
+        # comes after the FINs (ACKs still pass until then): see StreamRelay._complete.
+        return not self.resumable_route
+
+    def _transport_flushed(self) -> bool:
+        """What this port wrote has left it (TLS: no record waits for credit)."""
+        return True
 
     # ---- the primitives
     def _credit(self) -> int:
@@ -374,4 +386,7 @@ class TlsPort(CircuitPort):
 
     @property
     def flushed(self) -> bool:
+        return self._transport_flushed()
+
+    def _transport_flushed(self) -> bool:
         return self._cipher is None and self._eof_sent == self._eof_wanted

@@ -27,6 +27,7 @@ from gateway.relay.engine import RelayEngine
 from gateway.relay.handshake import handshake_or_abort
 from gateway.relay.localsock import LocalStream
 from gateway.relay.ports import CircuitPort, SocketPort
+from gateway.relay.resume import ResumeState, ResumeTable, make_resumable, open_state
 from gateway.relay.sessions import SessionLog
 from gateway.relay.udp import (
     MAX_UDP_PAYLOAD,
@@ -75,9 +76,11 @@ class _Flow:
 
 class TunnelEndpoint:
     def __init__(self, tunnel: TunnelConfig, config: Config, peers: PeerDirectory,
-                 sessions: SessionLog, contexts: TlsContexts, engine: RelayEngine) -> None:
+                 sessions: SessionLog, contexts: TlsContexts, engine: RelayEngine,
+                 resume: ResumeTable) -> None:
         self.tunnel = tunnel
         self.engine = engine
+        self.resume = resume
         self.contexts = contexts
         self.handshake_timeout = config.gateway.handshake_timeout
         self.exit_peer = config.peer_named(tunnel.via[-1]) if tunnel.end_to_end else None
@@ -143,28 +146,38 @@ class TunnelEndpoint:
                 else:  # wait for a carrier, or run the end-to-end handshake, first
                     handlers.start_soon(self._tcp_client, stream, what)
 
-    def _open(self, stream: LocalStream, carrier: Carrier | None, what: str) -> Circuit | None:
-        """Open the session's circuit, or log why not and close the client (None)."""
+    def _open(self, stream: LocalStream, carrier: Carrier | None, what: str
+              ) -> tuple[Circuit, ResumeState | None] | None:
+        """Open the session's circuit (resumable where the carrier and the gateway allow),
+        or log why not and close the client (None)."""
         try:
             if carrier is None:
                 raise OpenRefused(0x0107, f"no carrier to {self.tunnel.via[0]} is up")
-            circuit = carrier.open(self.request)
+            state, request = None, self.request
+            if self.resume.enabled and carrier.session.resumable:
+                state, request = open_state(self.request, self.tunnel.via[0])
+            circuit = carrier.open(request)
         except OpenRefused as exc:
             log.warning("%s: refused: %s", what, exc)
             stream.abort(str(exc))
             stream.close_now()
             return None
         assert isinstance(circuit, Circuit)
-        return circuit
+        return circuit, state
+
+    def _port(self, port: CircuitPort, state: ResumeState | None) -> CircuitPort:
+        return port if state is None else make_resumable(port, state, self.resume)
 
     def _relay_plain(self, stream: LocalStream, carrier: Carrier | None, what: str) -> None:
         """Open the circuit and hand the session to the engine (OPEN and the client's first
         bytes leave in one write)."""
         try:
             with write_batch():
-                circuit = self._open(stream, carrier, what)
-                if circuit is not None:
-                    self.engine.relay(SocketPort(stream.sock, self.engine.readiness), CircuitPort(circuit),
+                opened = self._open(stream, carrier, what)
+                if opened is not None:
+                    circuit, state = opened
+                    self.engine.relay(SocketPort(stream.sock, self.engine.readiness),
+                                      self._port(CircuitPort(circuit), state),
                                       self.sessions.open("entry", what, circuit),
                                       on_end=lambda error: _log_circuit_failure(what, error))
         except Exception:  # a bug in one session must not stop the listener
@@ -182,9 +195,10 @@ class TunnelEndpoint:
         if self.exit_peer is None:
             self._relay_plain(stream, carrier, what)
             return
-        circuit = self._open(stream, carrier, what)
-        if circuit is None:
+        opened = self._open(stream, carrier, what)
+        if opened is None:
             return
+        circuit, state = opened
         record = self.sessions.open("entry", what, circuit)
         try:
             secure = await handshake_or_abort(
@@ -196,7 +210,8 @@ class TunnelEndpoint:
         if secure is None:
             record.__exit__(None, None, None)
             return
-        self.engine.relay(SocketPort(stream.sock, self.engine.readiness), secure.into_port(), record,
+        self.engine.relay(SocketPort(stream.sock, self.engine.readiness),
+                          self._port(secure.into_port(), state), record,
                           on_end=lambda error: _log_circuit_failure(what, error))
 
     async def _secure_stream(self, circuit: Circuit) -> SecureStream:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from dataclasses import replace
 from typing import Literal
 
 import trio
@@ -27,6 +28,7 @@ from gateway.relay.handshake import handshake_or_abort
 from gateway.relay.localsock import LocalStream
 from gateway.relay.outcomes import describe_error
 from gateway.relay.ports import CircuitPort, SocketPort
+from gateway.relay.resume import ResumeTable, exit_state, make_resumable
 from gateway.relay.sessions import SessionLog
 from gateway.relay.udp import (
     DatagramCounts,
@@ -36,7 +38,7 @@ from gateway.relay.udp import (
 )
 from gateway.security.policy import Policy, parse_ip
 from gateway.security.tls import TlsContexts
-from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
+from gateway_codecs import CircuitKind, ErrorCode, OpenRequest, Resumable, Resuming
 
 log = logging.getLogger("tunnelgate.exit")
 
@@ -80,9 +82,10 @@ class CircuitServer:
     """The handler every carrier calls for each circuit the peer opens."""
 
     def __init__(self, config: Config, peers: PeerDirectory, sessions: SessionLog,
-                 contexts: TlsContexts, engine: RelayEngine) -> None:
+                 contexts: TlsContexts, engine: RelayEngine, resume: ResumeTable) -> None:
         self.config = config
         self.engine = engine
+        self.resume = resume
         self.contexts = contexts
         self.by_fingerprint = {p.fingerprint: p.name for p in config.peer if p.fingerprint}
         self.flip_offset = fault_injection_offset()
@@ -102,6 +105,8 @@ class CircuitServer:
                 raise Refusal(ErrorCode.FORBIDDEN_TARGET, "unknown peer")
             if req.route:
                 await self._relay(carrier, peer, circuit, what)
+            elif isinstance(req.resume, Resuming) and isinstance(circuit, Circuit):
+                self._resume(peer, circuit, what)
             else:
                 await self._exit(peer, circuit, what)
         except Refusal as refusal:
@@ -197,6 +202,10 @@ class CircuitServer:
             return
         record = self.sessions.open("exit", what, circuit)
         near: CircuitPort = CircuitPort(circuit)
+        state = None
+        if isinstance(circuit.request.resume, Resumable) and self.resume.enabled:
+            state = exit_state(circuit.request)
+            circuit.send_ack(0)  # "this session is resumable" (SPEC.md §14)
         if circuit.request.end_to_end:
             async def handshake() -> SecureStream:
                 secure = SecureStream(circuit, self.contexts.server(), server_side=True)
@@ -215,8 +224,21 @@ class CircuitServer:
                 return
             record.what += f" (end-to-end with {self._who(secured.peer_fingerprint)})"
             near = secured.into_port()
+        if state is not None:
+            near = make_resumable(near, state, self.resume)
         self.engine.relay(near, SocketPort(stream.sock, self.engine.readiness), record,
                           on_end=lambda error: _log_failure(what, error))
+
+    def _resume(self, peer: PeerConfig, circuit: Circuit, what: str) -> None:
+        """A RESUMING OPEN for a session this gateway is the exit of (SPEC.md §14)."""
+        req = circuit.request
+        if not peer.policy.may_permit_name("tcp", req.host, req.port):
+            raise Refusal(ErrorCode.RESUME_REFUSED,
+                          f"{_target(req)} is not in the allow list for peer {peer.name}")
+        refused = self.resume.accept(circuit)
+        if refused:
+            raise Refusal(ErrorCode.RESUME_REFUSED, refused)
+        log.info("exit %s: session resumed", what)
 
     def _who(self, fingerprint: str) -> str:
         return self.by_fingerprint.get(fingerprint, fingerprint)
@@ -267,12 +289,16 @@ class CircuitServer:
     async def _relay(self, carrier: Carrier, peer: PeerConfig, circuit: AnyCircuit, what: str) -> None:
         req = circuit.request
         next_hop = self._check_route(carrier, peer, req.route)
-        onward_req = OpenRequest(req.kind, req.host, req.port, req.route[1:], req.end_to_end)
+        onward_req = replace(req, route=req.route[1:])
         onward_carrier: Carrier | None = None
         with trio.move_on_after(self.connect_timeout):
             onward_carrier = await self.peers.wait_for(next_hop)
         if onward_carrier is None or onward_carrier.closed.is_set():
             raise Refusal(ErrorCode.NO_ROUTE, f"no carrier to {next_hop} is up")
+        if onward_req.resume is not None and not onward_carrier.session.resumable:
+            if isinstance(onward_req.resume, Resuming):
+                raise Refusal(ErrorCode.RESUME_REFUSED, f"{next_hop} does not support resumption")
+            onward_req = replace(onward_req, resume=None)  # the session is just not resumable
         onward = onward_carrier.open(onward_req)
         try:
             with trio.fail_after(self.connect_timeout * 2):

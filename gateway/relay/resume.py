@@ -1,0 +1,508 @@
+"""Resumable sessions: a TCP session that outlives the carriers under it (SPEC.md §14).
+
+The two endpoints of a session (entry and exit) keep a sequenced, acknowledged byte
+stream over whatever circuit currently joins them; relays keep nothing but the live
+circuit. Each endpoint's circuit port counts what it sent and what it delivered, keeps
+what the far end has not acknowledged (at most `RESUME_WINDOW`), and acknowledges what
+it delivered (ACK, end to end). When a carrier under the session is lost (or a relay
+says ROUTE_LOST), the port *parks*: the engine stops moving bytes, the local socket
+stays open. The entry then opens a RESUMING circuit over any carrier to its first hop;
+the exit checks the one-time secret and the route, and both ends retransmit from what
+the other reports delivered. Not resumed within `resume_timeout`: the session ends as
+broken, as it did before resumption existed.
+
+`Resumption` is a mix-in over the five circuit primitives of `CircuitPort` (ports.py),
+so plain and end-to-end TLS sessions resume alike (TLS sees one exactly-once stream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import trio
+
+from gateway.carriers.circuit import Circuit
+from gateway.carriers.writes import write_batch
+from gateway.errors import CarrierLost, CircuitBroken, OpenRefused, SessionError
+from gateway.relay.ports import CircuitPort, TlsPort
+from gateway_codecs import ErrorCode, OpenRequest, Resumable, Resuming
+
+if TYPE_CHECKING:
+    from gateway.carriers.carrier import Carrier
+    from gateway.relay.engine import Direction, StreamRelay
+
+log = logging.getLogger("tunnelgate.resume")
+
+# Units (bytes, and one for the FIN) a session may have sent and not had acknowledged:
+# what its replay buffer holds at most. Big enough not to limit a bulk transfer on a
+# LAN (1 MiB per round trip), small next to the per-gateway `resume_buffer`.
+RESUME_WINDOW = 1 << 20
+ACK_EVERY = RESUME_WINDOW // 4  # acknowledge at once after this much; else within ACK_DELAY
+ACK_DELAY = 0.2  # s: also the sweep period for parked sessions' deadlines
+RETRY_FIRST, RETRY_MAX = 0.2, 2.0  # s between resumption attempts (doubling)
+
+
+def new_secret() -> tuple[bytes, bytes]:
+    """A one-time resumption secret and its verifier (what the exit keeps)."""
+    secret = os.urandom(16)
+    return secret, verifier_of(secret)
+
+
+def verifier_of(secret: bytes) -> bytes:
+    return hashlib.sha256(secret).digest()[:16]
+
+
+class ResumeState:
+    """One endpoint's half of a resumable session (sequence numbers, replay, secrets)."""
+
+    __slots__ = ("ack_sent", "acked", "confirmed", "delivered", "eof_delivered", "fin_sent",
+                 "lost_reason", "next_secret", "parked_until", "replay", "replay_base", "request",
+                 "resend", "resend_fin", "secret", "sent", "session_id", "tried_next", "verifier", "via")
+
+    def __init__(self, session_id: bytes, request: OpenRequest) -> None:
+        self.session_id = session_id
+        self.request = request  # the session's target (and route, at the entry)
+        self.sent = 0  # stream bytes sent (the FIN is one more unit: fin_sent)
+        self.fin_sent = False
+        self.acked = 0  # units the far end has delivered (its ACKs)
+        self.replay: deque[bytes] | None = None  # bytes [replay_base, sent), unacknowledged
+        self.replay_base = 0
+        self.resend: deque[bytes] | None = None  # after a resumption: replay still to resend
+        self.resend_fin = False
+        self.delivered = 0  # units of the far end's stream delivered here
+        self.eof_delivered = False
+        self.ack_sent = 0
+        self.confirmed = False  # the exit keeps the session resumable (its first ACK came)
+        self.parked_until: float | None = None  # parked: deadline to be resumed by
+        self.lost_reason = ""
+        # entry: the current secret, and the next one offered in an unanswered attempt
+        self.secret = b""
+        self.next_secret: bytes | None = None
+        self.tried_next = False
+        self.verifier = b""  # exit: what the next resumption must reveal the preimage of
+        self.via = ""  # entry: the first hop's peer name
+
+    @property
+    def unacked(self) -> int:
+        return self.sent + self.fin_sent - self.acked
+
+
+class Resumption:
+    """Mix-in for `CircuitPort` and `TlsPort`: sequence, acknowledge, park, resume."""
+
+    __slots__ = ()
+    # Provided by the concrete port classes below (slots) and by CircuitPort.
+    circuit: Circuit
+    resume: ResumeState
+    table: ResumeTable
+    relay: StreamRelay
+    outgoing: Direction
+    pushes: bool
+    _transport_flushed: Callable[[], bool]
+
+    def bind(self, relay: StreamRelay, outgoing: Direction) -> None:
+        super().bind(relay, outgoing)  # type: ignore[misc]
+        # (The concrete classes below hold these in their slots; mypy checks a mix-in's
+        # assignments against its own empty __slots__.)
+        self.relay = relay  # type: ignore[misc]
+        self.outgoing = outgoing  # type: ignore[misc]
+        self.pushes = self.circuit.sink is not None  # type: ignore[misc]
+        self._hook(self.circuit)
+        self.table.track(self)
+
+    def _hook(self, circuit: Circuit) -> None:
+        circuit.watcher = self.relay.on_event
+        circuit.sink = self._pushed if self.pushes else None
+        circuit.ack_listener = self._on_ack
+        if circuit.peer_delivered >= 0:  # the exit's first ACK came before the engine
+            self._on_ack(circuit.peer_delivered)
+
+    # ---- what arrives
+    def _pushed(self, data: bytes | memoryview) -> int:
+        sent = self.outgoing.push(data)
+        if sent:
+            self._delivered(sent)
+        return sent
+
+    def _delivered(self, n: int) -> None:
+        state = self.resume
+        state.delivered += n
+        if state.delivered - state.ack_sent >= ACK_EVERY:
+            self._ack()
+        else:
+            self.table.ack_due.add(self)
+
+    def _ack(self) -> None:
+        state = self.resume
+        if state.parked_until is None:
+            state.ack_sent = state.delivered
+            self.circuit.send_ack(state.delivered)
+
+    def _on_ack(self, delivered: int) -> None:
+        state = self.resume
+        state.confirmed = True
+        if delivered > state.acked:
+            state.acked = min(delivered, state.sent + state.fin_sent)
+            self._trim(min(state.acked, state.sent))
+            self.relay.on_event()  # room for more; or everything acknowledged: the end
+
+    def _trim(self, upto: int) -> None:
+        """Forget replay bytes below `upto` (the far end has them)."""
+        state = self.resume
+        replay = state.replay
+        while replay and state.replay_base < upto:
+            chunk = replay[0]
+            if state.replay_base + len(chunk) <= upto:
+                replay.popleft()
+                state.replay_base += len(chunk)
+                self.table.buffered -= len(chunk)
+            else:
+                cut = upto - state.replay_base
+                replay[0] = chunk[cut:]
+                state.replay_base = upto
+                self.table.buffered -= cut
+        if not replay:
+            state.replay = None
+
+    # ---- the primitives (see CircuitPort)
+    def _credit(self) -> int:
+        state = self.resume
+        if state.parked_until is not None:
+            return 0
+        if state.resend is not None or state.resend_fin:
+            self._resend()
+            if state.resend is not None or state.resend_fin:
+                return 0
+        credit = self.circuit.send_credit
+        if state.confirmed:
+            credit = min(credit, RESUME_WINDOW - state.unacked)
+        return credit
+
+    def _send(self, data: bytes | memoryview) -> int:
+        state = self.resume
+        if state.parked_until is not None or state.resend is not None:
+            return 0
+        sent = self.circuit.try_send(data)
+        if sent:
+            chunk = data if sent == len(data) and isinstance(data, bytes) else bytes(data[:sent])
+            if state.replay is None:
+                state.replay = deque()
+            state.replay.append(chunk)
+            state.sent += sent
+            self.table.buffered += sent
+            if not state.confirmed and state.sent - state.replay_base > RESUME_WINDOW:
+                self._not_resumable("the exit never acknowledged")
+        return sent
+
+    def _take(self, max_bytes: int) -> bytes | None:
+        if self.resume.parked_until is not None:
+            # Frozen while parked: the resumption tells the far end how far we got, and it
+            # sends everything after that again (what the old circuit still holds too).
+            return None
+        data = self.circuit.take_nowait(max_bytes)
+        if data:
+            self._delivered(len(data))
+        return data
+
+    def _ended(self) -> bool:
+        state = self.resume
+        if state.parked_until is not None or not self.circuit.at_eof:
+            return False
+        if not state.eof_delivered:
+            state.eof_delivered = True
+            state.delivered += 1
+            self._ack()  # at once: the far end waits for it to end the session
+        return True
+
+    def _send_eof(self) -> None:
+        state = self.resume
+        state.fin_sent = True
+        if state.parked_until is not None or state.resend is not None:
+            state.resend_fin = True  # after what is still to be resent
+            return
+        self.circuit.end_now()
+
+    def _resend(self) -> None:
+        state = self.resume
+        queue = state.resend
+        while queue:
+            chunk = queue[0]
+            sent = self.circuit.try_send(chunk)
+            if sent < len(chunk):
+                queue[0] = chunk[sent:]
+                return
+            queue.popleft()
+        state.resend = None
+        if state.resend_fin:
+            state.resend_fin = False
+            self.circuit.end_now()
+
+    # ---- Port
+    def check(self) -> None:
+        broken = self.circuit.broken
+        state = self.resume
+        if broken is None or state.parked_until is not None:
+            return
+        if state.confirmed and (isinstance(broken, CarrierLost) or broken.code == ErrorCode.ROUTE_LOST):
+            self._park(broken)
+            return
+        raise broken
+
+    @property
+    def flushed(self) -> bool:
+        state = self.resume
+        acknowledged = not state.confirmed or (state.unacked == 0 and state.resend is None)
+        return acknowledged and self._transport_flushed()
+
+    def abort(self, code: int, reason: str) -> None:
+        self.table.forget(self)
+        super().abort(code, reason)  # type: ignore[misc]
+
+    def close(self) -> None:
+        """The session is complete: RST NO_ERROR retires its circuit at every hop (a
+        resumable circuit outlives its FINs, for the last ACKs; SPEC.md §14)."""
+        self.table.forget(self)
+        self.circuit.reset(ErrorCode.NO_ERROR, "session complete")
+        super().close()  # type: ignore[misc]
+
+    # ---- losing and regaining the route
+    def _park(self, lost: CircuitBroken) -> None:
+        state = self.resume
+        state.parked_until = trio.current_time() + self.table.timeout
+        state.lost_reason = str(lost)
+        log.info("session %s: route lost (%s); waiting up to %g s to resume", self.relay.record.what,
+                 lost, self.table.timeout)
+        self.table.park(self)
+
+    def resume_on(self, circuit: Circuit, far_delivered: int) -> None:
+        """Carry on over `circuit`: the far end has delivered `far_delivered` units of our
+        stream; everything after that is sent again, then what comes next."""
+        state = self.resume
+        old = self.circuit
+        old.sink = old.watcher = old.ack_listener = None
+        if old.broken is None:  # still up at this end: the far end has moved on
+            old.reset(ErrorCode.ROUTE_LOST, "the session resumed on another circuit")
+        old.abort("the session resumed on another circuit")  # its unread bytes come again
+        self.circuit = circuit  # type: ignore[misc]
+        state.parked_until = None
+        self.table.unpark(self)
+        if far_delivered > state.acked:
+            state.acked = min(far_delivered, state.sent + state.fin_sent)
+            self._trim(min(state.acked, state.sent))
+        state.resend = deque(state.replay) if state.replay else None
+        state.resend_fin = state.fin_sent and state.acked < state.sent + 1
+        state.ack_sent = state.delivered  # the far end learned it in the exchange
+        self._hook(circuit)
+        log.info("session %s: resumed (%d B and%s FIN to send again)", self.relay.record.what,
+                 state.sent - state.replay_base, "" if state.resend_fin else " no")
+        self.relay.on_event()
+
+    def give_up(self, reason: str) -> None:
+        """End the session as broken (RST to the local socket), with `reason` logged."""
+        self.table.forget(self)
+        self.relay.fail(SessionError(reason))
+
+    def _not_resumable(self, why: str) -> None:
+        """Keep the session, but not resumable: no more replay, ACKs or parking."""
+        log.info("session %s: not resumable: %s", self.relay.record.what, why)
+        state = self.resume
+        state.confirmed = False
+        self.table.buffered -= sum(map(len, state.replay or ()))
+        state.replay = None
+        state.replay_base = state.sent
+
+
+class ResumableCircuitPort(Resumption, CircuitPort):
+    __slots__ = ("outgoing", "pushes", "relay", "resume", "table")
+
+    def __init__(self, circuit: Circuit, state: ResumeState, table: ResumeTable) -> None:
+        super().__init__(circuit)
+        self.resume = state
+        self.table = table
+
+
+class ResumableTlsPort(Resumption, TlsPort):
+    __slots__ = ("outgoing", "pushes", "relay", "resume", "table")
+
+
+def make_resumable(port: CircuitPort, state: ResumeState, table: ResumeTable) -> CircuitPort:
+    """The same port (plain or TLS inside), with resumption."""
+    if isinstance(port, TlsPort):
+        tls = ResumableTlsPort(port.circuit, port._ssl, port._in, port._out)
+        tls.resume, tls.table = state, table
+        return tls
+    return ResumableCircuitPort(port.circuit, state, table)
+
+
+# A usable carrier to the named peer, waiting for one until the deadline (None: none came).
+CarrierFinder = Callable[[str, float], Awaitable["Carrier | None"]]
+
+
+class ResumeTable:
+    """The gateway's resumable sessions: the exit's by session id, the parked ones with
+    their deadlines, and ACKs due; `run` is its one task (the sweep)."""
+
+    def __init__(self, timeout: float, find_carrier: CarrierFinder | None = None,
+                 handshake_timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self.find_carrier = find_carrier
+        self.handshake_timeout = handshake_timeout
+        self.exits: dict[bytes, Resumption] = {}
+        self.parked: set[Resumption] = set()
+        self.ack_due: set[Resumption] = set()
+        self.buffered = 0  # bytes in every replay buffer of this gateway
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.timeout > 0
+
+    def track(self, port: Resumption) -> None:
+        if not port.resume.via:  # the exit of the session: resumptions find it by id
+            self.exits[port.resume.session_id] = port
+
+    def forget(self, port: Resumption) -> None:
+        if self.exits.get(port.resume.session_id) is port:
+            del self.exits[port.resume.session_id]
+        self.parked.discard(port)
+        self.ack_due.discard(port)
+        self.buffered -= sum(map(len, port.resume.replay or ()))
+        port.resume.replay = None
+
+    def accept(self, circuit: Circuit) -> str:
+        """The exit's answer to a RESUMING OPEN whose route its policy admitted: resume
+        the session on `circuit` (OPEN_OK, ACK of what we delivered, then retransmission)
+        and return "", or return why not, changing nothing."""
+        ticket = circuit.request.resume
+        assert isinstance(ticket, Resuming)
+        port = self.exits.get(ticket.session_id)
+        if port is None:
+            return "no such session to resume (unknown or expired)"
+        state = port.resume
+        if verifier_of(ticket.secret) != state.verifier:
+            return "wrong or already used resumption secret"
+        if replace(circuit.request, resume=None) != state.request:
+            return "the resumption names another target"
+        with write_batch():
+            circuit.accept()
+            circuit.send_ack(state.delivered)
+            state.verifier = ticket.next_verifier
+            port.resume_on(circuit, ticket.delivered)
+        return ""
+
+    def park(self, port: Resumption) -> None:
+        self.parked.add(port)
+        self.ack_due.discard(port)
+        if port.resume.via and self._nursery is not None:  # the entry: go and resume it
+            self._nursery.start_soon(self._resume_entry, port)
+
+    def unpark(self, port: Resumption) -> None:
+        self.parked.discard(port)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await trio.sleep(ACK_DELAY)
+                self.sweep(trio.current_time())
+
+    def sweep(self, now: float) -> None:
+        """Send the ACKs that are due; end parked sessions past their deadline."""
+        with write_batch():
+            due, self.ack_due = self.ack_due, set()
+            for port in due:
+                if port.resume.delivered != port.resume.ack_sent:
+                    port._ack()
+            for port in [p for p in self.parked if (p.resume.parked_until or now) < now]:
+                port.give_up(f"not resumed within {self.timeout:g} s after the route was lost"
+                             f" ({port.resume.lost_reason})")
+
+    async def _resume_entry(self, port: Resumption) -> None:
+        """The entry of a parked session: open a RESUMING circuit to the exit, over any
+        carrier to the first hop, until it is accepted or the deadline passes."""
+        state = port.resume
+        delay = RETRY_FIRST
+        assert self.find_carrier is not None
+        while state.parked_until is not None and port in self.parked:
+            left = state.parked_until - trio.current_time()
+            if left <= 0:
+                return  # the sweep ends it
+            carrier = await self.find_carrier(state.via, state.parked_until)
+            if carrier is None or state.parked_until is None:
+                continue
+            outcome = await self._attempt(port, carrier)
+            if outcome is None:
+                return
+            if outcome:  # refused for good
+                port.give_up(f"resumption refused: {outcome}")
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _attempt(self, port: Resumption, carrier: Carrier) -> str | None:
+        """One RESUMING OPEN: None when resumed, "" to try again later, or why it was
+        refused for good."""
+        state = port.resume
+        if not carrier.session.resumable:
+            return f"the carrier to {state.via} does not support resumption"
+        secret = state.secret
+        if state.next_secret is None:
+            state.next_secret = os.urandom(16)
+        request = replace(state.request, resume=Resuming(state.session_id, secret,
+                                                         verifier_of(state.next_secret), state.delivered))
+        try:
+            circuit = carrier.open(request)
+        except OpenRefused:
+            return ""
+        assert isinstance(circuit, Circuit)
+        try:
+            with trio.fail_after(self.handshake_timeout * 2):
+                await circuit.wait_open()
+                far_delivered = await circuit.wait_ack()
+        except trio.TooSlowError:
+            circuit.reset(ErrorCode.CONNECT_TIMEOUT, "no answer to the resumption in time")
+            return ""
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OpenRefused) and cause.code == ErrorCode.RESUME_REFUSED:
+                if not state.tried_next and state.next_secret is not None:
+                    # An earlier attempt may have been accepted with its answer lost: the
+                    # exit then expects that attempt's next secret. Try it, once.
+                    state.tried_next = True
+                    state.secret, state.next_secret = state.next_secret, None
+                    return ""
+                return str(cause)
+            return ""  # a hop not back yet, a carrier lost meanwhile: later
+        if port.resume.parked_until is None or port not in self.parked:
+            circuit.reset(ErrorCode.CANCELLED, "the session ended meanwhile")
+            return None
+        state.secret, state.next_secret, state.tried_next = state.next_secret or secret, None, False
+        with write_batch():
+            port.resume_on(circuit, far_delivered)
+        return None
+
+
+def open_state(request: OpenRequest, via: str) -> tuple[ResumeState, OpenRequest]:
+    """A new resumable session at the entry: its state, and the OPEN that announces it."""
+    session_id = os.urandom(16)
+    secret, verifier = new_secret()
+    state = ResumeState(session_id, request)
+    state.secret = secret
+    state.via = via
+    return state, replace(request, resume=Resumable(session_id, verifier))
+
+
+def exit_state(request: OpenRequest) -> ResumeState:
+    """The exit's half of a session the entry opened as resumable."""
+    assert isinstance(request.resume, Resumable)
+    state = ResumeState(request.resume.session_id, replace(request, resume=None))
+    state.verifier = request.resume.verifier
+    state.confirmed = True  # the exit acknowledges from the start (ACK(0) after OPEN_OK)
+    return state

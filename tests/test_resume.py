@@ -1,0 +1,187 @@
+"""Resumable sessions (issue 11, SPEC.md §14), in process: an entry and an exit relayed
+by the engine over real carriers; the carrier under the session is killed mid-transfer
+and the session goes on over a new one, every byte once and in order."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from gateway.carriers.carrier import Carrier
+from gateway.carriers.circuit import Circuit
+from gateway.carriers.transport import SocketTransport
+from gateway.relay.engine import RelayEngine
+from gateway.relay.ports import CircuitPort, SocketPort
+from gateway.relay.resume import ResumeTable, exit_state, make_resumable, open_state
+from gateway.relay.sessions import SessionLog
+from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
+from tests.carriers import carriers
+
+MIB = 1 << 20
+TARGET = OpenRequest(CircuitKind.TCP, "127.0.0.1", 9)
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    far = socket.create_connection(listener.getsockname())
+    near, _ = listener.accept()
+    listener.close()
+    return far, near
+
+
+@dataclass
+class Session:
+    client: trio.SocketStream  # what the client holds (the entry's local socket's peer)
+    target: trio.SocketStream  # what the target holds (the exit's local socket's peer)
+    sessions: SessionLog
+    reconnected: trio.Event | None = None  # set it after replacing the entry's carrier
+
+
+@asynccontextmanager
+async def resumable_session(carrier_slot: list[Carrier], timeout: float = 10.0
+                            ) -> AsyncIterator[tuple[Session, ResumeTable, ResumeTable]]:
+    """An entry and an exit gateway's halves in one process. `carrier_slot[0]` is the
+    entry's current carrier to the exit (the test replaces it to "reconnect")."""
+    sessions = SessionLog()
+    changed = trio.Event()
+
+    async def find_carrier(peer: str, deadline: float) -> Carrier | None:
+        with trio.move_on_at(deadline):
+            while carrier_slot[0].closed.is_set():
+                await changed.wait()
+            return carrier_slot[0]
+        return None
+
+    entry_table = ResumeTable(timeout, find_carrier, handshake_timeout=5)
+    exit_table = ResumeTable(timeout)
+    engine = RelayEngine()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await nursery.start(entry_table.run)
+        await nursery.start(exit_table.run)
+        client, target = await _open(engine, carrier_slot[0], entry_table, exit_table, sessions)
+        session = Session(client, target, sessions)
+        session.reconnected = changed
+        yield session, entry_table, exit_table
+        nursery.cancel_scope.cancel()
+    await client.aclose()
+    await target.aclose()
+
+
+async def _open(engine: RelayEngine, carrier: Carrier, entry_table: ResumeTable,
+                exit_table: ResumeTable, sessions: SessionLog
+                ) -> tuple[trio.SocketStream, trio.SocketStream]:
+    client, entry_sock = _tcp_pair()
+    target, exit_sock = _tcp_pair()
+    state, request = open_state(TARGET, "exit")
+    near = carrier.open(request)
+    far = await _accepted.receive()
+    assert isinstance(near, Circuit) and isinstance(far, Circuit)
+    far.accept()
+    far.send_ack(0)
+    engine.relay(make_resumable(CircuitPort(far), exit_state(far.request), exit_table),
+                 SocketPort(exit_sock, engine.readiness), sessions.open("exit", "t", far))
+    engine.relay(SocketPort(entry_sock, engine.readiness),
+                 make_resumable(CircuitPort(near), state, entry_table), sessions.open("entry", "t", near))
+    return (trio.SocketStream(trio.socket.from_stdlib_socket(client)),
+            trio.SocketStream(trio.socket.from_stdlib_socket(target)))
+
+
+_accepted: trio.MemoryReceiveChannel[Circuit]
+
+
+async def _transfer(s: Session, up: bytes, down: bytes) -> tuple[bytes, bytes]:
+    got: dict[str, bytes] = {}
+
+    async def side(me: trio.SocketStream, data: bytes, name: str) -> None:
+        async def read() -> None:
+            parts = []
+            while chunk := await me.receive_some(65536):
+                parts.append(chunk)
+            got[name] = b"".join(parts)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await me.send_all(data)
+            await me.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(side, s.client, up, "at_client")  # (what the client read)
+        nursery.start_soon(side, s.target, down, "at_target")
+    return got["at_target"], got["at_client"]
+
+
+async def test_a_resumable_session_without_loss_completes_and_retires_its_circuit() -> None:
+    global _accepted
+    up, down = bytes(range(256)) * 4096 * 3, bytes(reversed(range(256))) * 4096 * 2
+    with trio.fail_after(20):
+        async with carriers(64 * 1024, resume=True) as (dialer, acceptor, inbound):
+            _accepted = inbound  # type: ignore[assignment]
+            async with resumable_session([dialer]) as (s, entry_table, exit_table):
+                at_target, at_client = await _transfer(s, up, down)
+                await s.sessions.wait_idle()
+                assert not entry_table.buffered and not exit_table.buffered
+                assert not dialer.circuits and not acceptor.circuits  # RST NO_ERROR retired it
+                assert dialer.session.live_circuits == 0 and acceptor.session.live_circuits == 0
+    assert hashlib.sha256(at_target).digest() == hashlib.sha256(up).digest()
+    assert at_client == down
+
+
+def _cut(carrier: Carrier) -> None:
+    """Break the carrier's connection under it at both ends at once (what `ss -K` does):
+    whatever is in flight is lost."""
+    transport = carrier.transport
+    assert isinstance(transport, SocketTransport)
+    transport.sock.shutdown(socket.SHUT_RDWR)
+
+
+async def _serve_resumptions(inbound: trio.MemoryReceiveChannel, table: ResumeTable) -> None:
+    """The exit's side of a new carrier: answer RESUMING OPENs as the gateway does."""
+    async for circuit in inbound:
+        refused = table.accept(circuit)
+        if refused:
+            circuit.refuse(ErrorCode.RESUME_REFUSED, refused)
+
+
+async def test_a_session_survives_its_carrier_cut_mid_transfer(caplog: pytest.LogCaptureFixture) -> None:
+    global _accepted
+    caplog.set_level(logging.INFO, "tunnelgate")
+    up, down = os.urandom(8 * MIB), os.urandom(5 * MIB)
+    with trio.fail_after(30):
+        async with carriers(64 * 1024, resume=True) as (dialer, _, inbound), \
+                carriers(64 * 1024, resume=True) as (dialer2, _, inbound2):
+            _accepted = inbound  # type: ignore[assignment]
+            slot = [dialer]
+            async with resumable_session(slot) as (s, entry_table, exit_table), trio.open_nursery() as n:
+                n.start_soon(_serve_resumptions, inbound2, exit_table)
+                got: list[tuple[bytes, bytes]] = []
+
+                async def transfer() -> None:
+                    got.append(await _transfer(s, up, down))
+
+                n.start_soon(transfer)
+                while dialer.session.offsets(1)[0] < 2 * MIB:  # well into the transfer
+                    await trio.sleep(0.001)
+                _cut(dialer)
+                await trio.sleep(0.2)  # both ends park; the entry finds no carrier yet
+                assert len(entry_table.parked) == 1 and len(exit_table.parked) == 1
+                slot[0] = dialer2
+                assert s.reconnected is not None
+                s.reconnected.set()
+                while not got:
+                    await trio.sleep(0.01)
+                await s.sessions.wait_idle()
+                n.cancel_scope.cancel()
+    at_target, at_client = got[0]
+    assert hashlib.sha256(at_target).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(at_client).digest() == hashlib.sha256(down).digest()
+    assert caplog.text.count("route lost") == 2 and caplog.text.count("resumed (") == 2
+    assert "error" not in caplog.text.lower().replace("no_error", "")
