@@ -10,7 +10,8 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import trio
@@ -18,11 +19,14 @@ import trio
 from gateway.carriers.carrier import Carrier
 from gateway.carriers.circuit import Circuit
 from gateway.carriers.transport import SocketTransport
+from gateway.relay.e2e import SecureStream
 from gateway.relay.engine import RelayEngine
 from gateway.relay.ports import CircuitPort, SocketPort
-from gateway.relay.resume import ResumeTable, exit_state, make_resumable, open_state
+from gateway.relay.resume import ResumeTable, Resumption, exit_state, make_resumable, open_state
 from gateway.relay.sessions import SessionLog
-from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
+from gateway.security.identity import write_identity
+from gateway.security.tls import client_context, server_context
+from gateway_codecs import CircuitKind, ErrorCode, OpenRequest, Resuming
 from tests.carriers import carriers
 
 MIB = 1 << 20
@@ -43,10 +47,11 @@ class Session:
     target: trio.SocketStream  # what the target holds (the exit's local socket's peer)
     sessions: SessionLog
     reconnected: trio.Event | None = None  # set it after replacing the entry's carrier
+    entry_port: Resumption | None = None
 
 
 @asynccontextmanager
-async def resumable_session(carrier_slot: list[Carrier], timeout: float = 10.0
+async def resumable_session(carrier_slot: list[Carrier], timeout: float = 10.0, tls: Path | None = None
                             ) -> AsyncIterator[tuple[Session, ResumeTable, ResumeTable]]:
     """An entry and an exit gateway's halves in one process. `carrier_slot[0]` is the
     entry's current carrier to the exit (the test replaces it to "reconnect")."""
@@ -67,8 +72,9 @@ async def resumable_session(carrier_slot: list[Carrier], timeout: float = 10.0
         await nursery.start(engine.run)
         await nursery.start(entry_table.run)
         await nursery.start(exit_table.run)
-        client, target = await _open(engine, carrier_slot[0], entry_table, exit_table, sessions)
-        session = Session(client, target, sessions)
+        client, target, entry_port = await _open(engine, carrier_slot[0], entry_table, exit_table,
+                                                 sessions, tls)
+        session = Session(client, target, sessions, entry_port=entry_port)
         session.reconnected = changed
         yield session, entry_table, exit_table
         nursery.cancel_scope.cancel()
@@ -77,8 +83,9 @@ async def resumable_session(carrier_slot: list[Carrier], timeout: float = 10.0
 
 
 async def _open(engine: RelayEngine, carrier: Carrier, entry_table: ResumeTable,
-                exit_table: ResumeTable, sessions: SessionLog
-                ) -> tuple[trio.SocketStream, trio.SocketStream]:
+                exit_table: ResumeTable, sessions: SessionLog, tls: Path | None
+                ) -> tuple[trio.SocketStream, trio.SocketStream, Resumption]:
+    """`tls`: a folder for an identity: the session runs TLS end to end inside."""
     client, entry_sock = _tcp_pair()
     target, exit_sock = _tcp_pair()
     state, request = open_state(TARGET, "exit")
@@ -87,12 +94,22 @@ async def _open(engine: RelayEngine, carrier: Carrier, entry_table: ResumeTable,
     assert isinstance(near, Circuit) and isinstance(far, Circuit)
     far.accept()
     far.send_ack(0)
-    engine.relay(make_resumable(CircuitPort(far), exit_state(far.request), exit_table),
+    near_port, far_port = CircuitPort(near), CircuitPort(far)
+    if tls is not None:
+        identity = write_identity(tls / "gw")
+        near_tls = SecureStream(near, client_context(identity), server_side=False)
+        far_tls = SecureStream(far, server_context(identity, [tls / "gw.crt"]), server_side=True)
+        async with trio.open_nursery() as handshakes:
+            handshakes.start_soon(near_tls.do_handshake)
+            handshakes.start_soon(far_tls.do_handshake)
+        near_port, far_port = near_tls.into_port(), far_tls.into_port()
+    engine.relay(make_resumable(far_port, exit_state(far.request), exit_table),
                  SocketPort(exit_sock, engine.readiness), sessions.open("exit", "t", far))
-    engine.relay(SocketPort(entry_sock, engine.readiness),
-                 make_resumable(CircuitPort(near), state, entry_table), sessions.open("entry", "t", near))
+    entry_port = make_resumable(near_port, state, entry_table)
+    engine.relay(SocketPort(entry_sock, engine.readiness), entry_port, sessions.open("entry", "t", near))
+    assert isinstance(entry_port, Resumption)
     return (trio.SocketStream(trio.socket.from_stdlib_socket(client)),
-            trio.SocketStream(trio.socket.from_stdlib_socket(target)))
+            trio.SocketStream(trio.socket.from_stdlib_socket(target)), entry_port)
 
 
 _accepted: trio.MemoryReceiveChannel[Circuit]
@@ -151,7 +168,9 @@ async def _serve_resumptions(inbound: trio.MemoryReceiveChannel, table: ResumeTa
             circuit.refuse(ErrorCode.RESUME_REFUSED, refused)
 
 
-async def test_a_session_survives_its_carrier_cut_mid_transfer(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("end_to_end", [False, True], ids=["plain", "end-to-end"])
+async def test_a_session_survives_its_carrier_cut_mid_transfer(caplog: pytest.LogCaptureFixture,
+                                                               end_to_end: bool, tmp_path: Path) -> None:
     global _accepted
     caplog.set_level(logging.INFO, "tunnelgate")
     up, down = os.urandom(8 * MIB), os.urandom(5 * MIB)
@@ -160,7 +179,8 @@ async def test_a_session_survives_its_carrier_cut_mid_transfer(caplog: pytest.Lo
                 carriers(64 * 1024, resume=True) as (dialer2, _, inbound2):
             _accepted = inbound  # type: ignore[assignment]
             slot = [dialer]
-            async with resumable_session(slot) as (s, entry_table, exit_table), trio.open_nursery() as n:
+            async with resumable_session(slot, tls=tmp_path if end_to_end else None) \
+                    as (s, entry_table, exit_table), trio.open_nursery() as n:
                 n.start_soon(_serve_resumptions, inbound2, exit_table)
                 got: list[tuple[bytes, bytes]] = []
 
@@ -185,3 +205,53 @@ async def test_a_session_survives_its_carrier_cut_mid_transfer(caplog: pytest.Lo
     assert hashlib.sha256(at_client).digest() == hashlib.sha256(down).digest()
     assert caplog.text.count("route lost") == 2 and caplog.text.count("resumed (") == 2
     assert "error" not in caplog.text.lower().replace("no_error", "")
+
+
+async def test_a_forged_or_replayed_resumption_is_refused_and_changes_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The session id is not enough: a RESUMING OPEN must reveal the secret behind the
+    current verifier, and a secret is good once."""
+    global _accepted
+    with trio.fail_after(20):
+        async with carriers(resume=True) as (dialer, _, inbound):
+            _accepted = inbound  # type: ignore[assignment]
+            async with resumable_session([dialer]) as (s, _, exit_table):
+                (session_id,) = exit_table.exits
+                assert s.entry_port is not None
+                forged = Resuming(session_id, b"x" * 16, b"y" * 16, 0)
+                circuit = dialer.open(replace(TARGET, resume=forged))
+                answered = await _accepted.receive()
+                assert exit_table.accept(answered) == "wrong or already used resumption secret"
+                answered.refuse(ErrorCode.RESUME_REFUSED, "refused")
+                with pytest.raises(trio.BrokenResourceError):
+                    await circuit.wait_open()
+                # A replay of the right secret once it has been used: refused too.
+                secret = s.entry_port.resume.secret
+                honest = dialer.open(replace(TARGET, resume=Resuming(session_id, secret, b"n" * 16, 0)))
+                assert exit_table.accept(await _accepted.receive()) == ""
+                replayed = dialer.open(replace(TARGET, resume=Resuming(session_id, secret, b"m" * 16, 0)))
+                assert exit_table.accept(await _accepted.receive()) == \
+                    "wrong or already used resumption secret"
+                for c in (honest, replayed):
+                    c.reset()
+                unknown = Resuming(b"u" * 16, secret, b"m" * 16, 0)
+                dialer.open(replace(TARGET, resume=unknown))
+                assert "unknown or expired" in exit_table.accept(await _accepted.receive())
+
+
+async def test_a_session_not_resumed_in_time_is_reset_at_both_ends(caplog: pytest.LogCaptureFixture) -> None:
+    global _accepted
+    caplog.set_level(logging.INFO, "tunnelgate")
+    with trio.fail_after(20):
+        async with carriers(resume=True) as (dialer, _, inbound):
+            _accepted = inbound  # type: ignore[assignment]
+            async with resumable_session([dialer], timeout=0.5) as (s, _, _):
+                await s.client.send_all(b"hello")
+                assert await s.target.receive_some(5) == b"hello"
+                _cut(dialer)  # and no carrier ever comes back
+                for end in (s.client, s.target):
+                    with pytest.raises(trio.BrokenResourceError):  # RST, never a FIN
+                        while await end.receive_some(100):
+                            pass
+                await s.sessions.wait_idle()
+    assert caplog.text.count("not resumed within 0.5 s after the route was lost") == 2

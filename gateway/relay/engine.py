@@ -172,6 +172,8 @@ class StreamRelay:
             self.b.check()
             for direction in directions:
                 direction.pump()
+                if direction.state is CLOSED and not direction.dst.flushed:
+                    direction.dst.flush()  # credit came for what waits behind the EOF
             if self.forward.state is CLOSED and self.backward.state is CLOSED \
                     and self.a.flushed and self.b.flushed:
                 self._end(None)

@@ -73,6 +73,10 @@ class Port:
         """Everything written (and the EOF) has left this port."""
         return True
 
+    def flush(self) -> None:
+        """Send what waits for credit (a TLS record, a resumed session's retransmission)
+        when the direction into this port is already closed: nothing else would."""
+
     def abort(self, code: int, reason: str) -> None:
         """End as broken: RST (a socket's close resets; a circuit sends RST with the code)."""
         raise NotImplementedError
@@ -333,6 +337,9 @@ class TlsPort(CircuitPort):
         if self._eof_wanted and not self._eof_sent:
             self._eof_sent = True
             self._send_eof()
+
+    def flush(self) -> None:
+        self._flush()
 
     def room(self) -> int:
         self._flush()

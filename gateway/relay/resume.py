@@ -186,8 +186,12 @@ class Resumption:
 
     def _send(self, data: bytes | memoryview) -> int:
         state = self.resume
-        if state.parked_until is not None or state.resend is not None:
+        if state.parked_until is not None:
             return 0
+        if state.resend is not None:
+            self._resend()  # what the far end lost goes first
+            if state.resend is not None:
+                return 0
         sent = self.circuit.try_send(data)
         if sent:
             chunk = data if sent == len(data) and isinstance(data, bytes) else bytes(data[:sent])
@@ -228,6 +232,12 @@ class Resumption:
             return
         self.circuit.end_now()
 
+    def flush(self) -> None:
+        if self.resume.parked_until is None:
+            if self.resume.resend is not None or self.resume.resend_fin:
+                self._resend()
+            super().flush()  # type: ignore[misc]
+
     def _resend(self) -> None:
         state = self.resume
         queue = state.resend
@@ -247,7 +257,11 @@ class Resumption:
     def check(self) -> None:
         broken = self.circuit.broken
         state = self.resume
-        if broken is None or state.parked_until is not None:
+        if broken is None:
+            if not state.eof_delivered:
+                self._ended()  # the FIN counts (TLS ends its stream with close_notify first)
+            return
+        if state.parked_until is not None:
             return
         if state.confirmed and (isinstance(broken, CarrierLost) or broken.code == ErrorCode.ROUTE_LOST):
             self._park(broken)
@@ -284,6 +298,13 @@ class Resumption:
         """Carry on over `circuit`: the far end has delivered `far_delivered` units of our
         stream; everything after that is sent again, then what comes next."""
         state = self.resume
+        if far_delivered < state.replay_base:
+            # The far end lacks bytes we no longer hold (sent before the session became
+            # resumable: the end-to-end handshake). Nothing to do but end it.
+            circuit.reset(ErrorCode.RESUME_REFUSED, "the session cannot be resumed from there")
+            self.give_up(f"cannot resume: the far end has {far_delivered} of {state.sent} units,"
+                         f" and what is missing is no longer held")
+            return
         old = self.circuit
         old.sink = old.watcher = old.ack_listener = None
         if old.broken is None:  # still up at this end: the far end has moved on
@@ -332,7 +353,12 @@ class ResumableTlsPort(Resumption, TlsPort):
 
 
 def make_resumable(port: CircuitPort, state: ResumeState, table: ResumeTable) -> CircuitPort:
-    """The same port (plain or TLS inside), with resumption."""
+    """The same port (plain or TLS inside), with resumption. The session's offsets count
+    from the circuit's first byte, so both ends agree on them whatever crossed before
+    (an end-to-end TLS handshake)."""
+    circuit = port.circuit
+    state.sent = state.replay_base = circuit.bytes_sent
+    state.delivered = state.ack_sent = circuit.bytes_received
     if isinstance(port, TlsPort):
         tls = ResumableTlsPort(port.circuit, port._ssl, port._in, port._out)
         tls.resume, tls.table = state, table
