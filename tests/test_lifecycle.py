@@ -158,3 +158,25 @@ def test_sigterm_on_the_far_gateway_sends_goaway_and_lets_the_session_finish(tmp
                 assert recv_until_eof(c) == b""
             assert exit_gw.proc.wait(20) == 0
             assert "drain deadline reached" not in exit_gw.log()
+
+
+def test_a_peer_without_resumption_interoperates_as_before(tmp_path: Path) -> None:
+    """An exit that does not announce RESUME (`resume_timeout = 0`): sessions work as
+    they always did, and a broken carrier resets them at once (nothing to resume)."""
+    with TcpServer(echo_handler) as target:
+        exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel_toml("t", "tcp", target.port))
+        text = exit_gw.config_path.read_text()
+        exit_gw.config_path.write_text(text.replace("[gateway]\n", "[gateway]\nresume_timeout = 0\n", 1))
+        with running(exit_gw, entry):
+            entry.wait_log("up (peer exit)")
+            with socket.create_connection(("127.0.0.1", entry.tunnel_port("t")),
+                                          timeout=IO_TIMEOUT) as c:
+                payload = os.urandom(256 * 1024)
+                c.sendall(payload)
+                assert recv_exactly(c, len(payload)) == payload
+                exit_gw.kill()
+                with pytest.raises(ConnectionResetError):  # at once, not after resume_timeout
+                    while c.recv(100):
+                        pass
+            entry.wait_log("entry session closed")
+            assert "route lost" not in entry.log() and "error: CANCELLED: carrier" in entry.log()
