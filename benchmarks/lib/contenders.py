@@ -224,10 +224,12 @@ class Tunnelgate(Contender):
     multiplexed = True
     is_tunnelgate = True
 
-    def __init__(self, workdir: Path, name: str, carrier: str, chain: bool) -> None:
+    def __init__(self, workdir: Path, name: str, carrier: str, chain: bool,
+                 gateway_extra: tuple[str, ...] = ()) -> None:
         self.name = name
         self.carrier = carrier
         self.chain = chain
+        self.gateway_extra = gateway_extra  # more [gateway] keys for every gateway
         super().__init__(workdir)
         self._gateways: dict[str, Proc] = {}
 
@@ -258,7 +260,7 @@ class Tunnelgate(Contender):
         allow = 'allow = ["tcp://127.0.0.1:*", "udp://127.0.0.1:*"]'
         out = {}
         for i, role in enumerate(roles):
-            lines = ["[gateway]", f'name = "{role}"', f'key = "{self.dir / role}.key"']
+            lines = ["[gateway]", f'name = "{role}"', f'key = "{self.dir / role}.key"', *self.gateway_extra]
             if role in carrier:
                 lines.append(f'listen = ["{url(role)}"]')
             if i > 0:  # the previous hop dials us
@@ -331,7 +333,11 @@ def all_contenders(workdir: Path) -> list[Contender]:
         Tunnelgate(workdir, "tg-tls", "tls", chain=False),
         Tunnelgate(workdir, "tg-tcp", "tcp", chain=False),
         Tunnelgate(workdir, "tg-chain", "tls", chain=True),
+        # The same without session resumption (issue 11: what resumption costs).
+        Tunnelgate(workdir, "tg-tls-noresume", "tls", chain=False, gateway_extra=("resume_timeout = 0",)),
+        Tunnelgate(workdir, "tg-chain-noresume", "tls", chain=True, gateway_extra=("resume_timeout = 0",)),
     ]
 
 
-CONTENDER_NAMES = ["direct", "socat", "stunnel", "ssh", "tg-tls", "tg-tcp", "tg-chain"]
+CONTENDER_NAMES = ["direct", "socat", "stunnel", "ssh", "tg-tls", "tg-tcp", "tg-chain", "tg-tls-noresume",
+                   "tg-chain-noresume"]
