@@ -75,7 +75,7 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
             return await peers.wait_for(peer)
         return None
 
-    resume = ResumeTable(gw.resume_timeout, find_carrier, gw.handshake_timeout)
+    resume = ResumeTable(gw.resume_timeout, find_carrier, gw.handshake_timeout, gw.resume_buffer)
     server = CircuitServer(config, peers, sessions, contexts, relay, resume)
     links = Links(config, contexts, peers, server)
     endpoints = [TunnelEndpoint(t, config, peers, sessions, contexts, relay, resume)

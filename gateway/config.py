@@ -233,6 +233,9 @@ class GatewayConfig(_Model):
     max_circuits: Annotated[int, Field(ge=1)] = 16384
     # How long a session whose route was lost waits to be resumed; 0: no resumption.
     resume_timeout: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    # Bytes all resumable sessions may hold for retransmission; beyond, the longest idle
+    # ones stop being resumable.
+    resume_buffer: Annotated[int, Field(ge=1 << 20)] = 256 << 20
 
     @property
     def cert(self) -> Path:

@@ -51,7 +51,8 @@ class Session:
 
 
 @asynccontextmanager
-async def resumable_session(carrier_slot: list[Carrier], timeout: float = 10.0, tls: Path | None = None
+async def resumable_session(carrier_slot: list[Carrier], timeout: float = 10.0, tls: Path | None = None,
+                            capacity: int = 1 << 30
                             ) -> AsyncIterator[tuple[Session, ResumeTable, ResumeTable]]:
     """An entry and an exit gateway's halves in one process. `carrier_slot[0]` is the
     entry's current carrier to the exit (the test replaces it to "reconnect")."""
@@ -65,7 +66,7 @@ async def resumable_session(carrier_slot: list[Carrier], timeout: float = 10.0, 
             return carrier_slot[0]
         return None
 
-    entry_table = ResumeTable(timeout, find_carrier, handshake_timeout=5)
+    entry_table = ResumeTable(timeout, find_carrier, handshake_timeout=5, capacity=capacity)
     exit_table = ResumeTable(timeout)
     engine = RelayEngine()
     async with trio.open_nursery() as nursery:
@@ -255,3 +256,25 @@ async def test_a_session_not_resumed_in_time_is_reset_at_both_ends(caplog: pytes
                             pass
                 await s.sessions.wait_idle()
     assert caplog.text.count("not resumed within 0.5 s after the route was lost") == 2
+
+
+async def test_past_resume_buffer_a_session_stops_being_resumable_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The target reads nothing, so what the entry sent stays unacknowledged; past the
+    gateway's resume_buffer the session is no longer resumable (logged), and a carrier
+    loss then ends it at once, as before resumption."""
+    global _accepted
+    with trio.fail_after(20):
+        async with carriers(resume=True) as (dialer, _, inbound):
+            _accepted = inbound  # type: ignore[assignment]
+            async with resumable_session([dialer], capacity=128 * 1024) as (s, entry_table, _):
+                with trio.move_on_after(0.5):
+                    while True:
+                        await s.client.send_all(b"z" * 65536)
+                assert "no longer resumable: resume_buffer (131072 B) is full" in caplog.text
+                assert entry_table.buffered == 0
+                _cut(dialer)
+                with pytest.raises(trio.BrokenResourceError):
+                    while await s.client.receive_some(100):
+                        pass
+                assert not entry_table.parked

@@ -46,6 +46,7 @@ RESUME_WINDOW = 1 << 20
 ACK_EVERY = RESUME_WINDOW // 4  # acknowledge at once after this much; else within ACK_DELAY
 ACK_DELAY = 0.2  # s: also the sweep period for parked sessions' deadlines
 RETRY_FIRST, RETRY_MAX = 0.2, 2.0  # s between resumption attempts (doubling)
+DEFAULT_CAPACITY = 256 << 20  # resume_buffer: 256 bulk sessions' full windows
 
 
 def new_secret() -> tuple[bytes, bytes]:
@@ -61,9 +62,10 @@ def verifier_of(secret: bytes) -> bytes:
 class ResumeState:
     """One endpoint's half of a resumable session (sequence numbers, replay, secrets)."""
 
-    __slots__ = ("ack_sent", "acked", "confirmed", "delivered", "eof_delivered", "fin_sent",
-                 "lost_reason", "next_secret", "parked_until", "replay", "replay_base", "request",
-                 "resend", "resend_fin", "secret", "sent", "session_id", "tried_next", "verifier", "via")
+    __slots__ = ("ack_sent", "acked", "confirmed", "delivered", "disabled", "eof_delivered", "fin_sent",
+                 "last_active", "lost_reason", "next_secret", "parked_until", "replay", "replay_base",
+                 "request", "resend", "resend_fin", "secret", "sent", "session_id", "tried_next", "verifier",
+                 "via")
 
     def __init__(self, session_id: bytes, request: OpenRequest) -> None:
         self.session_id = session_id
@@ -79,6 +81,8 @@ class ResumeState:
         self.eof_delivered = False
         self.ack_sent = 0
         self.confirmed = False  # the exit keeps the session resumable (its first ACK came)
+        self.disabled = False  # no longer resumable here (resume_buffer full, or no ACK came)
+        self.last_active = 0.0  # when it last added to its replay (the sweep's clock)
         self.parked_until: float | None = None  # parked: deadline to be resumed by
         self.lost_reason = ""
         # entry: the current secret, and the next one offered in an unanswered attempt
@@ -146,7 +150,7 @@ class Resumption:
 
     def _on_ack(self, delivered: int) -> None:
         state = self.resume
-        state.confirmed = True
+        state.confirmed = not state.disabled
         if delivered > state.acked:
             state.acked = min(delivered, state.sent + state.fin_sent)
             self._trim(min(state.acked, state.sent))
@@ -194,14 +198,21 @@ class Resumption:
                 return 0
         sent = self.circuit.try_send(data)
         if sent:
+            state.sent += sent
+            if state.disabled:
+                state.replay_base = state.sent
+                return sent
             chunk = data if sent == len(data) and isinstance(data, bytes) else bytes(data[:sent])
             if state.replay is None:
                 state.replay = deque()
             state.replay.append(chunk)
-            state.sent += sent
-            self.table.buffered += sent
+            table = self.table
+            table.buffered += sent
+            state.last_active = table.clock
             if not state.confirmed and state.sent - state.replay_base > RESUME_WINDOW:
-                self._not_resumable("the exit never acknowledged")
+                self._not_resumable("the exit never acknowledged it")
+            elif table.buffered > table.capacity:
+                table.shed()
         return sent
 
     def _take(self, max_bytes: int) -> bytes | None:
@@ -330,10 +341,11 @@ class Resumption:
         self.relay.fail(SessionError(reason))
 
     def _not_resumable(self, why: str) -> None:
-        """Keep the session, but not resumable: no more replay, ACKs or parking."""
-        log.info("session %s: not resumable: %s", self.relay.record.what, why)
+        """Keep the session, but not resumable: no more replay or parking."""
+        log.warning("session %s: no longer resumable: %s", self.relay.record.what, why)
         state = self.resume
         state.confirmed = False
+        state.disabled = True
         self.table.buffered -= sum(map(len, state.replay or ()))
         state.replay = None
         state.replay_base = state.sent
@@ -375,8 +387,11 @@ class ResumeTable:
     their deadlines, and ACKs due; `run` is its one task (the sweep)."""
 
     def __init__(self, timeout: float, find_carrier: CarrierFinder | None = None,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0, capacity: int = DEFAULT_CAPACITY) -> None:
         self.timeout = timeout
+        self.capacity = capacity  # bytes all replay buffers may hold (resume_buffer)
+        self.clock = 0.0  # trio time at the last sweep: "when" for idleness, cheaply
+        self.live: set[Resumption] = set()  # every resumable port, for shedding
         self.find_carrier = find_carrier
         self.handshake_timeout = handshake_timeout
         self.exits: dict[bytes, Resumption] = {}
@@ -390,10 +405,12 @@ class ResumeTable:
         return self.timeout > 0
 
     def track(self, port: Resumption) -> None:
+        self.live.add(port)
         if not port.resume.via:  # the exit of the session: resumptions find it by id
             self.exits[port.resume.session_id] = port
 
     def forget(self, port: Resumption) -> None:
+        self.live.discard(port)
         if self.exits.get(port.resume.session_id) is port:
             del self.exits[port.resume.session_id]
         self.parked.discard(port)
@@ -422,6 +439,15 @@ class ResumeTable:
             port.resume_on(circuit, ticket.delivered)
         return ""
 
+    def shed(self) -> None:
+        """Over `capacity`: the longest-idle sessions stop being resumable (their replay
+        is dropped, logged) until the rest fits in nine tenths of it."""
+        for port in sorted(self.live, key=lambda p: p.resume.last_active):
+            if self.buffered <= self.capacity * 9 // 10:
+                return
+            if port.resume.replay and port.resume.parked_until is None:
+                port._not_resumable(f"resume_buffer ({self.capacity} B) is full; it was the longest idle")
+
     def park(self, port: Resumption) -> None:
         self.parked.add(port)
         self.ack_due.discard(port)
@@ -441,6 +467,7 @@ class ResumeTable:
 
     def sweep(self, now: float) -> None:
         """Send the ACKs that are due; end parked sessions past their deadline."""
+        self.clock = now
         with write_batch():
             due, self.ack_due = self.ack_due, set()
             for port in due:
