@@ -290,8 +290,6 @@ def decode_open(payload: bytes, flags: int, resume: bool = False) -> OpenRequest
                 raise RemoteProtocolError("RESUMING OPEN without its extension")
             extension = Resuming(r.take(RESUME_ID_SIZE), r.take(RESUME_ID_SIZE), r.take(RESUME_ID_SIZE),
                                  int.from_bytes(r.take(8), "big"))
-        if kind is not CircuitKind.TCP:
-            raise RemoteProtocolError("only TCP-kind circuits resume")
     # Bytes after the route (and after a negotiated extension) are reserved for
     # extensions and ignored.
     return OpenRequest(kind, host, port, tuple(route), bool(flags & OpenFlags.END_TO_END), extension)

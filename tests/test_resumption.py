@@ -135,3 +135,66 @@ def test_every_session_survives_the_route_breaking_mid_transfer(tmp_path: Path, 
             assert all(ln.endswith(", ok") for ln in closed), [ln for ln in closed if "ok" not in ln]
         # The break reached the sessions (no session slipped through untouched).
         assert edge.log().count("resumed (") + dc.log().count("resumed (") >= SESSIONS, how
+
+
+# Answers every datagram with the address and port it came from (the exit's socket).
+UDP_SOURCE_SERVER = r"""
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    data, peer = sock.recvfrom(65535)
+    sock.sendto(f"{peer[0]}:{peer[1]}".encode(), peer)
+"""
+
+# One client socket: one exchange, "before" printed; then, once the flag file exists,
+# asks again every 0.2 s (datagrams may be lost while the route is down) until answered.
+UDP_SOURCE_CLIENT = r"""
+import json, os, socket, sys, time
+port, flag = int(sys.argv[1]), sys.argv[2]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(3)
+sock.sendto(b"before", ("127.0.0.1", port))
+print(json.dumps({"before": sock.recv(100).decode()}), flush=True)
+while not os.path.exists(flag):
+    time.sleep(0.05)
+sock.settimeout(0.2)
+deadline = time.monotonic() + 20
+after = None
+while after is None and time.monotonic() < deadline:
+    sock.sendto(b"after", ("127.0.0.1", port))
+    try:
+        after = sock.recv(100).decode()
+    except OSError:
+        pass
+print(json.dumps({"after": after}), flush=True)
+"""
+
+UDP_PORT, UDP_TUNNEL = 9300, 8300
+
+
+def test_a_udp_flow_keeps_its_mapping_across_a_carrier_reset(tmp_path: Path) -> None:
+    """The edge-hub carrier is reset under a UDP flow: the flow resumes over the new
+    carrier and the target sees the same source address and port (the exit kept its
+    socket); datagrams sent while the route was down may be lost."""
+    with ExitStack() as stack:
+        topo = stack.enter_context(topology("edge", "hub", "dc"))
+        dc = topo.addr("dc", "hub")
+        topo.spawn_python("dc", UDP_SOURCE_SERVER, dc, str(UDP_PORT), log=tmp_path / "udp.err")
+        tunnels = tunnel("udp", f"udp://127.0.0.1:{UDP_TUNNEL}", ["hub", "dc"], f"{dc}:{UDP_PORT}")
+        gateways = chain_gateways(topo, tmp_path, dialer={1: "right"},
+                                  allow={("dc", "hub"): [f"udp://{dc}:{UDP_PORT}"]},
+                                  known={"edge": ["dc"], "dc": ["edge"]}, tunnels={"edge": tunnels})
+        start_chain(stack, topo, gateways)
+        flag = tmp_path / "route-broken"
+        client = topo.spawn_python("edge", UDP_SOURCE_CLIENT, str(UDP_TUNNEL), str(flag), ready_line=False)
+        stack.callback(client.kill)
+        before = json.loads(read_line(client, 30))["before"]
+        topo.exec("edge", "ss", "-K", "dst", topo.addr("hub", "edge"), "dport", "=", str(CARRIER_PORT))
+        flag.touch()
+        after = json.loads(read_line(client, 40))["after"]
+        assert after == before, (before, after)
+        gateways["edge"].wait_log("flow resumed")
+        gateways["dc"].wait_log("flow resumed")
+

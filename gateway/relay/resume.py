@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from gateway.carriers.circuit import Circuit
+from gateway.carriers.circuit import Circuit, DatagramCircuit
 from gateway.carriers.writes import write_batch
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused, SessionError
 from gateway.relay.ports import CircuitPort, TlsPort
 from gateway_codecs import ErrorCode, OpenRequest, Resumable, Resuming
 
 if TYPE_CHECKING:
-    from gateway.carriers.carrier import Carrier
+    from gateway.carriers.carrier import AnyCircuit, Carrier
     from gateway.relay.engine import Direction, StreamRelay
 
 log = logging.getLogger("tunnelgate.resume")
@@ -274,7 +274,7 @@ class Resumption:
             return
         if state.parked_until is not None:
             return
-        if state.confirmed and (isinstance(broken, CarrierLost) or broken.code == ErrorCode.ROUTE_LOST):
+        if state.confirmed and route_lost(broken):
             self._park(broken)
             return
         raise broken
@@ -395,6 +395,7 @@ class ResumeTable:
         self.find_carrier = find_carrier
         self.handshake_timeout = handshake_timeout
         self.exits: dict[bytes, Resumption] = {}
+        self.flows: dict[bytes, FlowSlot] = {}  # the exit's resumable UDP flows
         self.parked: set[Resumption] = set()
         self.ack_due: set[Resumption] = set()
         self.buffered = 0  # bytes in every replay buffer of this gateway
@@ -418,26 +419,34 @@ class ResumeTable:
         self.buffered -= sum(map(len, port.resume.replay or ()))
         port.resume.replay = None
 
-    def accept(self, circuit: Circuit) -> str:
+    def accept(self, circuit: AnyCircuit) -> str:
         """The exit's answer to a RESUMING OPEN whose route its policy admitted: resume
-        the session on `circuit` (OPEN_OK, ACK of what we delivered, then retransmission)
-        and return "", or return why not, changing nothing."""
+        the session on `circuit` (OPEN_OK, ACK of what we delivered, then retransmission;
+        a UDP flow just continues) and return "", or return why not, changing nothing."""
         ticket = circuit.request.resume
         assert isinstance(ticket, Resuming)
+        slot = self.flows.get(ticket.session_id)
+        if slot is not None and isinstance(circuit, DatagramCircuit):
+            refused = _check_ticket(slot.state, circuit.request, ticket)
+            if not refused:
+                circuit.accept()
+                slot.state.verifier = ticket.next_verifier
+                slot.hand_over(circuit)
+            return refused
         port = self.exits.get(ticket.session_id)
-        if port is None:
+        if port is None or not isinstance(circuit, Circuit):
             return "no such session to resume (unknown or expired)"
         state = port.resume
-        if verifier_of(ticket.secret) != state.verifier:
-            return "wrong or already used resumption secret"
-        if replace(circuit.request, resume=None) != state.request:
-            return "the resumption names another target"
+        refused = _check_ticket(state, circuit.request, ticket)
+        if refused:
+            return refused
         with write_batch():
             circuit.accept()
             circuit.send_ack(state.delivered)
             state.verifier = ticket.next_verifier
             port.resume_on(circuit, ticket.delivered)
         return ""
+
 
     def shed(self) -> None:
         """Over `capacity`: the longest-idle sessions stop being resumable (their replay
@@ -478,31 +487,47 @@ class ResumeTable:
                              f" ({port.resume.lost_reason})")
 
     async def _resume_entry(self, port: Resumption) -> None:
-        """The entry of a parked session: open a RESUMING circuit to the exit, over any
-        carrier to the first hop, until it is accepted or the deadline passes."""
+        """The entry of a parked session: a RESUMING circuit to the exit, then carry on."""
         state = port.resume
+        assert state.parked_until is not None
+        opened = await self.reopen(state, state.parked_until, lambda: port in self.parked)
+        if isinstance(opened, str):
+            if opened:
+                port.give_up(f"resumption refused: {opened}")
+            return  # "": out of time; the sweep ends it
+        circuit, far_delivered = opened
+        assert isinstance(circuit, Circuit)
+        with write_batch():
+            port.resume_on(circuit, far_delivered)
+
+    async def reopen(self, state: ResumeState, deadline: float, wanted: Callable[[], bool]
+                     ) -> tuple[AnyCircuit, int] | str:
+        """At the entry: open a RESUMING circuit to the exit over any carrier to the first
+        hop, retrying (hops not back yet) until it is accepted or `deadline` passes or
+        `wanted()` turns false. Returns the circuit with what the exit has delivered of
+        ours (a stream's first ACK; 0 for a UDP flow), "" when out of time or no longer
+        wanted, or why it was refused for good."""
         delay = RETRY_FIRST
         assert self.find_carrier is not None
-        while state.parked_until is not None and port in self.parked:
-            left = state.parked_until - trio.current_time()
-            if left <= 0:
-                return  # the sweep ends it
-            carrier = await self.find_carrier(state.via, state.parked_until)
-            if carrier is None or state.parked_until is None:
+        while wanted() and trio.current_time() < deadline:
+            carrier = await self.find_carrier(state.via, deadline)
+            if carrier is None or not wanted():
                 continue
-            outcome = await self._attempt(port, carrier)
-            if outcome is None:
-                return
-            if outcome:  # refused for good
-                port.give_up(f"resumption refused: {outcome}")
-                return
+            outcome = await self._attempt(state, carrier)
+            if not isinstance(outcome, str):
+                if wanted():
+                    return outcome
+                outcome[0].reset(ErrorCode.CANCELLED, "the session ended meanwhile")
+                return ""
+            if outcome:
+                return outcome
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
+        return ""
 
-    async def _attempt(self, port: Resumption, carrier: Carrier) -> str | None:
-        """One RESUMING OPEN: None when resumed, "" to try again later, or why it was
-        refused for good."""
-        state = port.resume
+    async def _attempt(self, state: ResumeState, carrier: Carrier) -> tuple[AnyCircuit, int] | str:
+        """One RESUMING OPEN: the circuit and what the exit delivered, "" to try again
+        later, or why it was refused for good."""
         if not carrier.session.resumable:
             return f"the carrier to {state.via} does not support resumption"
         secret = state.secret
@@ -514,11 +539,10 @@ class ResumeTable:
             circuit = carrier.open(request)
         except OpenRefused:
             return ""
-        assert isinstance(circuit, Circuit)
         try:
             with trio.fail_after(self.handshake_timeout * 2):
                 await circuit.wait_open()
-                far_delivered = await circuit.wait_ack()
+                far_delivered = await circuit.wait_ack() if isinstance(circuit, Circuit) else 0
         except trio.TooSlowError:
             circuit.reset(ErrorCode.CONNECT_TIMEOUT, "no answer to the resumption in time")
             return ""
@@ -533,13 +557,55 @@ class ResumeTable:
                     return ""
                 return str(cause)
             return ""  # a hop not back yet, a carrier lost meanwhile: later
-        if port.resume.parked_until is None or port not in self.parked:
-            circuit.reset(ErrorCode.CANCELLED, "the session ended meanwhile")
-            return None
         state.secret, state.next_secret, state.tried_next = state.next_secret or secret, None, False
-        with write_batch():
-            port.resume_on(circuit, far_delivered)
-        return None
+        return circuit, far_delivered
+
+    # ---- UDP flows: resumed without retransmission (datagrams in flight may be lost)
+    def track_flow(self, state: ResumeState) -> FlowSlot:
+        slot = FlowSlot(state)
+        self.flows[state.session_id] = slot
+        return slot
+
+    def forget_flow(self, slot: FlowSlot) -> None:
+        if self.flows.get(slot.state.session_id) is slot:
+            del self.flows[slot.state.session_id]
+
+
+class FlowSlot:
+    """The exit's end of a resumable UDP flow: where a RESUMING circuit for it lands."""
+
+    __slots__ = ("arrived", "circuit", "state")
+
+    def __init__(self, state: ResumeState) -> None:
+        self.state = state
+        self.circuit: DatagramCircuit | None = None
+        self.arrived = trio.Event()
+
+    def hand_over(self, circuit: DatagramCircuit) -> None:
+        self.circuit = circuit
+        self.arrived.set()
+
+    async def wait(self, deadline: float) -> DatagramCircuit | None:
+        """The next circuit of this flow, if one comes by `deadline`."""
+        with trio.move_on_at(deadline):
+            await self.arrived.wait()
+        circuit, self.circuit = self.circuit, None
+        self.arrived = trio.Event()
+        return circuit
+
+
+def route_lost(error: BaseException | None) -> bool:
+    """A carrier under the circuit was lost (here, or a relay said ROUTE_LOST)."""
+    return isinstance(error, CarrierLost) or (isinstance(error, CircuitBroken)
+                                              and error.code == ErrorCode.ROUTE_LOST)
+
+
+def _check_ticket(state: ResumeState, request: OpenRequest, ticket: Resuming) -> str:
+    if verifier_of(ticket.secret) != state.verifier:
+        return "wrong or already used resumption secret"
+    if replace(request, resume=None) != state.request:
+        return "the resumption names another target"
+    return ""
 
 
 def open_state(request: OpenRequest, via: str) -> tuple[ResumeState, OpenRequest]:
@@ -553,7 +619,7 @@ def open_state(request: OpenRequest, via: str) -> tuple[ResumeState, OpenRequest
 
 
 def exit_state(request: OpenRequest) -> ResumeState:
-    """The exit's half of a session the entry opened as resumable."""
+    """The exit's half of a session (or UDP flow) the entry opened as resumable."""
     assert isinstance(request.resume, Resumable)
     state = ResumeState(request.resume.session_id, replace(request, resume=None))
     state.verifier = request.resume.verifier

@@ -117,6 +117,13 @@ class DatagramFlow:
         self._send_local = send_local
         circuit.attach_sink(self._to_local)
 
+    def rebind(self, circuit: DatagramCircuit) -> None:
+        """Carry on over another circuit (the flow was resumed after its route was lost)."""
+        self.circuit = circuit
+        self.counts.error = None
+        self.last = trio.current_time()
+        circuit.attach_sink(self._to_local)
+
     def _to_local(self, data: bytes) -> None:
         self.last = trio.current_time()
         if self.sealing is not None:

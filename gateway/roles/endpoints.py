@@ -27,7 +27,7 @@ from gateway.relay.engine import RelayEngine
 from gateway.relay.handshake import handshake_or_abort
 from gateway.relay.localsock import LocalStream
 from gateway.relay.ports import CircuitPort, SocketPort
-from gateway.relay.resume import ResumeState, ResumeTable, make_resumable, open_state
+from gateway.relay.resume import ResumeState, ResumeTable, make_resumable, open_state, route_lost
 from gateway.relay.sessions import SessionLog
 from gateway.relay.udp import (
     MAX_UDP_PAYLOAD,
@@ -66,10 +66,12 @@ def _reply_to(sock: socket.socket, client: tuple[str, int]) -> Callable[[bytes],
 class _Flow:
     """One client address:port of a UDP tunnel: its circuit, and its relay once it runs."""
 
-    __slots__ = ("circuit", "early", "relay")
+    __slots__ = ("circuit", "early", "relay", "resume", "resuming")
 
     def __init__(self, circuit: DatagramCircuit) -> None:
         self.circuit = circuit
+        self.resume: ResumeState | None = None  # a resumable flow's identity and secrets
+        self.resuming = False  # its route was lost; a new circuit is being opened
         self.relay: DatagramFlow | None = None  # set at once, or after the end-to-end handshake
         self.early: list[bytes] = []  # the client's datagrams that came before it (bounded)
 
@@ -267,6 +269,9 @@ class TunnelEndpoint:
                         except OSError:
                             continue  # an ICMP error for an earlier reply; the flow's timeout handles it
                         flow = flows.get(client)
+                        if flow is not None and flow.resuming:
+                            self.dropped += 1  # kept for the resumed flow; this one is lost
+                            continue
                         if flow is None or flow.circuit.ended.is_set():
                             # No flow, or one that has just ended (its task has not yet run to
                             # remove it): this datagram starts a new flow, never joins the old.
@@ -295,19 +300,44 @@ class TunnelEndpoint:
             log.debug("tunnel %s: no carrier for a new flow from %s; dropped",
                       self.tunnel.name, _addr(client))
             return None
+        state, request = None, self.request
+        if self.resume.enabled and carrier.session.resumable:
+            state, request = open_state(self.request, self.tunnel.via[0])
         try:
-            circuit = carrier.open(self.request)
+            circuit = carrier.open(request)
         except OpenRefused as exc:
             log.warning("tunnel %s: flow from %s not opened: %s", self.tunnel.name, _addr(client), exc)
             return None
         assert isinstance(circuit, DatagramCircuit)
 
         flow = _Flow(circuit)
+        flow.resume = state
         if self.exit_peer is None:
             flow.relay = DatagramFlow(circuit, _reply_to(sock, client))
         flows[client] = flow
         nursery.start_soon(self._udp_flow, flow, sock, client, flows)
         return flow
+
+    async def _resume_flow(self, flow: _Flow, what: str) -> DatagramCircuit | None:
+        """A resumable flow whose route was lost: its next circuit (the exit keeps its
+        socket, so the target sees the same source), or None to end it. The client's
+        datagrams meanwhile are dropped, as UDP may drop them."""
+        if flow.resume is None or flow.relay is None or not route_lost(flow.circuit.broken):
+            return None
+        log.info("%s: route lost (%s); resuming the flow", what, flow.circuit.broken)
+        flow.resuming = True
+        try:
+            deadline = trio.current_time() + min(self.resume.timeout, self.udp_idle)
+            opened = await self.resume.reopen(flow.resume, deadline, lambda: True)
+        finally:
+            flow.resuming = False
+        if isinstance(opened, str):
+            log.warning("%s: flow not resumed: %s", what, opened or "out of time")
+            return None
+        circuit = opened[0]
+        assert isinstance(circuit, DatagramCircuit)
+        log.info("%s: flow resumed", what)
+        return circuit
 
     async def _udp_flow(self, flow: _Flow, sock: socket.socket, client: tuple[str, int],
                         flows: dict[tuple[str, int], _Flow]) -> None:
@@ -325,7 +355,13 @@ class TunnelEndpoint:
                                 relay.from_local(data)
                         flow.early = []
                         flow.relay = relay
-                    await flow.relay.run(self.udp_idle)
+                    while True:
+                        await flow.relay.run(self.udp_idle)
+                        resumed = await self._resume_flow(flow, what)
+                        if resumed is None:
+                            break
+                        flow.relay.rebind(resumed)
+                        flow.circuit = circuit = resumed
             finally:
                 if flows.get(client) is flow:  # not a newer flow of the same client
                     del flows[client]

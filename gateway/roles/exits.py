@@ -28,7 +28,7 @@ from gateway.relay.handshake import handshake_or_abort
 from gateway.relay.localsock import LocalStream
 from gateway.relay.outcomes import describe_error
 from gateway.relay.ports import CircuitPort, SocketPort
-from gateway.relay.resume import ResumeTable, exit_state, make_resumable
+from gateway.relay.resume import ResumeTable, exit_state, make_resumable, route_lost
 from gateway.relay.sessions import SessionLog
 from gateway.relay.udp import (
     DatagramCounts,
@@ -105,7 +105,7 @@ class CircuitServer:
                 raise Refusal(ErrorCode.FORBIDDEN_TARGET, "unknown peer")
             if req.route:
                 await self._relay(carrier, peer, circuit, what)
-            elif isinstance(req.resume, Resuming) and isinstance(circuit, Circuit):
+            elif isinstance(req.resume, Resuming):
                 self._resume(peer, circuit, what)
             else:
                 await self._exit(peer, circuit, what)
@@ -229,10 +229,11 @@ class CircuitServer:
         self.engine.relay(near, SocketPort(stream.sock, self.engine.readiness), record,
                           on_end=lambda error: _log_failure(what, error))
 
-    def _resume(self, peer: PeerConfig, circuit: Circuit, what: str) -> None:
+    def _resume(self, peer: PeerConfig, circuit: AnyCircuit, what: str) -> None:
         """A RESUMING OPEN for a session this gateway is the exit of (SPEC.md §14)."""
         req = circuit.request
-        if not peer.policy.may_permit_name("tcp", req.host, req.port):
+        if not peer.policy.may_permit_name("udp" if req.kind is CircuitKind.UDP else "tcp",
+                                           req.host, req.port):
             raise Refusal(ErrorCode.RESUME_REFUSED,
                           f"{_target(req)} is not in the allow list for peer {peer.name}")
         refused = self.resume.accept(circuit)
@@ -248,6 +249,9 @@ class CircuitServer:
         circuit.accept()
         idle = self.config.gateway.udp_idle_timeout
         counts = DatagramCounts()
+        slot = None
+        if isinstance(circuit.request.resume, Resumable) and self.resume.enabled:
+            slot = self.resume.track_flow(exit_state(circuit.request))
         with self.sessions.track("exit", what, circuit, drains=False) as record:
             try:
                 # a->b is target -> circuit: the outward direction is b->a.
@@ -263,10 +267,24 @@ class CircuitServer:
                     with local:
                         flow = DatagramFlow(circuit, local.send, counts, ends_when_refused=True,
                                             sealing=sealing)
-                        await flow.run(idle, local)
+                        while True:
+                            await flow.run(idle, local)
+                            if slot is None or not route_lost(flow.circuit.broken):
+                                break
+                            # The route was lost: keep the socket (the target's view of the
+                            # flow) until the entry resumes it, or give up.
+                            deadline = trio.current_time() + min(self.resume.timeout, idle)
+                            resumed = await slot.wait(deadline)
+                            if resumed is None:
+                                break
+                            log.info("exit %s: flow resumed", what)
+                            flow.rebind(resumed)
+                            circuit = resumed
                 if counts.error is not None:
                     log.warning("exit %s: %s", what, describe_error(counts.error))
             finally:
+                if slot is not None:
+                    self.resume.forget_flow(slot)
                 await circuit.aclose()
 
     # ------------------------------------------------------------------ relay
@@ -337,6 +355,10 @@ class CircuitServer:
                         await bridge_datagrams(circuit, onward, self.config.gateway.udp_idle_timeout,
                                                counts, flip_datagram)
                 finally:
+                    if req.resume is not None:  # a resumable flow: the endpoints resume it
+                        for leg, other in ((circuit, onward), (onward, circuit)):
+                            if route_lost(leg.broken) and other.broken is None:
+                                other.reset(ErrorCode.ROUTE_LOST, str(leg.broken))
                     with trio.move_on_after(1) as cleanup:
                         cleanup.shield = True  # both legs, even when cancelled
                         await circuit.aclose()
