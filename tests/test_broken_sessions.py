@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chains import CARRIER_PORT, chain_gateways, start_chain, tunnel
+from tests.chains import CARRIER_PORT, start_plain_and_e2e_chain
 from tests.gateways import GatewayProcess, wait_until
 from tests.netns import Topology, read_line, topology
 
@@ -90,15 +90,8 @@ def _chain(stack: ExitStack, folder: Path, resume: bool = True
     dc = topo.addr("dc", "hub")
     record = folder / "echo.log"
     topo.spawn_python("dc", ECHO_SERVER, dc, str(ECHO_PORT), str(record), log=folder / "echo.err")
-    via = ["hub", "dc"]
-    tunnels = (tunnel("e2e", f"tcp://127.0.0.1:{TCP_E2E}", via, f"{dc}:{ECHO_PORT}", end_to_end=True)
-               + tunnel("plain", f"tcp://127.0.0.1:{TCP_PLAIN}", via, f"{dc}:{ECHO_PORT}"))
-    gateways = chain_gateways(topo, folder, dialer={1: "right"},
-                              allow={("dc", "hub"): [f"tcp://{dc}:{ECHO_PORT}"]},
-                              known={"edge": ["dc"], "dc": ["edge"]}, tunnels={"edge": tunnels},
-                              extra={gw: f"resume_timeout = {RESUME_TIMEOUT if resume else 0}\n"
-                                     for gw in ("edge", "hub", "dc")})
-    start_chain(stack, topo, gateways)
+    gateways = start_plain_and_e2e_chain(stack, topo, folder, f"{dc}:{ECHO_PORT}", (TCP_E2E, TCP_PLAIN),
+                                         RESUME_TIMEOUT if resume else 0)
     return topo, gateways, record
 
 

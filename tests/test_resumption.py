@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.chains import CARRIER_PORT, chain_gateways, start_chain, start_hash_server, tunnel
+from tests.chains import (
+    CARRIER_PORT,
+    chain_gateways,
+    start_chain,
+    start_hash_server,
+    start_plain_and_e2e_chain,
+    tunnel,
+)
 from tests.gateways import GatewayProcess
 from tests.netns import Topology, read_line, topology
 
@@ -82,14 +89,7 @@ def _chain(stack: ExitStack, folder: Path) -> tuple[Topology, dict[str, GatewayP
     topo = stack.enter_context(topology("edge", "hub", "dc"))
     dc = topo.addr("dc", "hub")
     start_hash_server(topo, "dc", dc, folder, reply_size=REPLY, port=TARGET_PORT)
-    via = ["hub", "dc"]
-    tunnels = (tunnel("e2e", f"tcp://127.0.0.1:{TCP_E2E}", via, f"{dc}:{TARGET_PORT}", end_to_end=True)
-               + tunnel("plain", f"tcp://127.0.0.1:{TCP_PLAIN}", via, f"{dc}:{TARGET_PORT}"))
-    gateways = chain_gateways(topo, folder, dialer={1: "right"},
-                              allow={("dc", "hub"): [f"tcp://{dc}:{TARGET_PORT}"]},
-                              known={"edge": ["dc"], "dc": ["edge"]}, tunnels={"edge": tunnels},
-                              extra={gw: "resume_timeout = 30\n" for gw in ("edge", "hub", "dc")})
-    start_chain(stack, topo, gateways)
+    gateways = start_plain_and_e2e_chain(stack, topo, folder, f"{dc}:{TARGET_PORT}", (TCP_E2E, TCP_PLAIN), 30)
     return topo, gateways
 
 

@@ -34,9 +34,10 @@ def abort_unrelayed(stream: LocalStream, circuit: Circuit, reason: str,
 async def handshake_or_abort(handshake: Callable[[], Awaitable[T]], stream: LocalStream,
                              circuit: Circuit, record: SessionRecord,
                              warn: Callable[[str], None]) -> T | None:
-    """Run a session's end-to-end handshake before it is relayed. If it fails or times
-    out, the session ends as broken (RST both ways, END_TO_END_FAILED, logged with the
-    reason) and this returns None; if it is cancelled, the same, and the cancel goes on."""
+    """Run a session's end-to-end handshake before it is relayed (`record` is open). If
+    it fails or times out, the session ends as broken (RST both ways, END_TO_END_FAILED,
+    its record closed with the reason) and this returns None; if it is cancelled, the
+    same, and the cancel goes on."""
     try:
         return await handshake()
     except (trio.BrokenResourceError, trio.TooSlowError) as exc:
@@ -45,7 +46,9 @@ async def handshake_or_abort(handshake: Callable[[], Awaitable[T]], stream: Loca
         warn(reason)
         record.finish(0, 0, reason)
         abort_unrelayed(stream, circuit, reason, ErrorCode.END_TO_END_FAILED)
+        record.__exit__(None, None, None)
         return None
     except BaseException as exc:
         abort_unrelayed(stream, circuit, describe_abnormal_end(exc))
+        record.__exit__(type(exc), exc, exc.__traceback__)
         raise

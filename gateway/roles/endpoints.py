@@ -202,15 +202,10 @@ class TunnelEndpoint:
             return
         circuit, state = opened
         record = self.sessions.open("entry", what, circuit)
-        try:
-            secure = await handshake_or_abort(
-                lambda: self._secure_stream(circuit), stream, circuit, record,
-                lambda reason: log.warning("%s: failed: %s", what, reason))
-        except BaseException as exc:
-            record.__exit__(type(exc), exc, exc.__traceback__)
-            raise
+        secure = await handshake_or_abort(
+            lambda: self._secure_stream(circuit), stream, circuit, record,
+            lambda reason: log.warning("%s: failed: %s", what, reason))
         if secure is None:
-            record.__exit__(None, None, None)
             return
         self.engine.relay(SocketPort(stream.sock, self.engine.readiness),
                           self._port(secure.into_port(), state), record,

@@ -213,14 +213,9 @@ class CircuitServer:
                     await secure.do_handshake()
                 return secure
 
-            try:
-                secured = await handshake_or_abort(handshake, stream, circuit, record,
-                                                   lambda reason: log.warning("exit %s: %s", what, reason))
-            except BaseException as exc:
-                record.__exit__(type(exc), exc, exc.__traceback__)
-                raise
+            secured = await handshake_or_abort(handshake, stream, circuit, record,
+                                               lambda reason: log.warning("exit %s: %s", what, reason))
             if secured is None:
-                record.__exit__(None, None, None)
                 return
             record.what += f" (end-to-end with {self._who(secured.peer_fingerprint)})"
             near = secured.into_port()
