@@ -124,6 +124,7 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
                 await sessions.wait_idle()
             if sessions.active:
                 log.warning("drain deadline reached with %d sessions open; closing them", sessions.active)
+            relay.end_all()  # their RSTs leave before the carriers close
             for carrier in peers.carriers():
                 carrier.close("gateway shut down")
             root.cancel_scope.cancel()

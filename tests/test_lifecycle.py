@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -180,3 +181,28 @@ def test_a_peer_without_resumption_interoperates_as_before(tmp_path: Path) -> No
                         pass
             entry.wait_log("entry session closed")
             assert "route lost" not in entry.log() and "error: CANCELLED: carrier" in entry.log()
+
+
+def test_sessions_an_exit_shuts_down_are_reset_not_parked_at_the_entry(tmp_path: Path) -> None:
+    """At the drain deadline the exit resets its open sessions before it closes its
+    carriers: the entry hears a reset (the session is over), not a lost carrier (which a
+    resumable session would wait out for resume_timeout)."""
+    def echo_until_reset(conn: socket.socket) -> None:
+        with contextlib.suppress(ConnectionResetError):  # the exit resets the target too
+            echo_handler(conn)
+
+    with TcpServer(echo_until_reset) as target:
+        exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel_toml("t", "tcp", target.port),
+                                      gateway_extra="drain_timeout = 0.5\nresume_timeout = 30\n")
+        with running(exit_gw, entry):
+            entry.wait_log("up (peer exit)")
+            with socket.create_connection(("127.0.0.1", entry.tunnel_port("t")),
+                                          timeout=IO_TIMEOUT) as c:
+                c.sendall(b"ping")
+                assert recv_exactly(c, 4) == b"ping"
+                assert exit_gw.stop() == 0
+                with pytest.raises(ConnectionResetError):  # within IO_TIMEOUT, not 30 s
+                    while c.recv(100):
+                        pass
+            entry.wait_log("entry session closed")
+            assert "route lost" not in entry.log() and "gateway shut down" in entry.log()

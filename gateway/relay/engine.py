@@ -272,9 +272,15 @@ class RelayEngine:
                 await trio.sleep_forever()
             finally:
                 self.running = False
-                with write_batch():
-                    for session in list(self.sessions):
-                        session.fail(GatewayShutdown("gateway shut down"))
+                self.end_all()
+
+    def end_all(self) -> None:
+        """The drain is over: break every session still open (RST both ways). Called
+        before the carriers close, so the far ends hear it as a reset, not as a lost
+        carrier (which a resumable session would wait out)."""
+        with write_batch():
+            for session in list(self.sessions):
+                session.fail(GatewayShutdown("gateway shut down"))
 
     def release_relayed(self) -> int:
         """Shutting down: hand this relay's resumable sessions back to their endpoints

@@ -196,13 +196,15 @@ class Resumption:
             self._resend()  # what the far end lost goes first
             if state.resend is not None:
                 return 0
+        if not isinstance(data, bytes):
+            data = bytes(data)  # one copy, shared by the carrier's queue and the replay
         sent = self.circuit.try_send(data)
         if sent:
             state.sent += sent
             if state.disabled:
                 state.replay_base = state.sent
                 return sent
-            chunk = data if sent == len(data) and isinstance(data, bytes) else bytes(data[:sent])
+            chunk = data if sent == len(data) else data[:sent]
             if state.replay is None:
                 state.replay = deque()
             state.replay.append(chunk)
