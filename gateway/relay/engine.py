@@ -167,6 +167,10 @@ class StreamRelay:
     def _run(self, *directions: Direction) -> None:
         if self.state is not RELAYING:
             return
+        with write_batch():  # whatever this event makes any carrier send: one write
+            self._step(directions)
+
+    def _step(self, directions: tuple[Direction, ...]) -> None:
         try:
             self.a.check()
             self.b.check()

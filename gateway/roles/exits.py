@@ -19,6 +19,7 @@ import trio
 from gateway.carriers.carrier import AnyCircuit, Carrier
 from gateway.carriers.circuit import Circuit, DatagramCircuit
 from gateway.carriers.peers import PeerDirectory
+from gateway.carriers.writes import write_batch
 from gateway.config import Config, PeerConfig
 from gateway.errors import CircuitBroken, TunnelgateError
 from gateway.faults import byte_flipper, datagram_flipper, fault_injection_offset
@@ -28,8 +29,8 @@ from gateway.relay.handshake import handshake_or_abort
 from gateway.relay.localsock import LocalStream
 from gateway.relay.outcomes import describe_error
 from gateway.relay.ports import CircuitPort, SocketPort
-from gateway.relay.resume import ResumeTable, exit_state, make_resumable, route_lost
-from gateway.relay.sessions import SessionLog
+from gateway.relay.resume import ResumeState, ResumeTable, exit_state, make_resumable, route_lost
+from gateway.relay.sessions import SessionLog, SessionRecord
 from gateway.relay.udp import (
     DatagramCounts,
     DatagramFlow,
@@ -194,31 +195,36 @@ class CircuitServer:
         return sock
 
     async def _serve_tcp(self, circuit: Circuit, stream: LocalStream, what: str) -> None:
-        try:
-            circuit.accept()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            stream.abort("the circuit went away during the connect")
-            stream.close_now()  # the peer reset it, or its carrier was lost, meanwhile
-            return
-        record = self.sessions.open("exit", what, circuit)
-        near: CircuitPort = CircuitPort(circuit)
-        state = None
-        if isinstance(circuit.request.resume, Resumable) and self.resume.enabled:
-            state = exit_state(circuit.request)
-            circuit.send_ack(0)  # "this session is resumable" (SPEC.md §14)
-        if circuit.request.end_to_end:
-            async def handshake() -> SecureStream:
-                secure = SecureStream(circuit, self.contexts.server(), server_side=True)
-                with trio.fail_after(self.connect_timeout):
-                    await secure.do_handshake()
-                return secure
-
-            secured = await handshake_or_abort(handshake, stream, circuit, record,
-                                               lambda reason: log.warning("exit %s: %s", what, reason))
-            if secured is None:
+        with write_batch():  # OPEN_OK, the first ACK and the target's first bytes: one write
+            try:
+                circuit.accept()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                stream.abort("the circuit went away during the connect")
+                stream.close_now()  # the peer reset it, or its carrier was lost, meanwhile
                 return
+            record = self.sessions.open("exit", what, circuit)
+            state = None
+            if isinstance(circuit.request.resume, Resumable) and self.resume.enabled:
+                state = exit_state(circuit.request)
+                circuit.send_ack(0)  # "this session is resumable" (SPEC.md §14)
+            if not circuit.request.end_to_end:
+                self._relay_exit(CircuitPort(circuit), state, stream, record, what)
+                return
+
+        async def handshake() -> SecureStream:
+            secure = SecureStream(circuit, self.contexts.server(), server_side=True)
+            with trio.fail_after(self.connect_timeout):
+                await secure.do_handshake()
+            return secure
+
+        secured = await handshake_or_abort(handshake, stream, circuit, record,
+                                           lambda reason: log.warning("exit %s: %s", what, reason))
+        if secured is not None:
             record.what += f" (end-to-end with {self._who(secured.peer_fingerprint)})"
-            near = secured.into_port()
+            self._relay_exit(secured.into_port(), state, stream, record, what)
+
+    def _relay_exit(self, near: CircuitPort, state: ResumeState | None, stream: LocalStream,
+                    record: SessionRecord, what: str) -> None:
         if state is not None:
             near = make_resumable(near, state, self.resume)
         self.engine.relay(near, SocketPort(stream.sock, self.engine.readiness), record,
