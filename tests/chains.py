@@ -123,15 +123,19 @@ def peer_name_in(gw: GatewayProcess, host: str) -> str:
 
 def start_plain_and_e2e_chain(stack: ExitStack, topo: Topology, folder: Path, target: str,
                               ports: tuple[int, int], resume_timeout: float) -> dict[str, GatewayProcess]:
-    """edge -> hub -> dc (dc dials hub) with two TCP tunnels at edge to `target` in dc:
-    end to end on 127.0.0.1:ports[0], plain on ports[1]; started and up."""
-    via = ["hub", "dc"]
+    """edge -> ... -> dc along `topo`'s hosts (the last link dialed by dc) with two TCP
+    tunnels at edge to `target` in dc: end to end on 127.0.0.1:ports[0], plain on
+    ports[1]; started and up."""
+    hosts = topo.hosts
+    first, last = hosts[0], hosts[-1]
+    via = list(hosts[1:])
     tunnels = (tunnel("e2e", f"tcp://127.0.0.1:{ports[0]}", via, target, end_to_end=True)
                + tunnel("plain", f"tcp://127.0.0.1:{ports[1]}", via, target))
     timers = f"resume_timeout = {resume_timeout}\n"
-    gateways = chain_gateways(topo, folder, dialer={1: "right"}, allow={("dc", "hub"): [f"tcp://{target}"]},
-                              known={"edge": ["dc"], "dc": ["edge"]}, tunnels={"edge": tunnels},
-                              extra=dict.fromkeys(("edge", "hub", "dc"), timers))
+    gateways = chain_gateways(topo, folder, dialer={len(hosts) - 2: "right"},
+                              allow={(last, hosts[-2]): [f"tcp://{target}"]},
+                              known={first: [last], last: [first]}, tunnels={first: tunnels},
+                              extra=dict.fromkeys(hosts, timers))
     start_chain(stack, topo, gateways)
     return gateways
 

@@ -85,16 +85,18 @@ print(json.dumps(results), flush=True)
 """
 
 
-def _chain(stack: ExitStack, folder: Path) -> tuple[Topology, dict[str, GatewayProcess]]:
-    topo = stack.enter_context(topology("edge", "hub", "dc"))
-    dc = topo.addr("dc", "hub")
+def _chain(stack: ExitStack, folder: Path, hosts: tuple[str, ...]
+           ) -> tuple[Topology, dict[str, GatewayProcess]]:
+    topo = stack.enter_context(topology(*hosts))
+    dc = topo.addr("dc", hosts[-2])
     start_hash_server(topo, "dc", dc, folder, reply_size=REPLY, port=TARGET_PORT)
     gateways = start_plain_and_e2e_chain(stack, topo, folder, f"{dc}:{TARGET_PORT}", (TCP_E2E, TCP_PLAIN), 30)
     return topo, gateways
 
 
 def _break(how: str, topo: Topology, gateways: dict[str, GatewayProcess]) -> None:
-    hub = gateways["hub"]
+    relay = "mid" if "mid" in gateways else "hub"
+    hub = gateways[relay]
     if how == "sigkill-hub":
         hub.kill()
         time.sleep(1.0)
@@ -102,9 +104,9 @@ def _break(how: str, topo: Topology, gateways: dict[str, GatewayProcess]) -> Non
     elif how == "ss-kill-carrier":
         topo.exec("edge", "ss", "-K", "dst", topo.addr("hub", "edge"), "dport", "=", str(CARRIER_PORT))
     elif how == "blackhole-hub-dc":
-        topo.cut("hub", "dc", how="nft")  # silent: the keepalive (1 s / 3 s) finds it dead
+        topo.cut(relay, "dc", how="nft")  # silent: the keepalive (1 s / 3 s) finds it dead
         time.sleep(5.0)
-        topo.restore("hub", "dc")
+        topo.restore(relay, "dc")
     elif how == "sigterm-hub":
         assert hub.stop() == 0  # hands its sessions back at once, so the drain is short
         hub.start()
@@ -112,10 +114,18 @@ def _break(how: str, topo: Topology, gateways: dict[str, GatewayProcess]) -> Non
         raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["sigkill-hub", "ss-kill-carrier", "blackhole-hub-dc", "sigterm-hub"])
-def test_every_session_survives_the_route_breaking_mid_transfer(tmp_path: Path, how: str) -> None:
+# 3 hosts: every way of breaking hub. 4 hosts (edge -> hub -> mid -> dc): the relay next
+# to the exit (mid) is killed and restarted, or its link to dc blackholed.
+CASES = [(("edge", "hub", "dc"), how) for how in ("sigkill-hub", "ss-kill-carrier", "blackhole-hub-dc",
+                                                   "sigterm-hub")] + [
+    (("edge", "hub", "mid", "dc"), how) for how in ("sigkill-hub", "blackhole-hub-dc")]
+
+
+@pytest.mark.parametrize(("hosts", "how"), CASES, ids=[f"{len(h)}-hosts-{how}" for h, how in CASES])
+def test_every_session_survives_the_route_breaking_mid_transfer(tmp_path: Path, hosts: tuple[str, ...],
+                                                                how: str) -> None:
     with ExitStack() as stack:
-        topo, gateways = _chain(stack, tmp_path)
+        topo, gateways = _chain(stack, tmp_path, hosts)
         ports = [TCP_PLAIN if i % 2 else TCP_E2E for i in range(SESSIONS)]
         clients = topo.spawn_python("edge", CLIENTS, ",".join(map(str, ports)), str(UPLOAD), str(REPLY),
                                     ready_line=False)
