@@ -234,7 +234,12 @@ class Resumption:
         if not state.eof_delivered:
             state.eof_delivered = True
             state.delivered += 1
-            self._ack()  # at once: the far end waits for it to end the session
+            if state.fin_sent and state.unacked == 0 and state.resend is None:
+                # Our side is complete too: the session ends now, and its RST NO_ERROR
+                # says "everything delivered" for this ACK. The sweep sends it if not.
+                self.table.ack_due.add(self)
+            else:
+                self._ack()  # at once: the far end waits for it to end the session
         return True
 
     def _send_eof(self) -> None:
@@ -275,6 +280,11 @@ class Resumption:
                 self._ended()  # the FIN counts (TLS ends its stream with close_notify first)
             return
         if state.parked_until is not None:
+            return
+        if broken.code == ErrorCode.NO_ERROR and type(broken) is CircuitBroken and state.fin_sent:
+            # The far end completed the session (SPEC.md §14): it has delivered all of ours.
+            state.acked = state.sent + 1
+            self._trim(state.sent)
             return
         if state.confirmed and route_lost(broken):
             self._park(broken)
