@@ -208,3 +208,39 @@ def test_a_udp_flow_keeps_its_mapping_across_a_carrier_reset(tmp_path: Path) -> 
         gateways["edge"].wait_log("flow resumed")
         gateways["dc"].wait_log("flow resumed")
 
+
+
+IPERF_PORT, IPERF_TUNNEL = 5201, 8400
+
+
+def test_iperf3_udp_runs_through_a_relay_restart(tmp_path: Path) -> None:
+    """A real client: iperf3 -u (a TCP control connection and a UDP flow, both through
+    the chain) while hub is SIGKILLed and restarted mid-test. The test completes and the
+    server reports the datagrams it got; those sent while the route was down are lost."""
+    with ExitStack() as stack:
+        topo = stack.enter_context(topology("edge", "hub", "dc"))
+        dc = topo.addr("dc", "hub")
+        topo.spawn("dc", "iperf3", "-s", "-1", "-B", dc, "-p", str(IPERF_PORT), log=tmp_path / "iperf3-s.log")
+        topo.wait_listening("dc", "tcp", IPERF_PORT)
+        target = f"{dc}:{IPERF_PORT}"
+        tunnels = (tunnel("ctl", f"tcp://127.0.0.1:{IPERF_TUNNEL}", ["hub", "dc"], target)
+                   + tunnel("data", f"udp://127.0.0.1:{IPERF_TUNNEL}", ["hub", "dc"], target))
+        gateways = chain_gateways(topo, tmp_path, dialer={1: "right"},
+                                  allow={("dc", "hub"): [f"tcp://{target}", f"udp://{target}"]},
+                                  known={"edge": ["dc"], "dc": ["edge"]}, tunnels={"edge": tunnels})
+        start_chain(stack, topo, gateways)
+        client = topo.spawn("edge", "iperf3", "-c", "127.0.0.1", "-p", str(IPERF_TUNNEL), "-u", "-b", "5M",
+                            "-t", "8", "-J", log=tmp_path / "iperf3-c.err")
+        stack.callback(client.kill)
+        time.sleep(2.5)
+        hub = gateways["hub"]
+        hub.kill()
+        time.sleep(1.0)
+        hub.start()
+        out, _ = client.communicate(timeout=60)
+        result = json.loads(out)
+        assert "error" not in result, result.get("error")
+        end = result["end"]["sum"]
+        assert end["packets"] > 0 and end["lost_percent"] < 60, end  # most of 8 s got through
+        gateways["edge"].wait_log("flow resumed")
+        gateways["edge"].wait_log("resumed (")  # the control connection
