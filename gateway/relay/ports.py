@@ -21,20 +21,40 @@ import errno
 import os
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway.carriers.circuit import Circuit
 from gateway.errors import CircuitBroken, SessionError
 from gateway.relay.localsock import set_reset_on_close
 from gateway.relay.readiness import ERROR, HANGUP, READABLE, WRITABLE, Readiness
+from gateway.relay.sessions import SessionRecord
 from gateway_codecs import ErrorCode
-
-if TYPE_CHECKING:
-    from gateway.relay.engine import Direction, StreamRelay
 
 CHUNK = 256 * 1024  # bytes per read: a circuit hands over whole queued frames up to this
 TLS_READ = 256 * 1024  # ciphertext taken from the circuit per read (bounded: see TlsPort.read)
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
+
+
+class Relay(Protocol):
+    """What a port tells its session (engine.StreamRelay): a protocol, not an import, so
+    the engine imports ports and never the reverse."""
+
+    record: SessionRecord
+
+    @property
+    def ended(self) -> bool: ...
+    def on_event(self) -> None: ...
+    def moved_from(self, port: Port) -> None: ...
+    def moved_to(self, port: Port) -> None: ...
+    def fail(self, error: BaseException) -> None: ...
+
+
+class Outgoing(Protocol):
+    """The direction a port is the source of (engine.Direction): where pushes go."""
+
+    @property
+    def dst(self) -> Port: ...
+    def push(self, data: bytes | memoryview) -> int: ...
 
 
 class Port:
@@ -43,7 +63,7 @@ class Port:
 
     __slots__ = ()
 
-    def bind(self, relay: StreamRelay, outgoing: Direction) -> None:
+    def bind(self, relay: Relay, outgoing: Outgoing) -> None:
         raise NotImplementedError
 
     def check(self) -> None:
@@ -101,7 +121,7 @@ class SocketPort(Port):
         self.readable = True  # a client that speaks first has usually sent already
         self.writable = True
 
-    def bind(self, relay: StreamRelay, outgoing: Direction) -> None:
+    def bind(self, relay: Relay, outgoing: Outgoing) -> None:
         self.relay = relay
         self.mask = READABLE
         # In the watched set even with an empty mask: errors and hang-ups still count.
@@ -216,7 +236,7 @@ class CircuitPort(Port):
     def __init__(self, circuit: Circuit) -> None:
         self.circuit = circuit
 
-    def bind(self, relay: StreamRelay, outgoing: Direction) -> None:
+    def bind(self, relay: Relay, outgoing: Outgoing) -> None:
         circuit = self.circuit
         circuit.sink = outgoing.push
         circuit.watcher = relay.on_event
@@ -308,7 +328,7 @@ class TlsPort(CircuitPort):
         self._eof_wanted = False  # close_notify was written; FIN follows the last record
         self._eof_sent = False
 
-    def bind(self, relay: StreamRelay, outgoing: Direction) -> None:
+    def bind(self, relay: Relay, outgoing: Outgoing) -> None:
         # No push: ciphertext must be decrypted first. Data waits in the circuit, and
         # its arrival is an event like credit or EOF.
         self.circuit.sink = None

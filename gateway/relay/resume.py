@@ -30,12 +30,11 @@ import trio
 from gateway.carriers.circuit import Circuit, DatagramCircuit
 from gateway.carriers.writes import write_batch
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused, SessionError
-from gateway.relay.ports import CircuitPort, TlsPort
+from gateway.relay.ports import CircuitPort, Outgoing, Relay, TlsPort
 from gateway_codecs import ErrorCode, OpenRequest, Resumable, Resuming
 
 if TYPE_CHECKING:
     from gateway.carriers.carrier import AnyCircuit, Carrier
-    from gateway.relay.engine import Direction, StreamRelay
 
 log = logging.getLogger("tunnelgate.resume")
 
@@ -105,12 +104,12 @@ class Resumption:
     circuit: Circuit
     resume: ResumeState
     table: ResumeTable
-    relay: StreamRelay
-    outgoing: Direction
+    relay: Relay
+    outgoing: Outgoing
     pushes: bool
     _transport_flushed: Callable[[], bool]
 
-    def bind(self, relay: StreamRelay, outgoing: Direction) -> None:
+    def bind(self, relay: Relay, outgoing: Outgoing) -> None:
         super().bind(relay, outgoing)  # type: ignore[misc]
         # (The concrete classes below hold these in their slots; mypy checks a mix-in's
         # assignments against its own empty __slots__.)
