@@ -9,11 +9,12 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.gateways import keygen, pair_configs, running, wait_until
+from tests.gateways import GatewayProcess, keygen, pair_configs, running, wait_until
 from tests.netutil import IO_TIMEOUT, TcpServer, echo_handler, recv_exactly, recv_until_eof, tunnel_toml
 
 
@@ -54,15 +55,7 @@ def test_sessions_whose_carrier_dies_are_reset_at_both_ends_not_ended(tmp_path: 
         exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel_toml("t", "tcp", target.port),
                                       gateway_extra="resume_timeout = 1.0\n")
         with running(exit_gw, entry):
-            entry.wait_log("up (peer exit)")
-            with socket.create_connection(("127.0.0.1", entry.tunnel_port("t")),
-                                          timeout=IO_TIMEOUT) as c:
-                c.sendall(b"ping")
-                assert recv_exactly(c, 4) == b"ping"
-                exit_gw.kill()  # the carrier breaks under an open session
-                with pytest.raises(ConnectionResetError):
-                    while c.recv(100):
-                        pass
+            _reset_when(entry, exit_gw.kill)  # the carrier breaks under an open session
             entry.wait_log("entry session closed")
             assert "error: not resumed within 1 s after the route was lost (CANCELLED: carrier" in entry.log()
 
@@ -169,16 +162,7 @@ def test_a_peer_without_resumption_interoperates_as_before(tmp_path: Path) -> No
         text = exit_gw.config_path.read_text()
         exit_gw.config_path.write_text(text.replace("[gateway]\n", "[gateway]\nresume_timeout = 0\n", 1))
         with running(exit_gw, entry):
-            entry.wait_log("up (peer exit)")
-            with socket.create_connection(("127.0.0.1", entry.tunnel_port("t")),
-                                          timeout=IO_TIMEOUT) as c:
-                payload = os.urandom(256 * 1024)
-                c.sendall(payload)
-                assert recv_exactly(c, len(payload)) == payload
-                exit_gw.kill()
-                with pytest.raises(ConnectionResetError):  # at once, not after resume_timeout
-                    while c.recv(100):
-                        pass
+            _reset_when(entry, exit_gw.kill, os.urandom(256 * 1024))  # at once, not after resume_timeout
             entry.wait_log("entry session closed")
             assert "route lost" not in entry.log() and "error: CANCELLED: carrier" in entry.log()
 
@@ -195,14 +179,22 @@ def test_sessions_an_exit_shuts_down_are_reset_not_parked_at_the_entry(tmp_path:
         exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnel_toml("t", "tcp", target.port),
                                       gateway_extra="drain_timeout = 0.5\nresume_timeout = 30\n")
         with running(exit_gw, entry):
-            entry.wait_log("up (peer exit)")
-            with socket.create_connection(("127.0.0.1", entry.tunnel_port("t")),
-                                          timeout=IO_TIMEOUT) as c:
-                c.sendall(b"ping")
-                assert recv_exactly(c, 4) == b"ping"
+            def stop_exit() -> None:
                 assert exit_gw.stop() == 0
-                with pytest.raises(ConnectionResetError):  # within IO_TIMEOUT, not 30 s
-                    while c.recv(100):
-                        pass
+
+            _reset_when(entry, stop_exit)  # within IO_TIMEOUT, not resume_timeout (30 s)
             entry.wait_log("entry session closed")
             assert "route lost" not in entry.log() and "gateway shut down" in entry.log()
+
+
+def _reset_when(entry: GatewayProcess, break_it: Callable[[], object], payload: bytes = b"ping") -> None:
+    """Echo `payload` through entry's tunnel "t", `break_it()`, then the client must get
+    a reset (within IO_TIMEOUT), never a clean end."""
+    entry.wait_log("up (peer exit)")
+    with socket.create_connection(("127.0.0.1", entry.tunnel_port("t")), timeout=IO_TIMEOUT) as c:
+        c.sendall(payload)
+        assert recv_exactly(c, len(payload)) == payload
+        break_it()
+        with pytest.raises(ConnectionResetError):
+            while c.recv(100):
+                pass
