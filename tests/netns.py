@@ -263,6 +263,21 @@ class Topology:
                 raise TimeoutError(f"nothing listens on {proto} port {port} in {host} after {timeout} s")
             time.sleep(0.05)
 
+    def wait_receiving(self, host: str, port: int, count: int, at_least: int,
+                       timeout: float = 30.0) -> None:
+        """Wait until `count` TCP connections to `port` in `host` have each received
+        `at_least` bytes (their data flows end to end)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.exec(host, "ss", "-Htin", "state", "established", f"sport = :{port}").stdout
+            received = [int(m) for m in re.findall(r"bytes_received:(\d+)", out)]
+            if sum(n >= at_least for n in received) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{host}:{port}: only {sorted(received)} B received on "
+                                   f"{len(received)} connections after {timeout} s")
+            time.sleep(0.05)
+
     # ------------------------------------------------------------------ forwarding, links
 
     def enable_forwarding(self, host: str) -> None:

@@ -278,3 +278,52 @@ async def test_past_resume_buffer_a_session_stops_being_resumable_and_says_so(
                     while await s.client.receive_some(100):
                         pass
                 assert not entry_table.parked
+
+
+async def test_an_end_to_end_session_is_resumable_only_once_the_exit_has_its_handshake(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """The exit's ACK(0) right after OPEN_OK says "resumable", but an end-to-end session
+    can only resume once the exit holds its TLS state: until the exit's ACK covers the
+    entry's handshake, a lost route ends the session (RST, and the log says why) instead
+    of parking it for a resumption the exit would refuse as unknown."""
+    global _accepted
+    caplog.set_level(logging.INFO, "tunnelgate")
+    with trio.fail_after(20):
+        async with carriers(resume=True) as (dialer, _, inbound):
+            _accepted = inbound  # type: ignore[assignment]
+            engine = RelayEngine()
+            table = ResumeTable(10, handshake_timeout=5)
+            sessions = SessionLog()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(engine.run)
+                await nursery.start(table.run)
+                client, entry_sock = _tcp_pair()
+                state, request = open_state(TARGET, "exit")
+                near = dialer.open(request)
+                far = await _accepted.receive()
+                assert isinstance(near, Circuit) and isinstance(far, Circuit)
+                far.accept()
+                far.send_ack(0)
+                identity = write_identity(tmp_path / "gw")
+                near_tls = SecureStream(near, client_context(identity), server_side=False)
+                far_tls = SecureStream(far, server_context(identity, [tmp_path / "gw.crt"]), server_side=True)
+                async with trio.open_nursery() as handshakes:
+                    handshakes.start_soon(near_tls.do_handshake)
+                    handshakes.start_soon(far_tls.do_handshake)
+                # The exit never gets as far as relaying (its handshake "did not finish").
+                port = make_resumable(near_tls.into_port(), state, table)
+                engine.relay(SocketPort(entry_sock, engine.readiness), port,
+                             sessions.open("entry", "t", near))
+                await near.wait_ack()
+                await trio.sleep(0.05)
+                assert isinstance(port, Resumption) and not port.resume.confirmed
+                _cut(dialer)
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(client))
+                with pytest.raises(trio.BrokenResourceError):  # RST, never a FIN
+                    while await stream.receive_some(100):
+                        pass
+                await sessions.wait_idle()
+                assert not table.parked
+                nursery.cancel_scope.cancel()
+            await stream.aclose()
+    assert "before the exit had confirmed the session resumable" in caplog.text

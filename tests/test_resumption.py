@@ -130,6 +130,9 @@ def test_every_session_survives_the_route_breaking_mid_transfer(tmp_path: Path, 
         clients = topo.spawn_python("edge", CLIENTS, ",".join(map(str, ports)), str(UPLOAD), str(REPLY),
                                     ready_line=False)
         assert read_line(clients, 60) == b"started\n"
+        # Past its first RESUME_WINDOW at the target, a session is known resumable at both
+        # ends (the entry sends no further before the exit's ACK confirms it): break now.
+        topo.wait_receiving("dc", TARGET_PORT, SESSIONS, 2 << 20)
         _break(how, topo, gateways)
         try:
             results = json.loads(read_line(clients, 120))

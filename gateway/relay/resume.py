@@ -149,7 +149,10 @@ class Resumption:
 
     def _on_ack(self, delivered: int) -> None:
         state = self.resume
-        state.confirmed = not state.disabled
+        if delivered >= state.replay_base:
+            # The exit holds the session from here on. (An ACK below our replay base came
+            # before the exit finished the end-to-end handshake: it could not resume yet.)
+            state.confirmed = not state.disabled
         if delivered > state.acked:
             state.acked = min(delivered, state.sent + state.fin_sent)
             self._trim(min(state.acked, state.sent))
@@ -183,7 +186,8 @@ class Resumption:
             if state.resend is not None or state.resend_fin:
                 return 0
         credit = self.circuit.send_credit
-        if state.confirmed:
+        if state.confirmed or (self.circuit.peer_delivered >= 0 and not state.disabled):
+            # (The exit acknowledges, but has not yet confirmed the end-to-end handshake.)
             credit = min(credit, RESUME_WINDOW - state.unacked)
         return credit
 
@@ -285,9 +289,12 @@ class Resumption:
             state.acked = state.sent + 1
             self._trim(state.sent)
             return
-        if state.confirmed and route_lost(broken):
-            self._park(broken)
-            return
+        if route_lost(broken):
+            if state.confirmed:
+                self._park(broken)
+                return
+            if not state.disabled:
+                raise SessionError(f"{broken}, before the exit had confirmed the session resumable")
         raise broken
 
     @property
@@ -382,11 +389,15 @@ def make_resumable(port: CircuitPort, state: ResumeState, table: ResumeTable) ->
     circuit = port.circuit
     state.sent = state.replay_base = circuit.bytes_sent
     state.delivered = state.ack_sent = circuit.bytes_received
-    if isinstance(port, TlsPort):
-        tls = ResumableTlsPort(port.circuit, port._ssl, port._in, port._out)
-        tls.resume, tls.table = state, table
-        return tls
-    return ResumableCircuitPort(port.circuit, state, table)
+    if not isinstance(port, TlsPort):
+        return ResumableCircuitPort(port.circuit, state, table)
+    tls = ResumableTlsPort(port.circuit, port._ssl, port._in, port._out)
+    tls.resume, tls.table = state, table
+    if not state.via:
+        # The exit, past the handshake: acknowledge it at once. The entry counts its
+        # session resumable only from an ACK that covers its handshake (`_on_ack`).
+        circuit.send_ack(state.delivered)
+    return tls
 
 
 # A usable carrier to the named peer, waiting for one until the deadline (None: none came).
