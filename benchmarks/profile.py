@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from lib import scenarios
-from lib.contenders import Tunnelgate, all_contenders
+from lib.contenders import CONTENDER_NAMES, Tunnelgate, all_contenders
 from lib.procs import raise_nofile
 from lib.targets import Targets
 
@@ -62,7 +62,8 @@ def summarize(stacks: Path, top: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contender", default="tg-tls", choices=["tg-tls", "tg-tcp", "tg-chain"])
+    p.add_argument("--contender", default="tg-tls",
+                   choices=[n for n in CONTENDER_NAMES if n.startswith("tg-")])
     p.add_argument("--scenario", default="sessions", choices=sorted(SCENARIOS))
     p.add_argument("--seconds", type=int, default=10, help="recording length")
     p.add_argument("--native", action="store_true", help="include C frames (py-spy --native)")

@@ -19,6 +19,7 @@ import trio
 from gateway.carriers.carrier import Carrier
 from gateway.carriers.circuit import Circuit
 from gateway.carriers.transport import SocketTransport
+from gateway.carriers.writes import flush_lingering
 from gateway.relay.e2e import SecureStream
 from gateway.relay.engine import RelayEngine
 from gateway.relay.ports import CircuitPort, SocketPort
@@ -327,3 +328,36 @@ async def test_an_end_to_end_session_is_resumable_only_once_the_exit_has_its_han
                 nursery.cancel_scope.cancel()
             await stream.aclose()
     assert "before the exit had confirmed the session resumable" in caplog.text
+
+
+async def test_a_complete_sessions_rst_waits_for_the_next_write_at_most_one_sweep() -> None:
+    """RST NO_ERROR at the end of a resumable session is wanted by nobody urgently: it
+    rides with the carrier's next write (no write, no wake-up of its own under load), or
+    leaves with the sweep's flush_lingering."""
+    global _accepted
+    with trio.fail_after(10):
+        async with carriers(resume=True) as (dialer, _, inbound):
+            first, second = dialer.open(TARGET), dialer.open(TARGET)
+            arrived = {c.id: c for c in (await inbound.receive(), await inbound.receive())}
+            far_first, far_second = arrived[first.id], arrived[second.id]  # (either order)
+            for far in (far_first, far_second):
+                far.accept()
+            await first.wait_open()
+            await second.wait_open()
+            assert isinstance(first, Circuit) and isinstance(second, Circuit)
+            first.retire()
+            await trio.sleep(0.1)
+            assert far_first.broken is None  # still waiting in the carrier's queue
+            await second.send_all(b"x")  # the next write takes it along
+            assert await far_second.receive_some(1) == b"x"
+            await trio.sleep(0.05)
+            assert far_first.broken is not None and far_first.broken.code == ErrorCode.NO_ERROR
+            # Alone: flush_lingering (the resume table's sweep) sends it.
+            second.retire()
+            await trio.sleep(0.1)
+            assert far_second.broken is None
+            flush_lingering()
+            with trio.fail_after(2):
+                while far_second.broken is None:
+                    await trio.sleep(0.01)
+            assert far_second.broken.code == ErrorCode.NO_ERROR

@@ -24,7 +24,7 @@ import trio
 
 from gateway.carriers.circuit import Circuit, DatagramCircuit, _CircuitBase
 from gateway.carriers.transport import CarrierTransport, TransportBroken
-from gateway.carriers.writes import queued
+from gateway.carriers.writes import linger, queued
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused
 from gateway.logs import Throttle
 from gateway_codecs import (
@@ -101,6 +101,7 @@ class Carrier:
         self._wake = trio.Event()  # the writer task waits for the socket only when it is full
         self._pending: memoryview | None = None  # bytes taken from the session, not yet written
         self._write_blocked = False
+        self._lingering = 0  # bytes of queued frames that wait for the next write (lingers)
         self._last_heard = trio.current_time()
         self._pings: dict[bytes, float] = {}
         self._nursery: trio.Nursery | None = None
@@ -210,6 +211,12 @@ class Carrier:
         """Frames were queued in the session: written now, or when the batch ends."""
         queued(self)
 
+    def lingers(self) -> None:
+        """Frames were queued that may wait for the next write (writes.linger); the
+        reader's end-of-read flush leaves them (unless more was queued since)."""
+        self._lingering = self.session.pending_output
+        linger(self)
+
     def adopt(self, circuit: _CircuitBase) -> None:
         """A circuit attached here from another carrier (Circuit.attach)."""
         assert isinstance(circuit, Circuit | DatagramCircuit)
@@ -232,6 +239,7 @@ class Carrier:
         while True:
             pending = self._pending
             if not pending:
+                self._lingering = 0
                 data = self.session.data_to_send(WRITE_CHUNK)
                 if not data:
                     self._pending = None
@@ -326,7 +334,8 @@ class Carrier:
             # this machine's run-to-run noise; so the earlier behaviour stays.)
             for event in events:
                 self._dispatch(event)
-            self.flush()  # PONGs, credit updates, refusals
+            if session.pending_output > self._lingering:
+                self.flush()  # PONGs, credit updates, refusals
             if size < READ_SIZE and self._established.is_set():
                 # The peer has said HELLO (over TLS, its certificate was checked before):
                 # now read in big batches.

@@ -53,6 +53,7 @@ class CarrierLink(Protocol):
     rtt: float | None
 
     def queued(self) -> None: ...
+    def lingers(self) -> None: ...
     def forget(self, circuit: _CircuitBase) -> None: ...
     def adopt(self, circuit: _CircuitBase) -> None: ...
 
@@ -128,6 +129,20 @@ class _CircuitBase:
             self.carrier.session.reset_circuit(self.id, code, reason)
             self.carrier.queued()
             self._fail(CircuitBroken(code, reason or "reset locally"))
+        self.carrier.forget(self)
+
+    def retire(self) -> None:
+        """The session over this circuit is complete: RST NO_ERROR, which nothing waits
+        on urgently, so it leaves with the carrier's next write (writes.linger)."""
+        if self.broken is None:
+            session = self.carrier.session
+            alone = session.pending_output == 0  # else it just goes with what is queued
+            session.reset_circuit(self.id, ErrorCode.NO_ERROR, "session complete")
+            if alone:
+                self.carrier.lingers()
+            else:
+                self.carrier.queued()
+            self._fail(CircuitBroken(ErrorCode.NO_ERROR, "session complete"))
         self.carrier.forget(self)
 
 

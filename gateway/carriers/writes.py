@@ -26,11 +26,12 @@ class Writer(Protocol):
 
 
 class _Writes:
-    __slots__ = ("depth", "dirty")
+    __slots__ = ("depth", "dirty", "lingering")
 
     def __init__(self) -> None:
         self.depth = 0
         self.dirty: dict[Writer, None] = {}  # insertion-ordered: flushed in the order touched
+        self.lingering: dict[Writer, None] = {}  # frames that may wait for the next write
 
 
 log = logging.getLogger("tunnelgate.carrier")
@@ -53,6 +54,24 @@ def queued(carrier: Writer) -> None:
         writes.dirty[carrier] = None
     else:
         carrier.flush()
+
+
+def linger(carrier: Writer) -> None:
+    """`carrier` has frames queued that nobody waits for (a complete session's last RST):
+    they leave with its next write, or at the latest with `flush_lingering`. Under load
+    they ride along with other traffic and cost no write and no wake-up of their own."""
+    _writes().lingering[carrier] = None
+
+
+def flush_lingering() -> None:
+    """Write what `linger` left waiting (called periodically: it bounds the wait)."""
+    writes = _writes()
+    lingering, writes.lingering = writes.lingering, {}
+    for carrier in lingering:
+        try:
+            carrier.flush()  # a no-op when an ordinary write took the frames meanwhile
+        except Exception:
+            log.exception("carrier %s: write failed", carrier)
 
 
 class write_batch:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from gateway.carriers.circuit import Circuit, DatagramCircuit
-from gateway.carriers.writes import write_batch
+from gateway.carriers.writes import flush_lingering, write_batch
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused, SessionError
 from gateway.relay.ports import CircuitPort, Outgoing, Relay, TlsPort
 from gateway_codecs import ErrorCode, OpenRequest, Resumable, Resuming
@@ -42,16 +42,11 @@ log = logging.getLogger("tunnelgate.resume")
 # what its replay buffer holds at most. Big enough not to limit a bulk transfer on a
 # LAN (1 MiB per round trip), small next to the per-gateway `resume_buffer`.
 RESUME_WINDOW = 1 << 20
+WINDOW_SLACK = 1024  # "the window is full": less room than a TLS record's overhead, and then some
 ACK_EVERY = RESUME_WINDOW // 4  # acknowledge at once after this much; else within ACK_DELAY
 ACK_DELAY = 0.2  # s: also the sweep period for parked sessions' deadlines
 RETRY_FIRST, RETRY_MAX = 0.2, 2.0  # s between resumption attempts (doubling)
 DEFAULT_CAPACITY = 256 << 20  # resume_buffer: 256 bulk sessions' full windows
-
-
-def new_secret() -> tuple[bytes, bytes]:
-    """A one-time resumption secret and its verifier (what the exit keeps)."""
-    secret = os.urandom(16)
-    return secret, verifier_of(secret)
 
 
 def verifier_of(secret: bytes) -> bytes:
@@ -154,9 +149,13 @@ class Resumption:
             # before the exit finished the end-to-end handshake: it could not resume yet.)
             state.confirmed = not state.disabled
         if delivered > state.acked:
+            was_full = state.unacked > RESUME_WINDOW - WINDOW_SLACK
             state.acked = min(delivered, state.sent + state.fin_sent)
             self._trim(min(state.acked, state.sent))
-            self.relay.on_event()  # room for more; or everything acknowledged: the end
+            if was_full or (state.eof_delivered and state.fin_sent and state.unacked == 0):
+                # Room again; or everything acknowledged: the session's end. (Otherwise
+                # an engine pass would change nothing: most ACKs cost no pass.)
+                self.relay.on_event()
 
     def _trim(self, upto: int) -> None:
         """Forget replay bytes below `upto` (the far end has them)."""
@@ -237,12 +236,11 @@ class Resumption:
         if not state.eof_delivered:
             state.eof_delivered = True
             state.delivered += 1
-            if state.fin_sent and state.unacked == 0 and state.resend is None:
-                # Our side is complete too: the session ends now, and its RST NO_ERROR
-                # says "everything delivered" for this ACK. The sweep sends it if not.
-                self.table.ack_due.add(self)
-            else:
-                self._ack()  # at once: the far end waits for it to end the session
+            # Not at once: if our side is complete too, the session ends now and its RST
+            # NO_ERROR says "everything delivered"; else our own FIN, usually soon (a
+            # server closing in turn), carries this ACK in the same write. The sweep
+            # sends it if neither comes within ACK_DELAY.
+            self.table.ack_due.add(self)
         return True
 
     def _send_eof(self) -> None:
@@ -251,6 +249,10 @@ class Resumption:
         if state.parked_until is not None or state.resend is not None:
             state.resend_fin = True  # after what is still to be resent
             return
+        if state.eof_delivered and state.delivered != state.ack_sent:
+            # The far end waits for the ACK of its FIN to complete: it rides with ours.
+            # (Before its FIN, what is due waits: our RST NO_ERROR at the end, or the sweep.)
+            self._ack()
         self.circuit.end_now()
 
     def flush(self) -> None:
@@ -311,7 +313,7 @@ class Resumption:
         """The session is complete: RST NO_ERROR retires its circuit at every hop (a
         resumable circuit outlives its FINs, for the last ACKs; SPEC.md §14)."""
         self.table.forget(self)
-        self.circuit.reset(ErrorCode.NO_ERROR, "session complete")
+        self.circuit.retire()
         super().close()  # type: ignore[misc]
 
     # ---- losing and regaining the route
@@ -499,6 +501,7 @@ class ResumeTable:
     def sweep(self, now: float) -> None:
         """Send the ACKs that are due; end parked sessions past their deadline."""
         self.clock = now
+        flush_lingering()  # complete sessions' RSTs that found no write to ride with
         with write_batch():
             due, self.ack_due = self.ack_due, set()
             for port in due:
@@ -632,8 +635,9 @@ def _check_ticket(state: ResumeState, request: OpenRequest, ticket: Resuming) ->
 
 def open_state(request: OpenRequest, via: str) -> tuple[ResumeState, OpenRequest]:
     """A new resumable session at the entry: its state, and the OPEN that announces it."""
-    session_id = os.urandom(16)
-    secret, verifier = new_secret()
+    random = os.urandom(32)  # one system call for both
+    session_id, secret = random[:16], random[16:]
+    verifier = verifier_of(secret)
     state = ResumeState(session_id, request)
     state.secret = secret
     state.via = via
