@@ -19,6 +19,7 @@ SUPPORTED_VERSIONS = frozenset({1})
 MAX_HELLO_PAYLOAD = 4096  # bounds what we buffer before we know who the peer is
 MIN_MAX_FRAME_PAYLOAD = 65536  # every DATAGRAM (<= 65,535 bytes) must fit in one frame
 SESSION_ID_SIZE = 16
+INSTANCE_ID_SIZE = 8
 
 _ENTRY = struct.Struct("!HH")
 
@@ -36,6 +37,7 @@ class SettingId(enum.IntEnum):
     MAX_CIRCUITS = 0x4  # u32: concurrent circuits the peer may open towards us
     SESSION_ID = 0x5  # 16 bytes: identifies the session for later resumption
     NODE_NAME = 0x6  # UTF-8, <= 63 bytes: the sender's gateway name, informational
+    INSTANCE_ID = 0x7  # 8 bytes: which running instance of that name (a relay tier, §15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class Settings:
     capabilities: Capability = Capability.DATAGRAM
     session_id: bytes = field(default=bytes(SESSION_ID_SIZE))
     node_name: str = ""
+    instance_id: bytes = b""  # empty: not announced (one instance, or an older peer)
     version: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -62,6 +65,8 @@ class Settings:
             raise ValueError("session_id must be 16 bytes")
         if len(self.node_name.encode("utf-8")) > MAX_HOP_NAME:
             raise ValueError("node_name must be at most 63 bytes")
+        if len(self.instance_id) not in (0, INSTANCE_ID_SIZE):
+            raise ValueError("instance_id must be empty or 8 bytes")
         if not 0 <= self.version <= 0xFFFF:
             raise ValueError("version must fit in u16")
 
@@ -75,6 +80,8 @@ def encode_hello(s: Settings) -> bytes:
         (SettingId.SESSION_ID, s.session_id),
         (SettingId.NODE_NAME, s.node_name.encode("utf-8")),
     ]
+    if s.instance_id:
+        entries.append((SettingId.INSTANCE_ID, s.instance_id))
     body = b"".join(_ENTRY.pack(k, len(v)) + v for k, v in entries)
     return MAGIC + s.version.to_bytes(2, "big") + body
 
@@ -85,6 +92,7 @@ _FIXED_SIZES = {
     SettingId.INITIAL_WINDOW: 4,
     SettingId.MAX_CIRCUITS: 4,
     SettingId.SESSION_ID: SESSION_ID_SIZE,
+    SettingId.INSTANCE_ID: INSTANCE_ID_SIZE,
 }
 
 
@@ -144,5 +152,6 @@ def decode_hello(payload: bytes) -> Settings:
         capabilities=Capability(number(SettingId.CAPABILITIES, 0) & known),
         session_id=values.get(SettingId.SESSION_ID, defaults.session_id),
         node_name=name,
+        instance_id=values.get(SettingId.INSTANCE_ID, b""),
         version=version,
     )

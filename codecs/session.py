@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import os
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
@@ -885,5 +885,4 @@ def _code(value: int) -> ErrorCode | int:
 
 
 def _with_session_id(s: Settings, session_id: bytes) -> Settings:
-    return Settings(s.max_frame_payload, s.initial_window, s.max_circuits, s.capabilities,
-                    session_id, s.node_name, s.version)
+    return replace(s, session_id=session_id)

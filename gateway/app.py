@@ -70,9 +70,9 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
     contexts = TlsContexts(identity, [p.cert for p in config.peer if p.cert is not None], gw.ca)
     relay = RelayEngine()
 
-    async def find_carrier(peer: str, deadline: float) -> Carrier | None:
+    async def find_carrier(peer: str, deadline: float, avoid: Carrier | None) -> Carrier | None:
         with trio.move_on_at(deadline):
-            return await peers.wait_for(peer)
+            return await peers.wait_for(peer, avoid)
         return None
 
     resume = ResumeTable(gw.resume_timeout, find_carrier, gw.handshake_timeout, gw.resume_buffer)
@@ -99,13 +99,15 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
                                                                f"tunnel[{i}].listen", e.tunnel.listen)
                                    for i, e in enumerate(endpoints)}
                         for peer in config.peer:
-                            if peer.dial is not None:
-                                root.start_soon(links.keep_dialing, peer)
+                            for slot in range(peer.connections if peer.dial else 0):
+                                root.start_soon(links.keep_dialing, peer, slot)
                         task_status.started({"carriers": carriers, "tunnels": tunnels,
-                                             "fingerprint": identity.fingerprint, "pid": os.getpid()})
+                                             "fingerprint": identity.fingerprint, "pid": os.getpid(),
+                                             "instance": links.instance_id.hex()})
 
             ready = await root.start(listen)
-            log.info("gateway %s (%s) ready", gw.name, identity.fingerprint)
+            log.info("gateway %s (%s) ready, instance %s", gw.name, identity.fingerprint,
+                     links.instance_id.hex())
             if ready_file is not None:
                 _write_ready_file(ready_file, ready)
 

@@ -199,6 +199,14 @@ def _route_name(value: object) -> str:
 Name = Annotated[str, BeforeValidator(_name)]
 FilePath = Annotated[Path, BeforeValidator(_path)]
 Carrier = Annotated[CarrierAddress, BeforeValidator(_carrier)]
+
+
+def _one_or_more(value: object) -> object:
+    return value if isinstance(value, list) else [value]
+
+
+# `dial = "tls://a:7443"` or a list of them (the instances of a relay tier, SPEC.md §15)
+Dials = Annotated[list[Carrier], BeforeValidator(_one_or_more), Field(max_length=16)]
 Listen = Annotated[ListenAddress, BeforeValidator(_listen)]
 TargetField = Annotated[Target, BeforeValidator(_target)]
 Fingerprint = Annotated[str, BeforeValidator(_fingerprint)]
@@ -252,7 +260,10 @@ class PeerConfig(_Model):
     name: Name
     cert: FilePath | None = None
     fingerprint: Fingerprint | None = None
-    dial: Carrier | None = None
+    dial: Dials = []
+    # Carriers to keep to distinct instances of this peer (a relay tier): new circuits
+    # go to the least loaded; a lost one's sessions resume over another.
+    connections: Annotated[int, Field(ge=1, le=16)] = 1
     allow: list[Rule] = []
     route: list[RouteName] = []
 
@@ -504,7 +515,11 @@ def _covers(wide: _Claim, other: _Claim) -> bool:
 def _check_peer(peer: PeerConfig, where: str, gw: GatewayConfig, fail: Fail) -> PeerConfig:
     if peer.cert is None and peer.fingerprint is None:
         raise fail(where, "expected `cert` or `fingerprint` (or both) to identify the peer")
-    if peer.dial is None and peer.cert is None and gw.ca is None:
+    if peer.connections > 1 and not peer.dial:
+        raise fail(f"{where}.connections",
+                   f"expected `dial` with connections = {peer.connections}: carriers are kept"
+                   " only to a peer this gateway dials")
+    if not peer.dial and peer.cert is None and gw.ca is None:
         raise fail(
             f"{where}.cert",
             "a peer that has no `dial` must have `cert` unless gateway.ca is set"

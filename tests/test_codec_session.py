@@ -715,3 +715,18 @@ def test_ack_rules(mode: str) -> None:
     with pytest.raises(RemoteProtocolError) as caught:
         a2.receive_data(frame(FrameType.ACK, 0, 2, (1).to_bytes(8, "big")))  # never opened
     assert caught.value.code == ErrorCode.CIRCUIT_ID_ERROR
+
+
+def test_an_instance_id_is_announced_only_when_set_and_must_be_8_bytes() -> None:
+    """SPEC.md §15: INSTANCE_ID (0x7) tells a tier's instances apart; absent, it is empty."""
+    from gateway_codecs.hello import SettingId, decode_hello, encode_hello
+
+    plain = encode_hello(Settings(node_name="hub"))
+    assert decode_hello(plain).instance_id == b""
+    tagged = encode_hello(Settings(node_name="hub", instance_id=b"\x01" * 8))
+    assert decode_hello(tagged).instance_id == b"\x01" * 8
+    short = plain + SettingId.INSTANCE_ID.to_bytes(2, "big") + (4).to_bytes(2, "big") + b"abcd"
+    with pytest.raises(RemoteProtocolError, match="0x7 must be 8 bytes"):
+        decode_hello(short)
+    with pytest.raises(ValueError):
+        Settings(instance_id=b"\x01" * 3)

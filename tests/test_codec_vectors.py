@@ -148,6 +148,19 @@ def resume_conversation() -> Iterator[Step]:
     yield "open_resuming", opened(OPEN_RESUMING), b, [CircuitRequested(3, OPEN_RESUMING)]
 
 
+TIER_INSTANCE = Settings(capabilities=Capability.DATAGRAM | Capability.RESUME,
+                         session_id=bytes(range(16)), node_name="hub",
+                         instance_id=bytes.fromhex("a1b2c3d4e5f60718"))
+
+
+def tier_conversation() -> Iterator[Step]:
+    """SPEC.md §15: one instance of a relay tier announces its instance id."""
+    a = CarrierSession(Role.DIALER, TIER_INSTANCE)
+    b = CarrierSession(Role.ACCEPTOR, RESUMING_ACCEPTOR)
+    yield "instance_hello", a.data_to_send, b, [
+        HandshakeComplete(TIER_INSTANCE, 1, Capability.DATAGRAM | Capability.RESUME)]
+
+
 def load() -> dict[str, dict[str, str]]:
     entries = json.loads(VECTORS_FILE.read_text())["vectors"]
     return {e["name"]: e for e in entries}
@@ -156,7 +169,8 @@ def load() -> dict[str, dict[str, str]]:
 def test_every_vector_is_encoded_and_decoded_exactly() -> None:
     vectors = load()
     names = []
-    for name, produce, decoder, expected in [*conversation(), *resume_conversation()]:
+    for name, produce, decoder, expected in [*conversation(), *resume_conversation(),
+                                              *tier_conversation()]:
         names.append(name)
         produced = produce()
         assert produced.hex() == vectors[name]["hex"], f"{name}: encoding drifted"

@@ -77,7 +77,7 @@ def test_a_good_config_loads_with_parsed_values(folder: Path) -> None:
     assert edge.policy.permits("tcp", "10.1.1.1", 5433)
     assert not edge.policy.permits("tcp", "10.1.1.1", 22)
     assert edge.route_policy.permits("core")
-    assert core.dial == CarrierAddress("tls", "core.example", 7443)
+    assert core.dial == [CarrierAddress("tls", "core.example", 7443)] and core.connections == 1
     (tunnel,) = config.tunnels
     assert tunnel.listen == ListenAddress("tcp", "127.0.0.1", 15432)
     assert tunnel.target == Target("fd00::1", 5432)

@@ -60,7 +60,7 @@ async def resumable_session(carrier_slot: list[Carrier], timeout: float = 10.0, 
     sessions = SessionLog()
     changed = trio.Event()
 
-    async def find_carrier(peer: str, deadline: float) -> Carrier | None:
+    async def find_carrier(peer: str, deadline: float, avoid: Carrier | None) -> Carrier | None:
         with trio.move_on_at(deadline):
             while carrier_slot[0].closed.is_set():
                 await changed.wait()

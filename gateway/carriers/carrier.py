@@ -86,6 +86,7 @@ class Carrier:
         self.session = CarrierSession(role, settings)
         self.timing = timing
         self.peer_name = peer_name
+        self.peer_instance = ""  # the peer process's INSTANCE_ID in hex ("" if not announced)
         self.description = description
         self.circuits: dict[int, AnyCircuit] = {}
         self.rtt: float | None = None
@@ -405,6 +406,7 @@ class Carrier:
                     log.warning("carrier %s: HELLO names %r, but the certificate is peer %s's;"
                                 " taken as %s", self.description, peer.node_name[:64],
                                 self.peer_name, self.peer_name)
+                self.peer_instance = peer.instance_id.hex()
                 self._established.set()
             case PingReceived() | CircuitClosed():
                 pass

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -133,8 +135,11 @@ class Links:
         capabilities = Capability.DATAGRAM
         if gw.resume_timeout > 0:
             capabilities |= Capability.RESUME
+        # This process among the instances of `gw.name` (a relay tier runs several).
+        self.instance_id = os.urandom(8)
         self.settings = Settings(initial_window=gw.initial_window, max_circuits=gw.max_circuits,
-                                 node_name=gw.name, capabilities=capabilities)
+                                 node_name=gw.name, capabilities=capabilities,
+                                 instance_id=self.instance_id)
         self.by_fingerprint: dict[str, PeerConfig] = {}
         for peer in config.peer:
             if peer.cert is not None:
@@ -142,8 +147,11 @@ class Links:
             if peer.fingerprint is not None:
                 self.by_fingerprint[peer.fingerprint] = peer
 
-    async def _carry(self, carrier: Carrier, on_up: Callable[[], None] | None = None) -> None:
-        """Run a carrier: register it once its HELLO exchange is done, until it ends."""
+    async def _carry(self, carrier: Carrier, on_up: Callable[[], None] | None = None,
+                     distinct: bool = False) -> None:
+        """Run a carrier: register it once its HELLO exchange is done, until it ends.
+        `distinct`: one of several carriers kept to a relay tier; if it reached an
+        instance that already has one of them, close it (the dialer tries again)."""
 
         def ready(carrier: Carrier) -> None:
             if carrier.peer_name not in self.peers.by_name:
@@ -151,8 +159,13 @@ class Links:
                             carrier.description, carrier.peer_name)
                 carrier.close(f"unknown peer name {carrier.peer_name!r} in HELLO")
                 return
+            if distinct and carrier.peer_instance in self.peers.instances(carrier.peer_name):
+                carrier.close(f"instance {carrier.peer_instance} of {carrier.peer_name}"
+                              " already has a carrier from us")
+                return
             self.peers.add(carrier)
-            log.info("carrier %s up (peer %s)", carrier.description, carrier.peer_name)
+            log.info("carrier %s up (peer %s)%s", carrier.description, carrier.peer_name,
+                     f", instance {carrier.peer_instance}" if carrier.peer_instance else "")
             if on_up is not None:
                 on_up()
 
@@ -251,12 +264,17 @@ class Links:
 
     # ------------------------------------------------------------------ dialing
 
-    async def keep_dialing(self, peer: PeerConfig) -> None:
-        """Keep one carrier to `peer` up: reconnect with capped exponential backoff."""
-        assert peer.dial is not None
+    async def keep_dialing(self, peer: PeerConfig, slot: int = 0) -> None:
+        """Keep carrier number `slot` of `peer.connections` up: reconnect with capped
+        exponential backoff. Attempts go round `peer.dial`'s addresses (and the addresses
+        each name resolves to), each slot starting at its own; with several slots, a
+        carrier that reaches an instance another slot already has is closed and dialed
+        again (through a load balancer, until the slots hold distinct instances)."""
+        assert peer.dial
         gw = self.config.gateway
         delay = gw.reconnect_min
-        where = _where(peer.dial)
+        distinct = peer.connections > 1
+        attempt = slot
         while True:
             came_up = False
 
@@ -264,9 +282,11 @@ class Links:
                 nonlocal came_up
                 came_up = True
 
+            address = peer.dial[attempt % len(peer.dial)]
+            where = _where(address)
             try:
-                carrier = await self._dial(peer)
-                await self._carry(carrier, up)
+                carrier = await self._dial(peer, address, attempt // len(peer.dial))
+                await self._carry(carrier, up, distinct)
             except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError, CarrierLost) as exc:
                 why = ("timed out" if isinstance(exc, trio.TooSlowError)
                        else describe_tls_failure(exc) if _has_tls_cause(exc)
@@ -276,19 +296,21 @@ class Links:
                 log.warning("dial %s (%s) failed: %s; retrying in %.1f s", peer.name, where, why, delay)
             except Exception:  # a bug with one carrier must not end the gateway, nor this loop
                 log.exception("dial %s (%s): internal error; retrying in %.1f s", peer.name, where, delay)
+            attempt += 1
             if came_up:
                 delay = gw.reconnect_min
             # Full jitter keeps a fleet that lost its hub from reconnecting in lockstep.
             await trio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(gw.reconnect_max, delay * 2)
 
-    async def _dial(self, peer: PeerConfig) -> Carrier:
-        assert peer.dial is not None
-        where = _where(peer.dial)
-        scheme = peer.dial.scheme
+    async def _dial(self, peer: PeerConfig, address: CarrierAddress, turn: int) -> Carrier:
+        """Connect to `address`; a name with several addresses is tried from its
+        `turn`-th one round (so that retries and slots spread over a tier's members)."""
+        where = _where(address)
+        scheme = address.scheme
         context = self._context(scheme, peer)  # before connecting: nothing to clean up if it fails
         with trio.fail_after(self.timing.handshake_timeout):
-            stream = await trio.open_tcp_stream(peer.dial.host, peer.dial.port)
+            stream = await _connect_round(address.host, address.port, turn)
             transport = await open_transport(scheme, stream, context, server_side=False)
         try:
             got = transport.peer_fingerprint()
@@ -306,3 +328,26 @@ class Links:
             raise IdentityError(f"{where} presented {got}, not {peer.name}'s key")
         return Carrier(transport, Role.DIALER, self.settings, self.timing, self.on_request,
                        peer.name, f"to {peer.name} at {where}", self.session_nursery)
+
+
+async def _connect_round(host: str, port: int, turn: int) -> trio.SocketStream:
+    """A TCP connection to `host`, whose addresses are tried in turn from the `turn`-th
+    (an IP address, or a name with one address: that one)."""
+    try:
+        ipaddress.ip_address(host)
+        return await trio.open_tcp_stream(host, port)
+    except ValueError:
+        pass
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if len(addresses) <= 1:
+        return await trio.open_tcp_stream(host, port)
+    start = turn % len(addresses)
+    last: OSError | None = None
+    for ip in addresses[start:] + addresses[:start]:
+        try:
+            return await trio.open_tcp_stream(ip, port)
+        except OSError as exc:
+            last = exc
+    assert last is not None
+    raise last

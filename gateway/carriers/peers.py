@@ -31,18 +31,35 @@ class PeerDirectory:
     def carriers(self) -> list[Carrier]:
         return [c for live in self._carriers.values() for c in live]
 
-    def current(self, peer: str) -> Carrier | None:
-        """A usable carrier to `peer` now, the newest first (it survived the latest
-        reconnect), or None."""
-        live = [c for c in self._carriers.get(peer, ()) if c.usable]
+    def live(self, peer: str) -> list[Carrier]:
+        """The usable carriers to `peer` now, oldest first."""
+        return [c for c in self._carriers.get(peer, ()) if c.usable]
+
+    def instances(self, peer: str, but: Carrier | None = None) -> set[str]:
+        """The instance ids of `peer` we have a usable carrier to (a relay tier's
+        members; SPEC.md §15), leaving out `but`."""
+        return {c.peer_instance for c in self.live(peer) if c is not but and c.peer_instance}
+
+    def current(self, peer: str, avoid: Carrier | None = None) -> Carrier | None:
+        """The usable carrier to `peer` with the fewest live circuits (the newest among
+        equals: it survived the latest reconnect), or None. With several (a relay tier),
+        new circuits spread over them; `avoid` is taken only if it is the only one."""
+        live = self.live(peer)
         if not live:
             return None
-        return live[-1]
+        if avoid is not None and len(live) > 1 and avoid in live:
+            live.remove(avoid)
+        best = live[-1]
+        fewest = best.session.live_circuits
+        for carrier in reversed(live):
+            if carrier.session.live_circuits < fewest:
+                best, fewest = carrier, carrier.session.live_circuits
+        return best
 
-    async def wait_for(self, peer: str) -> Carrier:
+    async def wait_for(self, peer: str, avoid: Carrier | None = None) -> Carrier:
         """A usable carrier to `peer`, waiting for one to come up (caller sets the deadline)."""
         while True:
-            carrier = self.current(peer)
+            carrier = self.current(peer, avoid)
             if carrier is not None:
                 return carrier
             await self._changed.wait()

@@ -39,14 +39,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunnelgate.resume")
 
 # Units (bytes, and one for the FIN) a session may have sent and not had acknowledged:
-# what its replay buffer holds at most. Big enough not to limit a bulk transfer on a
-# LAN (1 MiB per round trip), small next to the per-gateway `resume_buffer`.
-RESUME_WINDOW = 1 << 20
+# what its replay buffer holds at most. The largest window a circuit auto-tunes to
+# (circuit.MAX_AUTOTUNED_WINDOW): acknowledgements cross every relay, so a smaller one
+# would pace a bulk transfer below what the circuits allow (1 MiB cost a 3-host chain
+# about a quarter of its single-stream throughput).
+RESUME_WINDOW = 4 << 20
 WINDOW_SLACK = 1024  # "the window is full": less room than a TLS record's overhead, and then some
 ACK_EVERY = RESUME_WINDOW // 4  # acknowledge at once after this much; else within ACK_DELAY
 ACK_DELAY = 0.2  # s: also the sweep period for parked sessions' deadlines
 RETRY_FIRST, RETRY_MAX = 0.2, 2.0  # s between resumption attempts (doubling)
-DEFAULT_CAPACITY = 256 << 20  # resume_buffer: 256 bulk sessions' full windows
+DEFAULT_CAPACITY = 256 << 20  # resume_buffer: 64 bulk sessions' full windows
 
 
 def verifier_of(secret: bytes) -> bytes:
@@ -402,8 +404,9 @@ def make_resumable(port: CircuitPort, state: ResumeState, table: ResumeTable) ->
     return tls
 
 
-# A usable carrier to the named peer, waiting for one until the deadline (None: none came).
-CarrierFinder = Callable[[str, float], Awaitable["Carrier | None"]]
+# A usable carrier to the named peer, waiting for one until the deadline (None: none
+# came), other than the given one where there is a choice (a relay tier's instances).
+CarrierFinder = Callable[[str, float, "Carrier | None"], Awaitable["Carrier | None"]]
 
 
 class ResumeTable:
@@ -534,10 +537,12 @@ class ResumeTable:
         wanted, or why it was refused for good."""
         delay = RETRY_FIRST
         assert self.find_carrier is not None
+        tried: Carrier | None = None  # the last carrier that could not resume it: another next
         while wanted() and trio.current_time() < deadline:
-            carrier = await self.find_carrier(state.via, deadline)
+            carrier = await self.find_carrier(state.via, deadline, tried)
             if carrier is None or not wanted():
                 continue
+            tried = carrier
             outcome = await self._attempt(state, carrier)
             if not isinstance(outcome, str):
                 if wanted():
