@@ -210,6 +210,59 @@ out["rest_complete"] = rest == expected_reply
 print(json.dumps(out))
 """
 
+# Concurrent uploads (one per port given), each paced (argv[4] s per 256 KiB) so the whole
+# run lasts a few seconds; says "started" when every session has sent a quarter, then
+# prints each session's result.
+UPLOADS = r"""
+import hashlib, json, random, socket, sys, threading, time
+ports = [int(p) for p in sys.argv[1].split(",")]
+size, reply_size = int(sys.argv[2]), int(sys.argv[3])
+pause = float(sys.argv[4]) if len(sys.argv) > 4 else 0.01  # after each 256 KiB
+expected_reply = random.Random(7).randbytes(reply_size)
+quarter = threading.Barrier(len(ports) + 1)
+results = [None] * len(ports)
+
+def session(i, port):
+    data = random.Random(1000 + i).randbytes(size)
+    out = {"port": port, "sent_sha": hashlib.sha256(data).hexdigest(), "error": None}
+    told = False
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=25) as conn:
+            view = memoryview(data)
+            for pos in range(0, size, 256 * 1024):
+                conn.sendall(view[pos:pos + 256 * 1024])
+                if not told and pos >= size // 4:
+                    told = True
+                    quarter.wait(60)
+                time.sleep(pause)
+            conn.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := conn.recv(1 << 20):
+                chunks.append(chunk)
+        got = b"".join(chunks)
+        line, _, rest = got.partition(b"\n")
+        out["line"] = line.decode(errors="replace")
+        out["reply_ok"] = rest == expected_reply
+    except Exception as exc:
+        out["error"] = repr(exc)
+        if not told:
+            quarter.abort()
+    results[i] = out
+
+threads = [threading.Thread(target=session, args=(i, p)) for i, p in enumerate(ports)]
+for t in threads:
+    t.start()
+try:
+    quarter.wait(60)
+    print("started", flush=True)
+except threading.BrokenBarrierError:
+    print("broken", flush=True)
+for t in threads:
+    t.join()
+print(json.dumps(results), flush=True)
+"""
+
+
 DIRECT_CONNECT = r"""
 import socket, sys
 try:

@@ -129,20 +129,26 @@ class Link:
 
 
 class Topology:
-    """Hosts in a line, each in its own namespace, joined by one veth link per pair."""
+    """Hosts each in its own namespace, joined by one veth link per pair: in a line by
+    default, or along the given `pairs` (a star, a tier: link i is `pairs[i]`)."""
 
-    def __init__(self, *hosts: str) -> None:
+    def __init__(self, *hosts: str, pairs: Sequence[tuple[str, str]] | None = None) -> None:
         if len(hosts) < 2 or len(set(hosts)) != len(hosts):
             raise ValueError(f"need at least two distinct host names, got {hosts}")
-        if len(hosts) > 250:
+        if pairs is None:
+            pairs = list(itertools.pairwise(hosts))
+        if len(pairs) > 250:
             raise ValueError("one /24 per link: at most 250 links")
+        unknown = {h for pair in pairs for h in pair} - set(hosts)
+        if unknown:
+            raise ValueError(f"links name unknown hosts {sorted(unknown)}")
         self.hosts = list(hosts)
         run_id = f"{PREFIX}{os.getpid()}-{next(_counter)}"
         self.ns = {h: f"{run_id}-{h}" for h in hosts}
         self.links = [
-            Link(i, hosts[i], hosts[i + 1], f"l{i}{hosts[i + 1]}"[:15], f"l{i}{hosts[i]}"[:15],
+            Link(i, left, right, f"l{i}{right}"[:15], f"l{i}{left}"[:15],
                  f"198.18.{i}.1", f"198.18.{i}.2")
-            for i in range(len(hosts) - 1)
+            for i, (left, right) in enumerate(pairs)
         ]
         self.processes: list[subprocess.Popen[bytes]] = []
         self._cut_rules: set[tuple[str, str]] = set()
@@ -265,17 +271,26 @@ class Topology:
 
     def wait_receiving(self, host: str, port: int, count: int, at_least: int,
                        timeout: float = 30.0) -> None:
-        """Wait until `count` TCP connections to `port` in `host` have each received
-        `at_least` bytes (their data flows end to end)."""
+        """Wait until `count` TCP connections to `port` in `host` have each been seen
+        having received `at_least` bytes (their data flows end to end). Seen over time:
+        the first ones may have finished before the last one gets there."""
         deadline = time.monotonic() + timeout
+        seen: set[tuple[str, str]] = set()
         while True:
-            out = self.exec(host, "ss", "-Htin", "state", "established", f"sport = :{port}").stdout
-            received = [int(m) for m in re.findall(r"bytes_received:(\d+)", out)]
-            if sum(n >= at_least for n in received) >= count:
+            out = self.exec(host, "ss", "-Htin", "state", "connected", f"sport = :{port}").stdout
+            connection = None
+            for line in out.splitlines():
+                if line and not line[0].isspace():
+                    connection = tuple(line.split()[-2:])
+                elif connection is not None:
+                    m = re.search(r"bytes_received:(\d+)", line)
+                    if m and int(m.group(1)) >= at_least:
+                        seen.add(connection)  # type: ignore[arg-type]
+            if len(seen) >= count:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{host}:{port}: only {sorted(received)} B received on "
-                                   f"{len(received)} connections after {timeout} s")
+                raise TimeoutError(f"{host}:{port}: {len(seen)} of {count} connections seen with"
+                                   f" {at_least} B received after {timeout} s")
             time.sleep(0.05)
 
     # ------------------------------------------------------------------ forwarding, links
@@ -332,10 +347,10 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
 
 
 @contextlib.contextmanager
-def topology(*hosts: str) -> Iterator[Topology]:
+def topology(*hosts: str, pairs: Sequence[tuple[str, str]] | None = None) -> Iterator[Topology]:
     """A created topology, destroyed afterwards whatever happened; skips without root."""
     require_netns()
-    topo = Topology(*hosts)
+    topo = Topology(*hosts, pairs=pairs)
     topo.create()
     try:
         yield topo

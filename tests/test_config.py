@@ -458,3 +458,20 @@ def test_a_private_key_others_can_read_is_refused(folder: Path) -> None:
         f"hub.toml: gateway.key: {folder / 'hub.key'} is readable by group and others"
         f" (mode 0644); run chmod 600 {folder / 'hub.key'}"
     )
+
+
+def test_a_relay_tier_peer_takes_a_dial_list_and_a_number_of_connections(folder: Path) -> None:
+    """SPEC.md §15: `dial` is one address or several; `connections` carriers are kept."""
+    fp = f"SHA256:{'A' * 43}"
+    text = with_gateway(f'[[peer]]\nname = "relay"\nfingerprint = "{fp}"\n'
+                        'dial = ["tls://relay-a:7443", "tls://relay-b:7443"]\nconnections = 3\n')
+    (peer,) = parse_config(text, "hub.toml", folder).peer
+    assert peer.dial == [CarrierAddress("tls", "relay-a", 7443), CarrierAddress("tls", "relay-b", 7443)]
+    assert peer.connections == 3
+    text = with_gateway(f'[[peer]]\nname = "relay"\nfingerprint = "{fp}"\nconnections = 2\n')
+    assert error_of(folder, text) == (
+        "hub.toml: peer[0].connections: expected `dial` with connections = 2: carriers are kept"
+        " only to a peer this gateway dials")
+    text = with_gateway(f'[[peer]]\nname = "relay"\nfingerprint = "{fp}"\ndial = "tls://r:1"\n'
+                        'connections = 0\n')
+    assert error_of(folder, text).startswith("hub.toml: peer[0].connections: ")

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.relay.resume import RESUME_WINDOW
 from tests.chains import (
     CARRIER_PORT,
+    UPLOADS,
     chain_gateways,
     start_chain,
     start_hash_server,
@@ -34,55 +36,6 @@ SESSIONS = 20
 UPLOAD = 16 << 20
 REPLY = 1 << 20
 
-# SESSIONS uploads at once, each paced so the whole run lasts a few seconds; says
-# "started" when every session has sent a quarter, then prints each session's result.
-CLIENTS = r"""
-import hashlib, json, random, socket, sys, threading, time
-ports = [int(p) for p in sys.argv[1].split(",")]
-size, reply_size = int(sys.argv[2]), int(sys.argv[3])
-expected_reply = random.Random(7).randbytes(reply_size)
-quarter = threading.Barrier(len(ports) + 1)
-results = [None] * len(ports)
-
-def session(i, port):
-    data = random.Random(1000 + i).randbytes(size)
-    out = {"port": port, "sent_sha": hashlib.sha256(data).hexdigest(), "error": None}
-    told = False
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=25) as conn:
-            view = memoryview(data)
-            for pos in range(0, size, 256 * 1024):
-                conn.sendall(view[pos:pos + 256 * 1024])
-                if not told and pos >= size // 4:
-                    told = True
-                    quarter.wait(60)
-                time.sleep(0.01)
-            conn.shutdown(socket.SHUT_WR)
-            chunks = []
-            while chunk := conn.recv(1 << 20):
-                chunks.append(chunk)
-        got = b"".join(chunks)
-        line, _, rest = got.partition(b"\n")
-        out["line"] = line.decode(errors="replace")
-        out["reply_ok"] = rest == expected_reply
-    except Exception as exc:
-        out["error"] = repr(exc)
-        if not told:
-            quarter.abort()
-    results[i] = out
-
-threads = [threading.Thread(target=session, args=(i, p)) for i, p in enumerate(ports)]
-for t in threads:
-    t.start()
-try:
-    quarter.wait(60)
-    print("started", flush=True)
-except threading.BrokenBarrierError:
-    print("broken", flush=True)
-for t in threads:
-    t.join()
-print(json.dumps(results), flush=True)
-"""
 
 
 def _chain(stack: ExitStack, folder: Path, hosts: tuple[str, ...]
@@ -127,12 +80,12 @@ def test_every_session_survives_the_route_breaking_mid_transfer(tmp_path: Path, 
     with ExitStack() as stack:
         topo, gateways = _chain(stack, tmp_path, hosts)
         ports = [TCP_PLAIN if i % 2 else TCP_E2E for i in range(SESSIONS)]
-        clients = topo.spawn_python("edge", CLIENTS, ",".join(map(str, ports)), str(UPLOAD), str(REPLY),
+        clients = topo.spawn_python("edge", UPLOADS, ",".join(map(str, ports)), str(UPLOAD), str(REPLY),
                                     ready_line=False)
         assert read_line(clients, 60) == b"started\n"
         # Past its first RESUME_WINDOW at the target, a session is known resumable at both
         # ends (the entry sends no further before the exit's ACK confirms it): break now.
-        topo.wait_receiving("dc", TARGET_PORT, SESSIONS, 2 << 20)
+        topo.wait_receiving("dc", TARGET_PORT, SESSIONS, RESUME_WINDOW + (1 << 20))
         _break(how, topo, gateways)
         try:
             results = json.loads(read_line(clients, 120))
