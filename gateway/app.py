@@ -64,6 +64,8 @@ def _write_ready_file(path: Path, ready: dict[str, object]) -> None:
 
 async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
     gw = config.gateway
+    for warning in config.tier_warnings():
+        log.warning("%s", warning)
     identity = load_identity(gw.key)
     peers = PeerDirectory(list(config.peer))
     sessions = SessionLog()

@@ -65,6 +65,8 @@ def _check(path: str) -> int:
     from gateway.config import load_config
 
     config = load_config(path)
+    for warning in config.tier_warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok ({len(config.peers)} peers, {len(config.tunnels)} tunnels)")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import os
 import re
 import tomllib
@@ -313,6 +314,38 @@ class Config(_Model):
         if tunnel.udp_idle_timeout is not None:
             return tunnel.udp_idle_timeout
         return self.gateway.udp_idle_timeout
+
+    def tier_warnings(self) -> list[str]:
+        """What this file lets happen that the relay-tier topology rule (SPEC.md §15)
+        says loses sessions: one line each, "file: key: why" (`check` prints them, `run`
+        logs them). Valid configs, so warnings, not errors."""
+        warnings = []
+        for i, peer in enumerate(self.peer):
+            if peer.connections == 1:
+                continue
+            where = f"{self.path}: peer[{i}].connections"
+            ips = {d.host for d in peer.dial if _is_ip(d.host)}
+            if len(peer.dial) > 1 and len(ips) == len(peer.dial) and peer.connections > len(ips):
+                warnings.append(f"{where}: {peer.connections} carriers, but `dial` lists {len(ips)}"
+                                " IP addresses: at most that many distinct instances can be reached")
+            if self.gateway.resume_timeout == 0:
+                warnings.append(f"{where}: gateway.resume_timeout = 0 (resumption off): sessions on a"
+                                " lost instance are reset; the extra carriers only spread the load")
+            for j, tunnel in enumerate(self.tunnel):
+                if tunnel.via == [peer.name]:
+                    warnings.append(
+                        f"{self.path}: tunnel[{j}].via: its exit is {peer.name}, a relay tier"
+                        f" (connections = {peer.connections}): a session cannot outlive the"
+                        " instance it ends at; route through the tier to a gateway behind it")
+        return warnings
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # --- turning pydantic's errors into ours -----------------------------------------------------

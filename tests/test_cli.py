@@ -13,6 +13,7 @@ import pytest
 
 from gateway.logs import setup_logging
 from gateway.security.identity import fingerprint_of_file
+from tests.gateways import keygen
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,3 +133,24 @@ def test_log_lines_have_utc_millisecond_timestamps(capsys: pytest.CaptureFixture
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO gateway\.test: hello world\n", err
     )
+
+
+def test_check_warns_where_a_relay_tier_config_would_lose_sessions(tmp_path: Path) -> None:
+    """SPEC.md §15's topology rule, at `check` time: valid configs, each warning names
+    the key and says what would be lost."""
+    keygen(tmp_path, "edge")
+    keygen(tmp_path, "hub")
+    (tmp_path / "edge.toml").write_text(
+        '[gateway]\nname = "edge"\nkey = "edge.key"\nresume_timeout = 0\n\n'
+        '[[peer]]\nname = "hub"\ncert = "hub.crt"\n'
+        'dial = ["tls://198.18.0.1:7443", "tls://198.18.0.2:7443"]\nconnections = 3\n\n'
+        '[[tunnel]]\nname = "web"\nlisten = "tcp://127.0.0.1:8080"\nvia = ["hub"]\ntarget = "127.0.0.1:80"\n')
+    out = subprocess.run([sys.executable, "-m", "gateway", "check", str(tmp_path / "edge.toml")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    warnings = out.stderr.splitlines()
+    assert len(warnings) == 3, warnings
+    assert "peer[0].connections: 3 carriers, but `dial` lists 2 IP addresses" in warnings[0]
+    assert "peer[0].connections: gateway.resume_timeout = 0 (resumption off)" in warnings[1]
+    assert "tunnel[0].via: its exit is hub, a relay tier (connections = 3)" in warnings[2]
+    assert out.stdout.strip().endswith("ok (1 peers, 1 tunnels)")
