@@ -58,6 +58,11 @@ from gateway_codecs import (
 log = logging.getLogger("tunnelgate.carrier")
 
 READ_SIZE = 256 * 1024  # one batch takes several full frames: fewer wakeups per byte
+# After HELLO, until a batch fills it: an idle or interactive carrier's buffer (a relay
+# tier holds one carrier per edge: 256 KiB each was most of an idle edge's cost). A
+# carrier that fills it grows to READ_SIZE, and shrinks back after IDLE_BATCHES small ones.
+IDLE_READ_SIZE = 32 * 1024
+IDLE_BATCHES = 256
 # Until the peer's HELLO is read: a HELLO frame is at most MAX_HELLO_PAYLOAD (SPEC.md §3),
 # and a carrier that never says hello must cost little (a flood of them, many little).
 HELLO_READ_SIZE = 8 * 1024
@@ -286,6 +291,7 @@ class Carrier:
         buffer = memoryview(bytearray(HELLO_READ_SIZE))
         self.flush()  # our HELLO
         drained = False
+        small_batches = 0
         while True:
             # TLS hands over one record (<= 16 KiB) per read: keep reading until the
             # buffer is nearly full or nothing is ready, then parse the batch at once.
@@ -337,11 +343,22 @@ class Carrier:
                 self._dispatch(event)
             if session.pending_output > self._lingering:
                 self.flush()  # PONGs, credit updates, refusals
-            if size < READ_SIZE and self._established.is_set():
+            if self._established.is_set():
                 # The peer has said HELLO (over TLS, its certificate was checked before):
-                # now read in big batches.
-                # (Nothing refers to the small buffer: events were handled, split frames copied.)
-                buffer = memoryview(bytearray(READ_SIZE))
+                # size the buffer to the traffic. (Nothing refers to the old buffer: its
+                # events were handled, split frames copied.)
+                if size == HELLO_READ_SIZE:
+                    buffer = memoryview(bytearray(IDLE_READ_SIZE))
+                elif size < READ_SIZE and filled >= size - READ_MIN_ROOM:
+                    buffer = memoryview(bytearray(READ_SIZE))  # bulk: big batches
+                    small_batches = 0
+                elif size == READ_SIZE and filled < IDLE_READ_SIZE - READ_MIN_ROOM:
+                    small_batches += 1
+                    if small_batches >= IDLE_BATCHES:
+                        buffer = memoryview(bytearray(IDLE_READ_SIZE))
+                        small_batches = 0
+                else:
+                    small_batches = 0
             if filled >= size - READ_MIN_ROOM:
                 # More is probably waiting: let the circuits just fed run first. Otherwise
                 # the next read finds nothing and waiting for the socket yields anyway.
