@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import trio
 
+from gateway.admin.http import AdminServer
+from gateway.admin.view import GatewayView
 from gateway.carriers.carrier import Carrier
 from gateway.carriers.links import Links
 from gateway.carriers.peers import PeerDirectory
@@ -82,6 +84,7 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
     links = Links(config, contexts, peers, server)
     endpoints = [TunnelEndpoint(t, config, peers, sessions, contexts, relay, resume)
                  for t in config.tunnel]
+    view = GatewayView(config, identity.fingerprint, links, peers, sessions, relay, resume)
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
@@ -100,10 +103,16 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
                         tunnels = {e.tunnel.name: await _bound(nursery.start(e.serve, handlers), config,
                                                                f"tunnel[{i}].listen", e.tunnel.listen)
                                    for i, e in enumerate(endpoints)}
+                        admin = None
+                        if gw.admin is not None:
+                            # In root, not with the listeners: it answers 503 while draining.
+                            admin = await _bound(root.start(AdminServer(view).serve, gw.admin),
+                                                 config, "gateway.admin", gw.admin)
                         for peer in config.peer:
                             for slot in range(peer.connections if peer.dial else 0):
                                 root.start_soon(links.keep_dialing, peer, slot)
-                        task_status.started({"carriers": carriers, "tunnels": tunnels,
+                        view.listening = True
+                        task_status.started({"carriers": carriers, "tunnels": tunnels, "admin": admin,
                                              "fingerprint": identity.fingerprint, "pid": os.getpid(),
                                              "instance": links.instance_id.hex()})
 
@@ -117,6 +126,7 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
                 log.info("%s received: draining (up to %g s, %d sessions open)",
                          signal.Signals(signum).name, gw.drain_timeout, sessions.active)
                 break
+            view.draining = True
             accepting.cancel()
             for endpoint in endpoints:
                 endpoint.accepting = False

@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     fingerprint.add_argument("file", metavar="FILE")
     check = verbs.add_parser("check", help="validate a config file")
     check.add_argument("config", metavar="CONFIG.toml")
+    status = verbs.add_parser("status", help="carriers and tunnels of a running gateway"
+                              " (through its admin endpoint)")
+    status.add_argument("config", metavar="CONFIG.toml")
+    status.add_argument("--json", action="store_true", help="print /status as is")
     run = verbs.add_parser("run", help="run the gateway")
     run.add_argument("config", metavar="CONFIG.toml")
     run.add_argument("--ready-file", metavar="FILE",
@@ -110,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.verb == "check":
             return _check(args.config)
+        if args.verb == "status":
+            from gateway.admin.client import print_status
+
+            return print_status(args.config, args.json)
         verbosity = 1 if args.verbose else -1 if args.quiet else 0
         return _run(args.config, verbosity, args.ready_file)
     except ConfigError as exc:

@@ -63,6 +63,18 @@ class ListenAddress:
 
 
 @dataclass(frozen=True)
+class AdminAddress:
+    """Where the admin endpoint listens: TCP ``HOST:PORT`` or ``unix:PATH``."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""  # a unix socket (mode 0600) when set
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path else f"{_join_host(self.host)}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Target:
     """Where the exit gateway connects: a name or an address, and a port."""
 
@@ -151,6 +163,20 @@ def _listen(value: object) -> ListenAddress:
     return ListenAddress("tcp" if kind == "tcp" else "udp", host, port)
 
 
+def _admin(value: object) -> AdminAddress:
+    expected = "expected HOST:PORT (TCP, e.g. 127.0.0.1:9100) or unix:PATH, got"
+    if not isinstance(value, str):
+        raise ValueError(f"{expected} {_show(value)}")
+    if value.startswith("unix:"):
+        if not value[5:]:
+            raise ValueError(f"{expected} {_show(value)}")
+        return AdminAddress(path=value[5:])
+    parts = _split_host_port(value, zero_ok=True)
+    if parts is None:
+        raise ValueError(f"{expected} {_show(value)}")
+    return AdminAddress(*parts)
+
+
 def _target(value: object) -> Target:
     expected = "expected HOST:PORT (a name, an IPv4 address or [IPv6]), got"
     if not isinstance(value, str):
@@ -200,6 +226,7 @@ def _route_name(value: object) -> str:
 Name = Annotated[str, BeforeValidator(_name)]
 FilePath = Annotated[Path, BeforeValidator(_path)]
 Carrier = Annotated[CarrierAddress, BeforeValidator(_carrier)]
+Admin = Annotated[AdminAddress, BeforeValidator(_admin)]
 
 
 def _one_or_more(value: object) -> object:
@@ -245,6 +272,8 @@ class GatewayConfig(_Model):
     # Bytes all resumable sessions may hold for retransmission; beyond, the longest idle
     # ones stop being resumable.
     resume_buffer: Annotated[int, Field(ge=1 << 20)] = 256 << 20
+    # The admin endpoint (/metrics, /status, /healthz): absent, none.
+    admin: Admin | None = None
 
     @property
     def cert(self) -> Path:

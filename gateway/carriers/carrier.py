@@ -92,6 +92,8 @@ class Carrier:
         self.timing = timing
         self.peer_name = peer_name
         self.peer_instance = ""  # the peer process's INSTANCE_ID in hex ("" if not announced)
+        self.up_since = 0.0  # wall-clock time its HELLO exchange completed (0: not yet)
+        self.direction = "dialed" if role is Role.DIALER else "accepted"
         self.description = description
         self.circuits: dict[int, AnyCircuit] = {}
         self.rtt: float | None = None

@@ -13,6 +13,8 @@ import os
 import random
 import socket
 import ssl
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import trio
@@ -119,6 +121,26 @@ def _connect_failure(exc: OSError) -> str:
     return str(exc)
 
 
+# A lost carrier's close_reason, reduced to a few words a metric label can carry.
+_LOSS_REASONS = (("keepalive timeout", "keepalive_timeout"), ("after GOAWAY", "peer_goaway"),
+                 ("peer closed", "peer_closed"), ("read failed", "io_error"),
+                 ("write failed", "io_error"), ("protocol violation", "protocol_error"),
+                 ("shut", "shutdown"), ("already has a carrier", "duplicate_instance"),
+                 ("internal error", "internal_error"))
+
+
+def loss_reason(close_reason: str) -> str:
+    return next((label for text, label in _LOSS_REASONS if text in close_reason), "other")
+
+
+class CarrierStats:
+    """Carriers that came up and went down, per peer (the admin endpoint's metrics)."""
+
+    def __init__(self) -> None:
+        self.connects: Counter[tuple[str, str]] = Counter()  # (peer, "dialed"|"accepted")
+        self.losses: Counter[tuple[str, str]] = Counter()  # (peer, loss_reason)
+
+
 class Links:
     """Everything about carriers except what flows on them."""
 
@@ -140,6 +162,7 @@ class Links:
         self.settings = Settings(initial_window=gw.initial_window, max_circuits=gw.max_circuits,
                                  node_name=gw.name, capabilities=capabilities,
                                  instance_id=self.instance_id)
+        self.stats = CarrierStats()
         self.by_fingerprint: dict[str, PeerConfig] = {}
         for peer in config.peer:
             if peer.cert is not None:
@@ -164,6 +187,8 @@ class Links:
                               " already has a carrier from us")
                 return
             self.peers.add(carrier)
+            carrier.up_since = time.time()
+            self.stats.connects[carrier.peer_name, carrier.direction] += 1
             log.info("carrier %s up (peer %s)%s", carrier.description, carrier.peer_name,
                      f", instance {carrier.peer_instance}" if carrier.peer_instance else "")
             if on_up is not None:
@@ -173,6 +198,8 @@ class Links:
             await carrier.run(ready)
         finally:
             self.peers.remove(carrier)
+            if carrier.up_since:
+                self.stats.losses[carrier.peer_name or "", loss_reason(carrier.close_reason)] += 1
         log.warning("carrier %s down: %s", carrier.description, carrier.close_reason)
 
     # ------------------------------------------------------------------ accepting

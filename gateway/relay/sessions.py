@@ -6,6 +6,7 @@ It also counts live sessions, so a draining gateway knows when it may exit.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from types import TracebackType
 
 import trio
@@ -23,12 +24,13 @@ class SessionRecord:
     """
 
     __slots__ = ("circuit_id", "closed", "drains", "error", "log", "note", "received", "role", "sent",
-                 "started", "what")
+                 "started", "tunnel", "what")
 
     def __init__(self, sessions: SessionLog, role: str, what: str, circuit_id: int,
-                 drains: bool) -> None:
+                 drains: bool, tunnel: str = "") -> None:
         self.log = sessions
         self.role = role
+        self.tunnel = tunnel  # the entry's tunnel name ("" at exits and relays): metrics
         self.what = what
         self.circuit_id = circuit_id
         self.drains = drains
@@ -59,6 +61,7 @@ class SessionRecord:
         if value is not None and not self.error and not self.note:
             # Left by an exception, not through finish(): never an "ok".
             self.error = describe_abnormal_end(value)
+        self.log.outcome(self)
         if log.isEnabledFor(logging.INFO):
             duration = trio.current_time() - self.started
             outcome = (f"error: {self.error}" if self.error
@@ -69,35 +72,58 @@ class SessionRecord:
 
 
 class SessionLog:
+    """Every session's record passes here: live and total counts (the drain waits on
+    them), and per (role, tunnel) what the admin endpoint's metrics report, updated once
+    per session, never per byte."""
+
     def __init__(self) -> None:
         self.active = 0
         self.total = 0
+        self.open_by: Counter[tuple[str, str]] = Counter()  # (role, tunnel) -> open now
+        self.ended: Counter[tuple[str, str, str]] = Counter()  # (role, tunnel, "ok"|"reset")
+        self.bytes_out: Counter[tuple[str, str]] = Counter()  # of ended sessions, to the target
+        self.bytes_back: Counter[tuple[str, str]] = Counter()
+        self.refusals: Counter[str] = Counter()  # error code name -> sessions refused
         self._idle = trio.Event()
         self._idle.set()
 
-    def track(self, role: str, what: str, circuit: object, drains: bool = True) -> SessionRecord:
+    def track(self, role: str, what: str, circuit: object, drains: bool = True,
+              tunnel: str = "") -> SessionRecord:
         """A record to enter for the session's lifetime; `drains`: shutdown waits for it.
 
         UDP flows do not drain: they have no end of their own but the idle timeout.
         """
-        return SessionRecord(self, role, what, getattr(circuit, "id", 0), drains)
+        return SessionRecord(self, role, what, getattr(circuit, "id", 0), drains, tunnel)
 
-    def open(self, role: str, what: str, circuit: object) -> SessionRecord:
+    def open(self, role: str, what: str, circuit: object, tunnel: str = "") -> SessionRecord:
         """`track` and enter at once: for a session the relay engine will close."""
-        return self.track(role, what, circuit).__enter__()
+        return self.track(role, what, circuit, tunnel=tunnel).__enter__()
 
     def opened(self, record: SessionRecord) -> None:
         self.total += 1
+        self.open_by[record.role, record.tunnel] += 1
         if record.drains:
             self.active += 1
             if self._idle.is_set():
                 self._idle = trio.Event()
 
     def closed(self, record: SessionRecord) -> None:
+        key = record.role, record.tunnel
+        self.open_by[key] -= 1
+        self.bytes_out[key] += record.sent
+        self.bytes_back[key] += record.received
         if record.drains:
             self.active -= 1
             if self.active == 0:
                 self._idle.set()
+
+    def outcome(self, record: SessionRecord) -> None:
+        """Counted once its error is known (at the very end of its exit)."""
+        self.ended[record.role, record.tunnel, "reset" if record.error else "ok"] += 1
+
+    def refused(self, code: str) -> None:
+        """A session refused before it began (OPEN_FAIL at any hop), by error code."""
+        self.refusals[code] += 1
 
     async def wait_idle(self) -> None:
         await self._idle.wait()

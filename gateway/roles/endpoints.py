@@ -37,7 +37,7 @@ from gateway.relay.udp import (
     flow_record,
 )
 from gateway.security.tls import TlsContexts
-from gateway_codecs import CircuitKind, OpenRequest
+from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
 
 log = logging.getLogger("tunnelgate.tunnel")
 
@@ -50,10 +50,13 @@ REFUSED_HOLD = 1.0  # s a client whose flow was refused is not asked for again
 REFUSED_CLIENTS = 4096  # refused clients remembered at most (UDP sources can be spoofed)
 
 
-def _log_circuit_failure(what: str, error: BaseException | None) -> None:
+def _log_circuit_failure(what: str, error: BaseException | None, sessions: SessionLog) -> None:
     """A session ended by its circuit (refused, reset, carrier lost) is worth a warning."""
     if isinstance(error, CircuitBroken):
-        log.warning("%s: %s: %s", what, "refused" if isinstance(error, OpenRefused) else "failed", error)
+        refused = isinstance(error, OpenRefused)
+        log.warning("%s: %s: %s", what, "refused" if refused else "failed", error)
+        if refused:
+            sessions.refused(ErrorCode.describe(error.code))
 
 
 def _reply_to(sock: socket.socket, client: tuple[str, int]) -> Callable[[bytes], object]:
@@ -161,6 +164,7 @@ class TunnelEndpoint:
             circuit = carrier.open(request)
         except OpenRefused as exc:
             log.warning("%s: refused: %s", what, exc)
+            self.sessions.refused(ErrorCode.describe(exc.code))
             stream.abort(str(exc))
             stream.close_now()
             return None
@@ -180,8 +184,8 @@ class TunnelEndpoint:
                     circuit, state = opened
                     self.engine.relay(SocketPort(stream.sock, self.engine.readiness),
                                       self._port(CircuitPort(circuit), state),
-                                      self.sessions.open("entry", what, circuit),
-                                      on_end=lambda error: _log_circuit_failure(what, error))
+                                      self.sessions.open("entry", what, circuit, self.tunnel.name),
+                                      on_end=lambda error: _log_circuit_failure(what, error, self.sessions))
         except Exception:  # a bug in one session must not stop the listener
             log.exception("%s: internal error", what)
             stream.abort("internal error")
@@ -201,7 +205,7 @@ class TunnelEndpoint:
         if opened is None:
             return
         circuit, state = opened
-        record = self.sessions.open("entry", what, circuit)
+        record = self.sessions.open("entry", what, circuit, self.tunnel.name)
         secure = await handshake_or_abort(
             lambda: self._secure_stream(circuit), stream, circuit, record,
             lambda reason: log.warning("%s: failed: %s", what, reason))
@@ -209,7 +213,7 @@ class TunnelEndpoint:
             return
         self.engine.relay(SocketPort(stream.sock, self.engine.readiness),
                           self._port(secure.into_port(), state), record,
-                          on_end=lambda error: _log_circuit_failure(what, error))
+                          on_end=lambda error: _log_circuit_failure(what, error, self.sessions))
 
     async def _secure_stream(self, circuit: Circuit) -> SecureStream:
         """TLS 1.3 with the exit gateway inside the circuit; its key must be the peer's."""
@@ -339,7 +343,7 @@ class TunnelEndpoint:
         what = f"tunnel {self.tunnel.name} udp {_addr(client)} -> {self.route}"
         circuit = flow.circuit
         counts = flow.relay.counts if flow.relay is not None else DatagramCounts()
-        with self.sessions.track("entry", what, circuit, drains=False) as record:
+        with self.sessions.track("entry", what, circuit, drains=False, tunnel=self.tunnel.name) as record:
             try:
                 with flow_record(record, counts):
                     if flow.relay is None:  # end to end: the same relay, sealing each datagram

@@ -114,6 +114,7 @@ class CircuitServer:
             reason = f"{self.name}: {refusal.reason}"
             log.warning("refused %s: %s: %s%s", what, refusal.code.name, refusal.reason,
                         f" ({refusal.detail})" if refusal.detail else "")
+            self.sessions.refused(refusal.code.name)
             circuit.refuse(refusal.code, reason)
 
     # ------------------------------------------------------------------ exit
@@ -330,6 +331,7 @@ class CircuitServer:
             if isinstance(cause, CircuitBroken):
                 # Pass the downstream reason through unchanged: it names the refusing hop.
                 log.warning("relay %s: next hop refused: %s", what, cause)
+                self.sessions.refused(ErrorCode.describe(cause.code))
                 circuit.refuse(cause.code, cause.reason)
                 return
             raise Refusal(ErrorCode.NO_ROUTE, f"leg to {next_hop} failed: {exc}") from exc
