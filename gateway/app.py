@@ -24,6 +24,7 @@ from gateway.carriers.links import Links
 from gateway.carriers.peers import PeerDirectory
 from gateway.config import Config
 from gateway.errors import ConfigError
+from gateway.notify import Notifier
 from gateway.relay.engine import RelayEngine
 from gateway.relay.resume import ResumeTable
 from gateway.relay.sessions import SessionLog
@@ -85,6 +86,7 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
     endpoints = [TunnelEndpoint(t, config, peers, sessions, contexts, relay, resume)
                  for t in config.tunnel]
     view = GatewayView(config, identity.fingerprint, links, peers, sessions, relay, resume)
+    notifier = Notifier()
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as root:
@@ -119,6 +121,8 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
             ready = await root.start(listen)
             log.info("gateway %s (%s) ready, instance %s", gw.name, identity.fingerprint,
                      links.instance_id.hex())
+            notifier.send("READY=1", f"STATUS=listening; instance {links.instance_id.hex()}")
+            root.start_soon(notifier.keep_watchdog)
             if ready_file is not None:
                 _write_ready_file(ready_file, ready)
 
@@ -127,6 +131,7 @@ async def run_gateway(config: Config, ready_file: Path | None = None) -> None:
                          signal.Signals(signum).name, gw.drain_timeout, sessions.active)
                 break
             view.draining = True
+            notifier.send("STOPPING=1", f"STATUS=draining {sessions.active} sessions")
             accepting.cancel()
             for endpoint in endpoints:
                 endpoint.accepting = False
