@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="CONFIG.toml")
     run.add_argument("--ready-file", metavar="FILE",
                      help="once every listener is bound, write their addresses here as JSON")
+    run.add_argument("--log-format", choices=["text", "json"],
+                     help="text lines (default) or one JSON object per line; overrides gateway.log_format")
     loud = run.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -75,7 +77,7 @@ def _check(path: str) -> int:
     return 0
 
 
-def _run(path: str, verbosity: int, ready_file: str | None) -> int:
+def _run(path: str, verbosity: int, ready_file: str | None, log_format: str | None = None) -> int:
     from pathlib import Path
 
     import trio
@@ -84,7 +86,7 @@ def _run(path: str, verbosity: int, ready_file: str | None) -> int:
     from gateway.logs import setup_logging
 
     config = load_config(path)
-    setup_logging(verbosity)
+    setup_logging(verbosity, log_format or config.gateway.log_format)
     from gateway.app import run_gateway, sole_exception
     from gateway.process import tune_process
 
@@ -119,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return print_status(args.config, args.json)
         verbosity = 1 if args.verbose else -1 if args.quiet else 0
-        return _run(args.config, verbosity, args.ready_file)
+        return _run(args.config, verbosity, args.ready_file, args.log_format)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE

@@ -274,6 +274,7 @@ class GatewayConfig(_Model):
     resume_buffer: Annotated[int, Field(ge=1 << 20)] = 256 << 20
     # The admin endpoint (/metrics, /status, /healthz): absent, none.
     admin: Admin | None = None
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def cert(self) -> Path:

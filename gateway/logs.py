@@ -5,6 +5,7 @@ systemd and container runtimes collect stderr; no files, no rotation here.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -28,10 +29,36 @@ def level_for(verbosity: int) -> int:
     return logging.INFO
 
 
-def setup_logging(verbosity: int = 0) -> None:
-    """Send every logger's records to stderr at the level ``verbosity`` asks for."""
+# What log calls may attach (`extra=`) for the JSON format: the event's own fields.
+EVENT_FIELDS = ("event", "role", "tunnel", "peer", "instance", "circuit", "direction", "address",
+                "bytes_out", "bytes_back", "duration", "outcome", "reason", "code", "target")
+
+
+class _JsonFormatter(_UTCFormatter):
+    """One JSON object per line: ts, level, logger, event (the call's own, else "log"),
+    message (the text line's message), and the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {"ts": self.formatTime(record), "level": record.levelname,
+                                    "logger": record.name, "event": "log"}
+        fields = record.__dict__
+        for key in EVENT_FIELDS:
+            if key in fields:
+                entry[key] = fields[key]
+        entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(verbosity: int = 0, log_format: str = "text") -> None:
+    """Send every logger's records to stderr at the level ``verbosity`` asks for, as text
+    lines or (``log_format="json"``) one JSON object per line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -164,7 +164,7 @@ def test_unknown_key(folder: Path) -> None:
     assert error_of(folder, with_gateway("keepalive = 5\n")) == (
         "hub.toml: gateway.keepalive: unknown key (did you mean 'keepalive_timeout'?); expected"
         " one of: admin, ca, drain_timeout, handshake_timeout, initial_window, keepalive_interval,"
-        " keepalive_timeout, key, listen, max_circuits, max_route_length, name, reconnect_max,"
+        " keepalive_timeout, key, listen, log_format, max_circuits, max_route_length, name, reconnect_max,"
         " reconnect_min, resume_buffer, resume_timeout, udp_idle_timeout"
     )
     assert error_of(folder, with_gateway("[tunnels]\n")) == (

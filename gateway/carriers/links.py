@@ -190,7 +190,10 @@ class Links:
             carrier.up_since = time.time()
             self.stats.connects[carrier.peer_name, carrier.direction] += 1
             log.info("carrier %s up (peer %s)%s", carrier.description, carrier.peer_name,
-                     f", instance {carrier.peer_instance}" if carrier.peer_instance else "")
+                     f", instance {carrier.peer_instance}" if carrier.peer_instance else "",
+                     extra={"event": "carrier_up", "peer": carrier.peer_name,
+                            "instance": carrier.peer_instance, "direction": carrier.direction,
+                            "address": carrier.description})
             if on_up is not None:
                 on_up()
 
@@ -200,7 +203,10 @@ class Links:
             self.peers.remove(carrier)
             if carrier.up_since:
                 self.stats.losses[carrier.peer_name or "", loss_reason(carrier.close_reason)] += 1
-        log.warning("carrier %s down: %s", carrier.description, carrier.close_reason)
+        log.warning("carrier %s down: %s", carrier.description, carrier.close_reason,
+                    extra={"event": "carrier_down", "peer": carrier.peer_name,
+                           "instance": carrier.peer_instance, "direction": carrier.direction,
+                           "address": carrier.description, "reason": carrier.close_reason})
 
     # ------------------------------------------------------------------ accepting
 

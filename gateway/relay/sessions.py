@@ -49,7 +49,9 @@ class SessionRecord:
     def __enter__(self) -> SessionRecord:
         self.started = trio.current_time()
         self.log.opened(self)
-        log.info("%s session open: %s (circuit %d)", self.role, self.what, self.circuit_id)
+        log.info("%s session open: %s (circuit %d)", self.role, self.what, self.circuit_id,
+                 extra={"event": "session_open", "role": self.role, "tunnel": self.tunnel,
+                        "circuit": self.circuit_id, "target": self.what})
         return self
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
@@ -68,7 +70,12 @@ class SessionRecord:
                        else f"ok ({self.note})" if self.note else "ok")
             log.info("%s session closed: %s (circuit %d): %d B out, %d B back, %.3f s, %s",
                      self.role, self.what, self.circuit_id, self.sent, self.received, duration,
-                     outcome)
+                     outcome,
+                     extra={"event": "session_closed", "role": self.role, "tunnel": self.tunnel,
+                            "circuit": self.circuit_id, "target": self.what, "bytes_out": self.sent,
+                            "bytes_back": self.received, "duration": round(duration, 6),
+                            "outcome": "reset" if self.error else "ok",
+                            "reason": self.error or self.note})
 
 
 class SessionLog:

@@ -113,7 +113,9 @@ class CircuitServer:
         except Refusal as refusal:
             reason = f"{self.name}: {refusal.reason}"
             log.warning("refused %s: %s: %s%s", what, refusal.code.name, refusal.reason,
-                        f" ({refusal.detail})" if refusal.detail else "")
+                        f" ({refusal.detail})" if refusal.detail else "",
+                        extra={"event": "refused", "peer": carrier.peer_name, "target": _target(req),
+                               "code": refusal.code.name, "reason": refusal.reason})
             self.sessions.refused(refusal.code.name)
             circuit.refuse(refusal.code, reason)
 
