@@ -49,9 +49,10 @@ class SessionRecord:
     def __enter__(self) -> SessionRecord:
         self.started = trio.current_time()
         self.log.opened(self)
-        log.info("%s session open: %s (circuit %d)", self.role, self.what, self.circuit_id,
-                 extra={"event": "session_open", "role": self.role, "tunnel": self.tunnel,
-                        "circuit": self.circuit_id, "target": self.what})
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s session open: %s (circuit %d)", self.role, self.what, self.circuit_id,
+                     extra={"event": "session_open", "role": self.role, "tunnel": self.tunnel,
+                            "circuit": self.circuit_id, "target": self.what})
         return self
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
