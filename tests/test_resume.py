@@ -361,3 +361,39 @@ async def test_a_complete_sessions_rst_waits_for_the_next_write_at_most_one_swee
                 while far_second.broken is None:
                     await trio.sleep(0.01)
             assert far_second.broken.code == ErrorCode.NO_ERROR
+
+
+@pytest.mark.parametrize("client_waits_for_the_fin", [False, True], ids=["fins-cross", "fin-first"])
+async def test_an_end_to_end_half_close_during_a_download_completes_promptly(
+        tmp_path: Path, client_waits_for_the_fin: bool) -> None:
+    """The client half-closes while the target's bytes (and, crossing, its FIN) are still
+    in flight: TLS must send close_notify without choking on the records it has not read
+    yet, every byte must arrive, and the session must end at once, not at a sweep or never
+    (found by review: a FIN left unread behind TLS records hung the session)."""
+    global _accepted
+    down = os.urandom(4 * MIB)
+    with trio.fail_after(20):
+        async with carriers(resume=True) as (dialer, _, inbound):
+            _accepted = inbound  # type: ignore[assignment]
+            async with resumable_session([dialer], tls=tmp_path) as (s, _, _):
+                assert s.entry_port is not None
+                near = s.entry_port.circuit
+                async with trio.open_nursery() as n:
+                    async def target_side() -> None:
+                        await s.target.send_all(down)
+                        await s.target.send_eof()
+                        assert await s.target.receive_some(10) == b""  # the client's FIN came
+                    n.start_soon(target_side)
+                    if client_waits_for_the_fin:
+                        while not near._eof_received:
+                            await trio.sleep(0.001)
+                    else:
+                        await trio.sleep(0.01)  # some of the download is in flight
+                    await s.client.send_eof()
+                    got = bytearray()
+                    while chunk := await s.client.receive_some(1 << 16):
+                        got += chunk
+                assert got == down
+                t0 = trio.current_time()
+                await s.sessions.wait_idle()
+                assert trio.current_time() - t0 < 0.15  # ended by its FINs and ACKs, no sweep

@@ -182,7 +182,7 @@ class Links:
                             carrier.description, carrier.peer_name)
                 carrier.close(f"unknown peer name {carrier.peer_name!r} in HELLO")
                 return
-            if distinct and carrier.peer_instance in self.peers.instances(carrier.peer_name):
+            if distinct and carrier.peer_instance in self.peers.dialed_instances(carrier.peer_name):
                 carrier.close(f"instance {carrier.peer_instance} of {carrier.peer_name}"
                               " already has a carrier from us")
                 return

@@ -35,16 +35,21 @@ class PeerDirectory:
         """The usable carriers to `peer` now, oldest first."""
         return [c for c in self._carriers.get(peer, ()) if c.usable]
 
-    def instances(self, peer: str, but: Carrier | None = None) -> set[str]:
-        """The instance ids of `peer` we have a usable carrier to (a relay tier's
-        members; SPEC.md §15), leaving out `but`."""
-        return {c.peer_instance for c in self.live(peer) if c is not but and c.peer_instance}
+    def dialed_instances(self, peer: str) -> set[str]:
+        """The instance ids of `peer` we have dialed a usable carrier to (a relay tier's
+        members; SPEC.md §15). Carriers the peer dialed to us do not count."""
+        return {c.peer_instance for c in self.live(peer) if c.direction == "dialed" and c.peer_instance}
 
     def current(self, peer: str, avoid: Carrier | None = None) -> Carrier | None:
         """The usable carrier to `peer` with the fewest live circuits (the newest among
         equals: it survived the latest reconnect), or None. With several (a relay tier),
         new circuits spread over them; `avoid` is taken only if it is the only one."""
-        live = self.live(peer)
+        # Per instance only its newest carrier: an older one to the same process may be
+        # a half-open leftover of a reconnect, not yet found dead (a peer without instance
+        # ids is one instance: its newest carrier, as before tiers).
+        carriers = self.live(peer)
+        newest = {c.peer_instance: c for c in carriers}
+        live = [c for c in carriers if newest[c.peer_instance] is c]  # still oldest first
         if not live:
             return None
         if avoid is not None and len(live) > 1 and avoid in live:

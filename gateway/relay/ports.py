@@ -316,7 +316,7 @@ class TlsPort(CircuitPort):
     before (async, with a deadline: see handshake.py); this takes over its SSLObject and
     memory BIOs, with whatever they already hold."""
 
-    __slots__ = ("_cipher", "_eof_sent", "_eof_wanted", "_in", "_out", "_ssl")
+    __slots__ = ("_cipher", "_eof_sent", "_eof_wanted", "_held", "_held_end", "_in", "_out", "_ssl")
 
     def __init__(self, circuit: Circuit, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
                  outgoing: ssl.MemoryBIO) -> None:
@@ -327,6 +327,8 @@ class TlsPort(CircuitPort):
         self._cipher: bytes | None = None  # records the circuit's credit did not take yet
         self._eof_wanted = False  # close_notify was written; FIN follows the last record
         self._eof_sent = False
+        self._held: bytearray | None = None  # plaintext decrypted ahead by write_eof: read first
+        self._held_end = False  # ...and the far end's close_notify came with it
 
     def bind(self, relay: Relay, outgoing: Outgoing) -> None:
         # No push: ciphertext must be decrypted first. Data waits in the circuit, and
@@ -368,6 +370,15 @@ class TlsPort(CircuitPort):
         return 0 if self._cipher is not None else self._credit()
 
     def read(self, max_bytes: int) -> bytes | None:
+        held = self._held
+        if held is not None:
+            if held:
+                data = bytes(held[:max_bytes])
+                del held[:max_bytes]
+                return data
+            self._held = None
+            if self._held_end:
+                return b""
         tls = self._ssl
         while True:
             try:
@@ -402,6 +413,11 @@ class TlsPort(CircuitPort):
 
     def write_eof(self) -> None:
         self.check()
+        if self._in.pending:
+            # unwrap() tries a second SSL_shutdown, which reads on: application records
+            # still waiting in the BIO would then fail the connection
+            # (APPLICATION_DATA_AFTER_CLOSE_NOTIFY). Decrypt them first; read() serves them.
+            self._decrypt_ahead()
         try:
             self._ssl.unwrap()  # close_notify: in TLS 1.3 it ends our direction only
         except ssl.SSLWantReadError:
@@ -410,6 +426,20 @@ class TlsPort(CircuitPort):
             raise self._fail(f"end-to-end TLS close failed: {exc.reason or exc}", exc) from exc
         self._eof_wanted = True
         self._flush()
+
+    def _decrypt_ahead(self) -> None:
+        held = self._held if self._held is not None else bytearray()
+        try:
+            while True:
+                held += self._ssl.read(TLS_READ)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self._held_end = True
+        except ssl.SSLError as exc:
+            raise self._fail(f"end-to-end TLS record failed authentication: {exc.reason or exc}",
+                             exc) from exc
+        self._held = held
 
     @property
     def flushed(self) -> bool:

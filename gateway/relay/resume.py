@@ -154,9 +154,10 @@ class Resumption:
             was_full = state.unacked > RESUME_WINDOW - WINDOW_SLACK
             state.acked = min(delivered, state.sent + state.fin_sent)
             self._trim(min(state.acked, state.sent))
-            if was_full or (state.eof_delivered and state.fin_sent and state.unacked == 0):
-                # Room again; or everything acknowledged: the session's end. (Otherwise
-                # an engine pass would change nothing: most ACKs cost no pass.)
+            if was_full or (state.fin_sent and state.unacked == 0):
+                # Room again; or everything of ours acknowledged: perhaps the session's end
+                # (the pass also finds a FIN that waits unread behind TLS records). Else a
+                # pass would change nothing: most ACKs cost none.
                 self.relay.on_event()
 
     def _trim(self, upto: int) -> None:
@@ -238,11 +239,14 @@ class Resumption:
         if not state.eof_delivered:
             state.eof_delivered = True
             state.delivered += 1
-            # Not at once: if our side is complete too, the session ends now and its RST
-            # NO_ERROR says "everything delivered"; else our own FIN, usually soon (a
-            # server closing in turn), carries this ACK in the same write. The sweep
-            # sends it if neither comes within ACK_DELAY.
-            self.table.ack_due.add(self)
+            if state.fin_sent and not (state.unacked == 0 and state.resend is None):
+                self._ack()  # FINs crossed: no FIN of ours will carry it, and the far end waits
+            else:
+                # Not at once: if our side is complete too, the session ends now and its RST
+                # NO_ERROR says "everything delivered"; else our own FIN, usually soon (a
+                # server closing in turn), carries this ACK in the same write. The sweep
+                # sends it if neither comes within ACK_DELAY.
+                self.table.ack_due.add(self)
         return True
 
     def _send_eof(self) -> None:
