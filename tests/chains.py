@@ -13,12 +13,13 @@ from __future__ import annotations
 import atexit
 import json
 import shutil
+import subprocess
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 from tests.gateways import GatewayProcess, keygen, running
-from tests.netns import Topology
+from tests.netns import Topology, read_line
 
 CARRIER_PORT = 7000
 HASH_PORT = 9000
@@ -262,6 +263,23 @@ for t in threads:
 print(json.dumps(results), flush=True)
 """
 
+
+
+def uploads_completed(clients: subprocess.Popen[bytes], upload: int, sessions: int,
+                      *gateways: GatewayProcess) -> None:
+    """UPLOADS' results: every session sent and got back everything (sha256 both ways),
+    and each gateway logged every session closed `ok`."""
+    try:
+        results = json.loads(read_line(clients, 120))
+    finally:
+        clients.kill()
+    failed = [r for r in results if r["error"] or r["line"] != f"{r['sent_sha']} {upload}"
+              or not r["reply_ok"]]
+    assert not failed, failed
+    for gw in gateways:
+        gw.wait_log("session closed", count=sessions)
+        closed = [ln for ln in gw.log().splitlines() if "session closed" in ln]
+        assert all(ln.endswith(", ok") for ln in closed), [ln for ln in closed if "ok" not in ln]
 
 DIRECT_CONNECT = r"""
 import socket, sys

@@ -3,7 +3,8 @@ collector that reads the gateway's own counters at scrape time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -42,28 +43,16 @@ class GatewayCollector(Collector):
         yield up
         yield rtt
         stats = v.links.stats
-        connects = CounterMetricFamily("tunnelgate_carrier_connects", "Carriers that came up",
-                                       labels=["peer", "direction"])
-        for (peer, direction), n in sorted(stats.connects.items()):
-            connects.add_metric([peer, direction], n)
-        yield connects
-        losses = CounterMetricFamily("tunnelgate_carrier_losses", "Carriers that went down, by reason",
-                                     labels=["peer", "reason"])
-        for (peer, reason), n in sorted(stats.losses.items()):
-            losses.add_metric([peer, reason], n)
-        yield losses
+        yield _family(CounterMetricFamily("tunnelgate_carrier_connects", "Carriers that came up",
+                                          labels=["peer", "direction"]), stats.connects)
+        yield _family(CounterMetricFamily("tunnelgate_carrier_losses", "Carriers that went down, by reason",
+                                          labels=["peer", "reason"]), stats.losses)
 
         s = v.sessions
-        opened = GaugeMetricFamily("tunnelgate_sessions_open", "Sessions (and UDP flows) open now",
-                                   labels=["role", "tunnel"])
-        for (role, tunnel), n in sorted(s.open_by.items()):
-            opened.add_metric([role, tunnel], n)
-        yield opened
-        ended = CounterMetricFamily("tunnelgate_sessions", "Sessions ended, by outcome (ok or reset)",
-                                    labels=["role", "tunnel", "outcome"])
-        for (role, tunnel, outcome), n in sorted(s.ended.items()):
-            ended.add_metric([role, tunnel, outcome], n)
-        yield ended
+        yield _family(GaugeMetricFamily("tunnelgate_sessions_open", "Sessions (and UDP flows) open now",
+                                        labels=["role", "tunnel"]), s.open_by)
+        yield _family(CounterMetricFamily("tunnelgate_sessions", "Sessions ended, by outcome (ok or reset)",
+                                          labels=["role", "tunnel", "outcome"]), s.ended)
         moved = CounterMetricFamily("tunnelgate_session", "Session bytes, towards the target (out)"
                                     " and back", labels=["role", "tunnel", "direction"], unit="bytes")
         live = v.live_bytes()
@@ -72,17 +61,22 @@ class GatewayCollector(Collector):
             moved.add_metric([*key, "out"], s.bytes_out[key] + out)
             moved.add_metric([*key, "back"], s.bytes_back[key] + back)
         yield moved
-        refused = CounterMetricFamily("tunnelgate_refusals", "Sessions refused (OPEN_FAIL), by code",
-                                      labels=["code"])
-        for code, n in sorted(s.refusals.items()):
-            refused.add_metric([code], n)
-        yield refused
+        yield _family(CounterMetricFamily("tunnelgate_refusals", "Sessions refused (OPEN_FAIL), by code",
+                                          labels=["code"]), {(code,): n for code, n in s.refusals.items()})
 
         r = v.resume
         yield GaugeMetricFamily("tunnelgate_sessions_parked", "Resumable sessions waiting for a route",
                                 value=len(r.parked))
         yield GaugeMetricFamily("tunnelgate_resume_buffer_bytes",
                                 "Bytes held for retransmission by resumable sessions", value=r.buffered)
+
+
+def _family(family: GaugeMetricFamily | CounterMetricFamily,
+            values: Mapping[Any, int]) -> Metric:
+    """`family` with one sample per label tuple of `values`, in a stable order."""
+    for labels, n in sorted(values.items()):
+        family.add_metric(list(labels), n)
+    return family
 
 
 def registry_for(view: GatewayView) -> CollectorRegistry:
