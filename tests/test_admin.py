@@ -79,7 +79,9 @@ def test_metrics_status_and_health_agree_with_the_traffic(tmp_path: Path) -> Non
     tunnels = (f'[[tunnel]]\nname = "echo"\nlisten = "tcp://127.0.0.1:0"\nvia = ["exit"]\n'
                f'target = "127.0.0.1:{echo.getsockname()[1]}"\n'
                f'[[tunnel]]\nname = "denied"\nlisten = "tcp://127.0.0.1:0"\nvia = ["exit"]\n'
-               f'target = "127.0.0.1:1"\n')
+               f'target = "127.0.0.1:1"\n'
+               f'[[tunnel]]\nname = "udp-denied"\nlisten = "udp://127.0.0.1:0"\nvia = ["exit"]\n'
+               f'target = "127.0.0.1:9"\n')
     exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=tunnels,
                                   allow=f'["tcp://127.0.0.1:{echo.getsockname()[1]}"]')
     admin_port = free_port()
@@ -99,8 +101,22 @@ def test_metrics_status_and_health_agree_with_the_traffic(tmp_path: Path) -> Non
                 assert c.recv(10) == b""
             except ConnectionResetError:
                 pass  # refused: the client gets a reset
+        # A refused UDP client's next datagrams (within REFUSED_HOLD, 1 s) are dropped at
+        # the listener, and counted.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"first", ("127.0.0.1", entry.tunnel_port("udp-denied")))
+            wait_until(lambda: any("udp-denied" in ln and "session closed" in ln
+                                   for ln in entry.log().splitlines()), 10, "the refused flow's end")
+            for _ in range(4):
+                udp.sendto(b"dropped", ("127.0.0.1", entry.tunnel_port("udp-denied")))
         for gw in (entry, exit_gw):
-            gw.wait_log("session closed", count=len(SIZES) + (1 if gw is entry else 0))
+            gw.wait_log("session closed", count=len(SIZES) + (2 if gw is entry else 0))
+
+        def udp_dropped() -> float:
+            return _value(_samples(_curl(f"{base}/metrics").stdout), "tunnelgate_udp_datagrams_dropped_total",
+                          role="entry", tunnel="udp-denied")
+
+        wait_until(lambda: udp_dropped() >= 4, 10, "4 dropped datagrams in /metrics")
 
         at_entry = _curl(f"{base}/metrics")
         assert at_entry.returncode == 0, at_entry.stderr
@@ -111,7 +127,7 @@ def test_metrics_status_and_health_agree_with_the_traffic(tmp_path: Path) -> Non
         assert _value(m, "tunnelgate_session_bytes_total", role="entry", tunnel="echo",
                       direction="back") == moved
         assert _value(m, "tunnelgate_sessions_open", role="entry", tunnel="echo") == 0
-        assert _value(m, "tunnelgate_refusals_total", code="FORBIDDEN_TARGET") == 1
+        assert _value(m, "tunnelgate_refusals_total", code="FORBIDDEN_TARGET") == 2  # TCP and UDP
         assert _value(m, "tunnelgate_carriers_up", peer="exit") == 1
         assert _value(m, "tunnelgate_carrier_connects_total", peer="exit", direction="dialed") == 1
         info = [k for k in m if k[0] == "tunnelgate_info"]
@@ -122,7 +138,7 @@ def test_metrics_status_and_health_agree_with_the_traffic(tmp_path: Path) -> Non
         x = _samples(at_exit.stdout)
         assert _value(x, "tunnelgate_sessions_total", role="exit", tunnel="", outcome="ok") == len(SIZES)
         assert _value(x, "tunnelgate_session_bytes_total", role="exit", tunnel="", direction="out") == moved
-        assert _value(x, "tunnelgate_refusals_total", code="FORBIDDEN_TARGET") == 1
+        assert _value(x, "tunnelgate_refusals_total", code="FORBIDDEN_TARGET") == 2
         assert _value(x, "tunnelgate_carrier_connects_total", peer="entry", direction="accepted") == 1
 
         status = json.loads(_curl(f"{base}/status").stdout)

@@ -61,6 +61,10 @@ class GatewayCollector(Collector):
             moved.add_metric([*key, "out"], s.bytes_out[key] + out)
             moved.add_metric([*key, "back"], s.bytes_back[key] + back)
         yield moved
+        yield _family(CounterMetricFamily("tunnelgate_udp_datagrams_dropped",
+                                          "UDP datagrams lost in the tunnel (full queues, no route,"
+                                          " refused clients, full sockets)", labels=["role", "tunnel"]),
+                      s.udp_dropped)
         yield _family(CounterMetricFamily("tunnelgate_refusals", "Sessions refused (OPEN_FAIL), by code",
                                           labels=["code"]), {(code,): n for code, n in s.refusals.items()})
 

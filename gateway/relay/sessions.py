@@ -92,6 +92,7 @@ class SessionLog:
         self.bytes_out: Counter[tuple[str, str]] = Counter()  # of ended sessions, to the target
         self.bytes_back: Counter[tuple[str, str]] = Counter()
         self.refusals: Counter[str] = Counter()  # error code name -> sessions refused
+        self.udp_dropped: Counter[tuple[str, str]] = Counter()  # (role, tunnel) -> datagrams
         self._idle = trio.Event()
         self._idle.set()
 

@@ -94,7 +94,6 @@ class TunnelEndpoint:
         self.wait_for_carrier = config.gateway.handshake_timeout
         self.udp_idle = config.udp_idle_timeout(tunnel)
         self.accepting = True
-        self.dropped = 0
         # Clients whose last flow was refused (OPEN_FAIL), until when their datagrams are
         # dropped: without it every datagram of a refused client would be one more OPEN
         # (and one more refusal logged at each hop). Bounded: the oldest entry goes first.
@@ -269,21 +268,26 @@ class TunnelEndpoint:
                             continue  # an ICMP error for an earlier reply; the flow's timeout handles it
                         flow = flows.get(client)
                         if flow is not None and flow.resuming:
-                            self.dropped += 1  # kept for the resumed flow; this one is lost
+                            self._dropped()  # kept for the resumed flow; this one is lost
                             continue
                         if flow is None or flow.circuit.ended.is_set():
                             # No flow, or one that has just ended (its task has not yet run to
                             # remove it): this datagram starts a new flow, never joins the old.
                             flow = self._new_flow(sock, client, flows, nursery)
                             if flow is None:
-                                self.dropped += 1
+                                self._dropped()
                                 continue
                         if flow.relay is not None:
                             flow.relay.from_local(data)
                         elif len(flow.early) < FLOW_QUEUE:  # its end-to-end handshake runs
                             flow.early.append(data)
                         else:
-                            self.dropped += 1
+                            self._dropped()
+
+    def _dropped(self, n: int = 1) -> None:
+        """Datagrams this tunnel lost (a full queue, no carrier, a refused client, a full
+        socket, a flow ending): counted for the admin endpoint's metrics."""
+        self.sessions.udp_dropped["entry", self.tunnel.name] += n
 
     def _new_flow(self, sock: socket.socket, client: tuple[str, int],
                   flows: dict[tuple[str, int], _Flow], nursery: trio.Nursery) -> _Flow | None:
@@ -364,11 +368,14 @@ class TunnelEndpoint:
             finally:
                 if flows.get(client) is flow:  # not a newer flow of the same client
                     del flows[client]
+                self._dropped(circuit.dropped_in + circuit.dropped_out
+                              + (flow.relay.dropped if flow.relay is not None else 0))
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
                     await circuit.aclose()
         cause = counts.error.__cause__ if counts.error is not None else None
         if isinstance(cause, OpenRefused):
+            self.sessions.refused(ErrorCode.describe(cause.code))
             if len(self._refused) >= REFUSED_CLIENTS:
                 del self._refused[next(iter(self._refused))]
             self._refused[client] = trio.current_time() + REFUSED_HOLD

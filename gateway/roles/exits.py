@@ -253,6 +253,7 @@ class CircuitServer:
         circuit.accept()
         idle = self.config.gateway.udp_idle_timeout
         counts = DatagramCounts()
+        flow: DatagramFlow | None = None
         slot = None
         if isinstance(circuit.request.resume, Resumable) and self.resume.enabled:
             slot = self.resume.track_flow(exit_state(circuit.request))
@@ -289,6 +290,8 @@ class CircuitServer:
             finally:
                 if slot is not None:
                     self.resume.forget_flow(slot)
+                self.sessions.udp_dropped["exit", ""] += (circuit.dropped_in + circuit.dropped_out
+                                                          + (flow.dropped if flow is not None else 0))
                 await circuit.aclose()
 
     # ------------------------------------------------------------------ relay
