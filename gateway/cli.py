@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
                               " (through its admin endpoint)")
     status.add_argument("config", metavar="CONFIG.toml")
     status.add_argument("--json", action="store_true", help="print /status as is")
+    reload = verbs.add_parser("reload", help="make the running gateway re-read its config"
+                              " (through its admin endpoint; or send it SIGHUP)")
+    reload.add_argument("config", metavar="CONFIG.toml")
     run = verbs.add_parser("run", help="run the gateway")
     run.add_argument("config", metavar="CONFIG.toml")
     run.add_argument("--ready-file", metavar="FILE",
@@ -116,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.verb == "check":
             return _check(args.config)
+        if args.verb == "reload":
+            from gateway.admin.client import reload
+
+            return reload(args.config)
         if args.verb == "status":
             from gateway.admin.client import print_status
 

@@ -163,7 +163,7 @@ def _listen(value: object) -> ListenAddress:
     return ListenAddress("tcp" if kind == "tcp" else "udp", host, port)
 
 
-def _admin(value: object) -> AdminAddress:
+def parse_admin(value: object) -> AdminAddress:
     expected = "expected HOST:PORT (TCP, e.g. 127.0.0.1:9100) or unix:PATH, got"
     if not isinstance(value, str):
         raise ValueError(f"{expected} {_show(value)}")
@@ -226,7 +226,7 @@ def _route_name(value: object) -> str:
 Name = Annotated[str, BeforeValidator(_name)]
 FilePath = Annotated[Path, BeforeValidator(_path)]
 Carrier = Annotated[CarrierAddress, BeforeValidator(_carrier)]
-Admin = Annotated[AdminAddress, BeforeValidator(_admin)]
+Admin = Annotated[AdminAddress, BeforeValidator(parse_admin)]
 
 
 def _one_or_more(value: object) -> object:

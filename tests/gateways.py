@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -167,3 +168,24 @@ allow = {allow}
 {tunnels_on_entry}
 """
     return GatewayProcess(folder, "exit", exit_cfg), GatewayProcess(folder, "entry", entry_cfg)
+
+
+def echo_server() -> socket.socket:
+    """A TCP echo server on loopback (a thread per connection); close it to stop."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server

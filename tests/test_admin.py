@@ -17,29 +17,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gateways import GatewayProcess, free_port, pair_configs, running, wait_until
+from tests.gateways import GatewayProcess, echo_server, free_port, pair_configs, running, wait_until
 
 SIZES = [1, 1000, 65536, 300_000, 1 << 20]
-
-
-def _echo_server() -> socket.socket:
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server
 
 
 def _round_trip(port: int, size: int) -> int:
@@ -75,7 +55,7 @@ def _with_admin(gw: GatewayProcess, admin: str) -> None:
 
 
 def test_metrics_status_and_health_agree_with_the_traffic(tmp_path: Path) -> None:
-    echo = _echo_server()
+    echo = echo_server()
     tunnels = (f'[[tunnel]]\nname = "echo"\nlisten = "tcp://127.0.0.1:0"\nvia = ["exit"]\n'
                f'target = "127.0.0.1:{echo.getsockname()[1]}"\n'
                f'[[tunnel]]\nname = "denied"\nlisten = "tcp://127.0.0.1:0"\nvia = ["exit"]\n'

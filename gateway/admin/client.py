@@ -8,9 +8,10 @@ import json
 import socket
 import sys
 import time
+import tomllib
 from typing import Any
 
-from gateway.config import AdminAddress, load_config
+from gateway.config import AdminAddress, load_config, parse_admin
 from gateway.errors import ConfigError, TunnelgateError
 
 TIMEOUT = 5.0
@@ -28,11 +29,11 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def fetch(address: AdminAddress, target: str) -> tuple[int, bytes]:
+def fetch(address: AdminAddress, target: str, method: str = "GET") -> tuple[int, bytes]:
     conn = (_UnixConnection(address.path) if address.path
             else http.client.HTTPConnection(address.host, address.port, timeout=TIMEOUT))
     try:
-        conn.request("GET", target)
+        conn.request(method, target)
         response = conn.getresponse()
         return response.status, response.read()
     except OSError as exc:
@@ -41,11 +42,44 @@ def fetch(address: AdminAddress, target: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def print_status(config_path: str, as_json: bool) -> int:
-    config = load_config(config_path)
-    address = config.gateway.admin
+def _admin_of(config_path: str) -> AdminAddress:
+    try:
+        address = load_config(config_path).gateway.admin
+    except ConfigError:
+        # A file broken elsewhere may still say where the admin endpoint is: ask it, so
+        # the gateway itself refuses the reload, and logs why.
+        address = _admin_in_broken(config_path)
+        if address is None:
+            raise
     if address is None:
         raise ConfigError(config_path, "gateway.admin", "not set: this gateway has no admin endpoint to ask")
+    return address
+
+
+def _admin_in_broken(config_path: str) -> AdminAddress | None:
+    try:
+        with open(config_path, "rb") as f:
+            raw = tomllib.load(f)
+        return parse_admin(raw["gateway"]["admin"])
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def reload(config_path: str) -> int:
+    """`tunnelgate reload CONFIG.toml`: the running gateway re-reads its file (exit 0),
+    or refuses it and keeps its config (the one-line error, exit 2)."""
+    code, body = fetch(_admin_of(config_path), "/reload", "POST")
+    if code == 400:
+        print(body.decode().strip(), file=sys.stderr)
+        return 2
+    if code != 200:
+        raise TunnelgateError(f"reload: the admin endpoint answered {code}")
+    print(f"reloaded: {body.decode().strip()}")
+    return 0
+
+
+def print_status(config_path: str, as_json: bool) -> int:
+    address = _admin_of(config_path)
     code, body = fetch(address, "/status")
     if code != 200:
         raise TunnelgateError(f"admin endpoint {address}: /status answered {code}")

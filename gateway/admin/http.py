@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Awaitable, Callable
 
 import h11
 import trio
@@ -23,9 +24,14 @@ MAX_REQUEST = 16 * 1024  # a GET with headers; anything larger is not ours
 REQUEST_TIMEOUT = 10.0  # s a connection may take to send a request and read the answer
 
 
+# Re-read the config and apply it: (applied, one line saying what happened).
+Reload = Callable[[], Awaitable[tuple[bool, str]]]
+
+
 class AdminServer:
-    def __init__(self, view: GatewayView) -> None:
+    def __init__(self, view: GatewayView, reload: Reload | None = None) -> None:
         self.view = view
+        self.reload = reload
         self.registry = registry_for(view)
 
     async def serve(self, address: AdminAddress, *,
@@ -67,7 +73,11 @@ class AdminServer:
 
     async def _answer(self, stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request) -> None:
         target = request.target.decode("ascii", "replace").split("?", 1)[0]
-        if request.method not in (b"GET", b"HEAD"):
+        if target == "/reload" and request.method == b"POST" and self.reload is not None:
+            # (A request body, if any, is not read: the connection closes after the answer.)
+            applied, summary = await self.reload()
+            await _send(stream, conn, 200 if applied else 400, summary.encode() + b"\n", "text/plain")
+        elif request.method not in (b"GET", b"HEAD"):
             await _send(stream, conn, 405, b"only GET\n", "text/plain", [(b"allow", b"GET, HEAD")])
         elif target == "/metrics":
             await _send(stream, conn, 200, exposition(self.registry), CONTENT_TYPE)
@@ -80,7 +90,8 @@ class AdminServer:
             why = b"ok\n" if healthy else b"draining\n" if view.draining else b"starting\n"
             await _send(stream, conn, 200 if healthy else 503, why, "text/plain")
         else:
-            await _send(stream, conn, 404, b"not found: /metrics, /status, /healthz\n", "text/plain")
+            await _send(stream, conn, 404, b"not found: /metrics, /status, /healthz, POST /reload\n",
+                        "text/plain")
         # A HEAD answer has headers only: h11 drops the body for us.
 
 

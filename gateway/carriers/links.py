@@ -164,11 +164,18 @@ class Links:
                                  instance_id=self.instance_id)
         self.stats = CarrierStats()
         self.by_fingerprint: dict[str, PeerConfig] = {}
+        self.use(config)
+
+    def use(self, config: Config) -> None:
+        """The peers to recognize (at start, and after a reload; [gateway] stays)."""
+        self.config = config
+        by_fingerprint = {}
         for peer in config.peer:
             if peer.cert is not None:
-                self.by_fingerprint[fingerprint_of_file(peer.cert)] = peer
+                by_fingerprint[fingerprint_of_file(peer.cert)] = peer
             if peer.fingerprint is not None:
-                self.by_fingerprint[peer.fingerprint] = peer
+                by_fingerprint[peer.fingerprint] = peer
+        self.by_fingerprint = by_fingerprint
 
     async def _carry(self, carrier: Carrier, on_up: Callable[[], None] | None = None,
                      distinct: bool = False) -> None:

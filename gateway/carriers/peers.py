@@ -16,9 +16,17 @@ class PeerDirectory:
         self._carriers: dict[str, list[Carrier]] = {p.name: [] for p in peers}
         self._changed = trio.Event()
 
+    def use(self, peers: list[PeerConfig]) -> list[Carrier]:
+        """The configured peers after a reload: new circuits are judged by these entries
+        (allow, route). Returns the carriers of peers no longer configured."""
+        self.by_name = {p.name: p for p in peers}
+        gone = [c for name, live in self._carriers.items() if name not in self.by_name for c in live]
+        self._carriers = {name: self._carriers.get(name, []) for name in self.by_name}
+        return gone
+
     def add(self, carrier: Carrier) -> None:
         assert carrier.peer_name is not None
-        self._carriers[carrier.peer_name].append(carrier)
+        self._carriers.setdefault(carrier.peer_name, []).append(carrier)
         self._changed.set()
         self._changed = trio.Event()
 

@@ -286,6 +286,15 @@ class RelayEngine:
             for session in list(self.sessions):
                 session.fail(GatewayShutdown("gateway shut down"))
 
+    def end_tunnel(self, tunnel: str) -> int:
+        """A reload removed `tunnel` and its drain is over: break its sessions still open
+        (RST both ways). Returns how many."""
+        ended = [s for s in self.sessions if s.record.tunnel == tunnel and s.record.role == "entry"]
+        with write_batch():
+            for session in ended:
+                session.fail(SessionError(f"tunnel {tunnel} was removed from the config"))
+        return len(ended)
+
     def release_relayed(self) -> int:
         """Shutting down: hand this relay's resumable sessions back to their endpoints
         now (RST ROUTE_LOST both ways), so they resume over another route or when this

@@ -83,21 +83,26 @@ class TunnelEndpoint:
     def __init__(self, tunnel: TunnelConfig, config: Config, peers: PeerDirectory,
                  sessions: SessionLog, contexts: TlsContexts, engine: RelayEngine,
                  resume: ResumeTable) -> None:
-        self.tunnel = tunnel
         self.engine = engine
         self.resume = resume
         self.contexts = contexts
         self.handshake_timeout = config.gateway.handshake_timeout
-        self.exit_peer = config.peer_named(tunnel.via[-1]) if tunnel.end_to_end else None
         self.peers = peers
         self.sessions = sessions
         self.wait_for_carrier = config.gateway.handshake_timeout
-        self.udp_idle = config.udp_idle_timeout(tunnel)
         self.accepting = True
         # Clients whose last flow was refused (OPEN_FAIL), until when their datagrams are
         # dropped: without it every datagram of a refused client would be one more OPEN
         # (and one more refusal logged at each hop). Bounded: the oldest entry goes first.
         self._refused: dict[tuple[str, int], float] = {}
+        self.use(tunnel, config)
+
+    def use(self, tunnel: TunnelConfig, config: Config) -> None:
+        """What new sessions of this tunnel open (at start, and after a reload that kept
+        its listen address): the route, the target, the end-to-end peer."""
+        self.tunnel = tunnel
+        self.exit_peer = config.peer_named(tunnel.via[-1]) if tunnel.end_to_end else None
+        self.udp_idle = config.udp_idle_timeout(tunnel)
         kind = CircuitKind.UDP if tunnel.listen.kind == "udp" else CircuitKind.TCP
         self.request = OpenRequest(kind, tunnel.target.host, tunnel.target.port,
                                    tuple(tunnel.via[1:]), tunnel.end_to_end)

@@ -84,16 +84,20 @@ class CircuitServer:
 
     def __init__(self, config: Config, peers: PeerDirectory, sessions: SessionLog,
                  contexts: TlsContexts, engine: RelayEngine, resume: ResumeTable) -> None:
-        self.config = config
         self.engine = engine
         self.resume = resume
         self.contexts = contexts
-        self.by_fingerprint = {p.fingerprint: p.name for p in config.peer if p.fingerprint}
+        self.use(config)
         self.flip_offset = fault_injection_offset()
         self.name = config.gateway.name
         self.peers = peers
         self.sessions = sessions
         self.connect_timeout = config.gateway.handshake_timeout
+
+    def use(self, config: Config) -> None:
+        """The config new circuits are served by (a reload swaps it; open ones go on)."""
+        self.config = config
+        self.by_fingerprint = {p.fingerprint: p.name for p in config.peer if p.fingerprint}
 
     async def __call__(self, carrier: Carrier, circuit: AnyCircuit) -> None:
         req = circuit.request

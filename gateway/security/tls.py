@@ -170,6 +170,15 @@ class TlsContexts:
         self._server: ssl.SSLContext | None = None
         self._clients: dict[str | None, ssl.SSLContext] = {}
 
+    def set_peer_certs(self, peer_certs: Iterable[StrPath]) -> None:
+        """A reload changed the peers: contexts built from now on trust these (a carrier
+        already up keeps the identity it was authenticated with)."""
+        certs = list(peer_certs)
+        if certs != self.peer_certs:
+            self.peer_certs = certs
+            self._server = None
+            self._clients.clear()
+
     def server(self) -> ssl.SSLContext:
         if self._server is None:
             self._server = server_context(self.identity, self.peer_certs, self.ca_path)
