@@ -11,6 +11,8 @@ import getpass
 import shutil
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 from .procs import (
@@ -225,13 +227,31 @@ class Tunnelgate(Contender):
     is_tunnelgate = True
 
     def __init__(self, workdir: Path, name: str, carrier: str, chain: bool,
-                 gateway_extra: tuple[str, ...] = ()) -> None:
+                 gateway_extra: tuple[str, ...] = (), scraped: bool = False) -> None:
         self.name = name
         self.carrier = carrier
         self.chain = chain
         self.gateway_extra = gateway_extra  # more [gateway] keys for every gateway
+        # Every gateway with an admin endpoint, and /metrics fetched from each every
+        # second while the contender runs (a scrape interval far shorter than Prometheus').
+        self.scraped = scraped
+        self._admin_ports: list[int] = []
+        self._scraping = threading.Event()
         super().__init__(workdir)
         self._gateways: dict[str, Proc] = {}
+
+    def stop(self) -> None:
+        self._scraping.set()
+        super().stop()
+
+    def _scrape(self) -> None:
+        while not self._scraping.wait(1.0):
+            for port in self._admin_ports:
+                try:
+                    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as answer:
+                        answer.read()
+                except OSError:
+                    pass  # a gateway restarting between scenarios
 
     def gateways(self) -> dict[str, Proc]:
         return dict(self._gateways)
@@ -242,6 +262,7 @@ class Tunnelgate(Contender):
             if not (self.dir / f"{role}.key").exists():
                 _run([gateway_python(), "-m", "gateway", "keygen", str(self.dir / role)])
         carrier_ports = {role: free_port() for role in roles[1:]}
+        self._admin_ports = [free_port() for _ in roles] if self.scraped else []
         configs = self._configs(roles, carrier_ports, forwards)
         self._gateways = {}
         for role in reversed(roles):  # listeners first: exit, then hub, then entry
@@ -251,6 +272,9 @@ class Tunnelgate(Contender):
                 f"gw-{role}", [gateway_python(), "-m", "gateway", "run", *quiet_flag(), str(path)],
                 carrier_ports.get(role),
             )
+        if self.scraped:
+            self._scraping = threading.Event()
+            threading.Thread(target=self._scrape, daemon=True).start()
 
     def _configs(self, roles: list[str], carrier: dict[str, int],
                  forwards: list[Forward]) -> dict[str, str]:
@@ -261,6 +285,8 @@ class Tunnelgate(Contender):
         out = {}
         for i, role in enumerate(roles):
             lines = ["[gateway]", f'name = "{role}"', f'key = "{self.dir / role}.key"', *self.gateway_extra]
+            if self._admin_ports:
+                lines.append(f'admin = "{HOST}:{self._admin_ports[i]}"')
             if role in carrier:
                 lines.append(f'listen = ["{url(role)}"]')
             if i > 0:  # the previous hop dials us
@@ -336,8 +362,9 @@ def all_contenders(workdir: Path) -> list[Contender]:
         # The same without session resumption (issue 11: what resumption costs).
         Tunnelgate(workdir, "tg-tls-noresume", "tls", chain=False, gateway_extra=("resume_timeout = 0",)),
         Tunnelgate(workdir, "tg-chain-noresume", "tls", chain=True, gateway_extra=("resume_timeout = 0",)),
+        Tunnelgate(workdir, "tg-tls-admin", "tls", chain=False, scraped=True),
     ]
 
 
 CONTENDER_NAMES = ["direct", "socat", "stunnel", "ssh", "tg-tls", "tg-tcp", "tg-chain", "tg-tls-noresume",
-                   "tg-chain-noresume"]
+                   "tg-chain-noresume", "tg-tls-admin"]
