@@ -96,7 +96,9 @@ class Gateway:
         self.endpoints = {t.name: self._endpoint(t) for t in config.tunnel}
         self.view = GatewayView(config, identity.fingerprint, links, peers, sessions, relay, resume)
         self.notifier = Notifier()
-        self.endpoint_scopes: dict[str, trio.CancelScope] = {}
+        # Per tunnel: the scope of its listener task, and an event set when that task ended
+        # (its sockets closed), so a reload can give the port to another tunnel.
+        self.endpoint_scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self.dial_scopes: dict[str, trio.CancelScope] = {}
         self._root: trio.Nursery | None = None
         self._listeners: trio.Nursery | None = None
@@ -119,6 +121,8 @@ class Gateway:
                     with accepting:
                         async with trio.open_nursery() as nursery:
                             self._listeners = nursery
+                            # Open until the drain, even with no listener left: a reload may add one.
+                            nursery.start_soon(trio.sleep_forever)
                             carriers = [await _bound(nursery.start(self.links.serve, address, root),
                                                      config, f"gateway.listen[{i}]", address)
                                         for i, address in enumerate(gw.listen)]
@@ -180,13 +184,16 @@ class Gateway:
     async def _start_endpoint(self, endpoint: TunnelEndpoint) -> object:
         """Serve `endpoint`'s listener under its own scope (a reload may stop it alone)."""
         assert self._listeners is not None and self._root is not None
-        scope = trio.CancelScope()
-        self.endpoint_scopes[endpoint.tunnel.name] = scope
+        scope, ended = trio.CancelScope(), trio.Event()
+        self.endpoint_scopes[endpoint.tunnel.name] = scope, ended
         root = self._root
 
         async def serve(*, task_status: trio.TaskStatus[object]) -> None:
-            with scope:
-                await endpoint.serve(root, task_status=task_status)
+            try:
+                with scope:
+                    await endpoint.serve(root, task_status=task_status)
+            finally:
+                ended.set()
 
         return await self._listeners.start(serve)
 
@@ -222,6 +229,9 @@ class Gateway:
         self.notifier.send("RELOADING=1", "STATUS=reloading")
         try:
             changes = await self._apply(new)
+        except Exception as exc:  # a bug must not take the gateway (or the admin server) down
+            log.exception("reload of %s failed part way; what was applied stays", path)
+            return False, f"{path}: reload failed part way: {exc}"
         finally:
             self.notifier.send("READY=1", "STATUS=listening")
         summary = "; ".join(changes) or "nothing changed"
@@ -272,7 +282,7 @@ class Gateway:
         after = {t.name: t for t in new.tunnel}
         for name, tunnel in before.items():
             if name not in after or after[name].listen != tunnel.listen:
-                self._stop_endpoint(name)
+                await self._stop_endpoint(name)
                 changes.append(f"tunnel {name} removed" if name not in after
                                else f"tunnel {name} moved to {after[name].listen}")
         for name, tunnel in after.items():
@@ -294,11 +304,14 @@ class Gateway:
             if name not in before:
                 changes.append(f"tunnel {name} added")
 
-    def _stop_endpoint(self, name: str) -> None:
-        """Close the tunnel's listener now; its open sessions drain for drain_timeout."""
+    async def _stop_endpoint(self, name: str) -> None:
+        """Close the tunnel's listener now (its port is free when this returns); its open
+        sessions drain for drain_timeout."""
         endpoint = self.endpoints.pop(name)
         endpoint.accepting = False
-        self.endpoint_scopes.pop(name).cancel()
+        scope, ended = self.endpoint_scopes.pop(name)
+        scope.cancel()
+        await ended.wait()
         assert self._root is not None
         self._root.start_soon(self._drain_tunnel, name)
 

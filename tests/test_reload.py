@@ -172,3 +172,23 @@ def test_a_reload_that_adds_a_peer_lets_it_connect(tmp_path: Path) -> None:
         finally:
             entry.stop()
 
+
+
+def test_a_reload_can_give_a_removed_tunnels_port_to_a_new_one(tmp_path: Path) -> None:
+    """Renaming a tunnel (one removed, one added on the same port): the old listener is
+    closed before the new one binds, so the port is never 'in use'."""
+    echo = echo_server()
+    port, admin = free_port(), free_port()
+    exit_gw, entry = pair_configs(tmp_path, tunnels_on_entry=_tunnel("old", f"tcp://127.0.0.1:{port}",
+                                                                     echo.getsockname()[1]))
+    text = entry.config_path.read_text().replace(
+        "[gateway]\n", f'[gateway]\nadmin = "127.0.0.1:{admin}"\n', 1)
+    entry.config_path.write_text(text)
+    with echo, running(exit_gw, entry):
+        entry.wait_log("up (peer exit)")
+        assert _echo_once(port) == b"ping"
+        entry.config_path.write_text(text.replace('name = "old"', 'name = "new"'))
+        done = _tunnelgate("reload", str(entry.config_path))
+        assert done.returncode == 0, done.stderr
+        assert "tunnel old removed" in done.stdout and "tunnel new added" in done.stdout, done.stdout
+        assert _echo_once(port) == b"ping"
