@@ -24,7 +24,7 @@ from gateway.relay import resume
 from gateway.relay.e2e import SecureStream
 from gateway.relay.engine import RelayEngine
 from gateway.relay.ports import CircuitPort, SocketPort
-from gateway.relay.resume import ResumeTable, Resumption, exit_state, make_resumable, open_state
+from gateway.relay.resume import ResumeState, ResumeTable, Resumption, exit_state, make_resumable, open_state
 from gateway.relay.sessions import SessionLog
 from gateway.security.identity import write_identity
 from gateway.security.tls import client_context, server_context
@@ -91,20 +91,10 @@ async def _open(engine: RelayEngine, carrier: Carrier, entry_table: ResumeTable,
     """`tls`: a folder for an identity: the session runs TLS end to end inside."""
     client, entry_sock = _tcp_pair()
     target, exit_sock = _tcp_pair()
-    state, request = open_state(TARGET, "exit")
-    near = carrier.open(request)
-    far = await _accepted.receive()
-    assert isinstance(near, Circuit) and isinstance(far, Circuit)
-    far.accept()
-    far.send_ack(0)
+    state, near, far = await _resumable_circuits(carrier)
     near_port, far_port = CircuitPort(near), CircuitPort(far)
     if tls is not None:
-        identity = write_identity(tls / "gw")
-        near_tls = SecureStream(near, client_context(identity), server_side=False)
-        far_tls = SecureStream(far, server_context(identity, [tls / "gw.crt"]), server_side=True)
-        async with trio.open_nursery() as handshakes:
-            handshakes.start_soon(near_tls.do_handshake)
-            handshakes.start_soon(far_tls.do_handshake)
+        near_tls, far_tls = await _handshake(near, far, tls)
         near_port, far_port = near_tls.into_port(), far_tls.into_port()
     engine.relay(make_resumable(far_port, exit_state(far.request), exit_table),
                  SocketPort(exit_sock, engine.readiness), sessions.open("exit", "t", far))
@@ -113,6 +103,28 @@ async def _open(engine: RelayEngine, carrier: Carrier, entry_table: ResumeTable,
     assert isinstance(entry_port, Resumption)
     return (trio.SocketStream(trio.socket.from_stdlib_socket(client)),
             trio.SocketStream(trio.socket.from_stdlib_socket(target)), entry_port)
+
+
+async def _resumable_circuits(carrier: Carrier) -> tuple[ResumeState, Circuit, Circuit]:
+    """A resumable OPEN, accepted by the far end with its ACK(0)."""
+    state, request = open_state(TARGET, "exit")
+    near = carrier.open(request)
+    far = await _accepted.receive()
+    assert isinstance(near, Circuit) and isinstance(far, Circuit)
+    far.accept()
+    far.send_ack(0)
+    return state, near, far
+
+
+async def _handshake(near: Circuit, far: Circuit, folder: Path) -> tuple[SecureStream, SecureStream]:
+    """End-to-end TLS inside the circuit, with an identity made in `folder`."""
+    identity = write_identity(folder / "gw")
+    near_tls = SecureStream(near, client_context(identity), server_side=False)
+    far_tls = SecureStream(far, server_context(identity, [folder / "gw.crt"]), server_side=True)
+    async with trio.open_nursery() as handshakes:
+        handshakes.start_soon(near_tls.do_handshake)
+        handshakes.start_soon(far_tls.do_handshake)
+    return near_tls, far_tls
 
 
 _accepted: trio.MemoryReceiveChannel[Circuit]
@@ -300,18 +312,8 @@ async def test_an_end_to_end_session_is_resumable_only_once_the_exit_has_its_han
                 await nursery.start(engine.run)
                 await nursery.start(table.run)
                 client, entry_sock = _tcp_pair()
-                state, request = open_state(TARGET, "exit")
-                near = dialer.open(request)
-                far = await _accepted.receive()
-                assert isinstance(near, Circuit) and isinstance(far, Circuit)
-                far.accept()
-                far.send_ack(0)
-                identity = write_identity(tmp_path / "gw")
-                near_tls = SecureStream(near, client_context(identity), server_side=False)
-                far_tls = SecureStream(far, server_context(identity, [tmp_path / "gw.crt"]), server_side=True)
-                async with trio.open_nursery() as handshakes:
-                    handshakes.start_soon(near_tls.do_handshake)
-                    handshakes.start_soon(far_tls.do_handshake)
+                state, near, far = await _resumable_circuits(dialer)
+                near_tls, _ = await _handshake(near, far, tmp_path)
                 # The exit never gets as far as relaying (its handshake "did not finish").
                 port = make_resumable(near_tls.into_port(), state, table)
                 engine.relay(SocketPort(entry_sock, engine.readiness), port,
