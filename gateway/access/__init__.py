@@ -1,0 +1,1 @@
+"""Access endpoints: listeners whose clients name their destination (SOCKS5, HTTP CONNECT)."""
