@@ -25,7 +25,16 @@ from .events import (
     PongReceived,
 )
 from .flow import ReceiveWindow, SendCredit
-from .frames import MAX_DATAGRAM, CircuitKind, FrameType, OpenRequest, Resumable, Resuming
+from .frames import (
+    MAX_DATAGRAM,
+    CircuitKind,
+    FrameType,
+    OpenRequest,
+    Origin,
+    ProxyHeader,
+    Resumable,
+    Resuming,
+)
 from .hello import PROTOCOL_VERSION, Capability, Settings
 from .session import CarrierSession, CircuitSnapshot, CircuitState, Role
 
@@ -56,9 +65,11 @@ __all__ = [
     "HandshakeComplete",
     "LocalProtocolError",
     "OpenRequest",
+    "Origin",
     "PingReceived",
     "PongReceived",
     "ProtocolError",
+    "ProxyHeader",
     "ReceiveWindow",
     "RemoteProtocolError",
     "Resumable",

@@ -59,6 +59,7 @@ class OpenFlags(enum.IntFlag):
     END_TO_END = 0x01  # the opener runs TLS 1.3 inside the circuit with the exit
     RESUMABLE = 0x02  # RESUME capability: a new session the endpoints may resume (§14)
     RESUMING = 0x04  # RESUME capability: this OPEN resumes an earlier session (§14)
+    ORIGIN = 0x08  # ORIGIN capability: the client's addresses follow, maybe a PROXY header (§16)
 
 
 class AddressType(enum.IntEnum):
@@ -130,6 +131,26 @@ def decode_u64(payload: bytes) -> int:
 RESUME_ID_SIZE = 16  # session id, secret and verifier: 128 bits each
 _RESUMABLE = 0x01  # extension tags after OPEN's route (SPEC.md §14)
 _RESUMING = 0x02
+_ORIGIN = 0x03  # the session's origin (SPEC.md §16)
+
+
+class ProxyHeader(enum.IntEnum):
+    """Which PROXY protocol header the exit writes to the target before any byte (§16)."""
+
+    NONE = 0
+    V1 = 1
+    V2 = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a session came from: the client's address and the address it connected to
+    at the entry (as PROXY protocol's source and destination), and whether the exit
+    announces them to the target with a PROXY header."""
+
+    source: tuple[str, int]
+    destination: tuple[str, int]
+    proxy_header: ProxyHeader = ProxyHeader.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +183,7 @@ class OpenRequest:
     route: tuple[str, ...] = ()
     end_to_end: bool = False
     resume: Resumable | Resuming | None = None
+    origin: Origin | None = None
 
     @property
     def flags(self) -> OpenFlags:
@@ -170,6 +192,8 @@ class OpenRequest:
             flags |= OpenFlags.RESUMABLE
         elif isinstance(self.resume, Resuming):
             flags |= OpenFlags.RESUMING
+        if self.origin is not None:
+            flags |= OpenFlags.ORIGIN
         return flags
 
 
@@ -205,7 +229,20 @@ def encode_open(request: OpenRequest) -> bytes:
     elif isinstance(resume, Resuming):
         parts += [bytes((_RESUMING,)), _sized(resume.session_id), _sized(resume.secret),
                   _sized(resume.next_verifier), _U64.pack(resume.delivered)]
+    origin = request.origin
+    if origin is not None:
+        parts += [bytes((_ORIGIN, origin.proxy_header)), _encode_endpoint(*origin.source),
+                  _encode_endpoint(*origin.destination)]
     return b"".join(parts)
+
+
+def _encode_endpoint(host: str, port: int) -> bytes:
+    """An origin address: IPv4 or IPv6 only (a client's address is never a name)."""
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port out of range: {port}")
+    addr = ipaddress.ip_address(host)
+    atype = AddressType.IPV4 if addr.version == 4 else AddressType.IPV6
+    return bytes((atype,)) + addr.packed + _U16.pack(port)
 
 
 def _sized(value: bytes) -> bytes:
@@ -239,9 +276,9 @@ class _Reader:
         return int.from_bytes(self.take(2), "big")
 
 
-def decode_open(payload: bytes, flags: int, resume: bool = False) -> OpenRequest:
-    """`resume`: the RESUME capability was negotiated; without it the resumption flags and
-    extension are reserved bits and bytes, ignored as v1 says."""
+def decode_open(payload: bytes, flags: int, resume: bool = False, origin: bool = False) -> OpenRequest:
+    """`resume`, `origin`: the RESUME and ORIGIN capabilities were negotiated; without
+    them their flags and extensions are reserved bits and bytes, ignored as v1 says."""
     r = _Reader(payload, "OPEN")
     kind_raw = r.u8()
     try:
@@ -290,6 +327,28 @@ def decode_open(payload: bytes, flags: int, resume: bool = False) -> OpenRequest
                 raise RemoteProtocolError("RESUMING OPEN without its extension")
             extension = Resuming(r.take(RESUME_ID_SIZE), r.take(RESUME_ID_SIZE), r.take(RESUME_ID_SIZE),
                                  int.from_bytes(r.take(8), "big"))
-    # Bytes after the route (and after a negotiated extension) are reserved for
+    where_from = None
+    if origin and flags & OpenFlags.ORIGIN:
+        if r.u8() != _ORIGIN:
+            raise RemoteProtocolError("ORIGIN OPEN without its extension")
+        header_raw = r.u8()
+        try:
+            proxy_header = ProxyHeader(header_raw)
+        except ValueError:
+            raise RemoteProtocolError(f"OPEN origin with unknown PROXY header version {header_raw}") from None
+        where_from = Origin(_decode_endpoint(r), _decode_endpoint(r), proxy_header)
+    # Bytes after the route (and after the negotiated extensions) are reserved for
     # extensions and ignored.
-    return OpenRequest(kind, host, port, tuple(route), bool(flags & OpenFlags.END_TO_END), extension)
+    return OpenRequest(kind, host, port, tuple(route), bool(flags & OpenFlags.END_TO_END), extension,
+                       where_from)
+
+
+def _decode_endpoint(r: _Reader) -> tuple[str, int]:
+    atype = r.u8()
+    if atype == AddressType.IPV4:
+        host = str(ipaddress.IPv4Address(r.take(4)))
+    elif atype == AddressType.IPV6:
+        host = str(ipaddress.IPv6Address(r.take(16)))
+    else:
+        raise RemoteProtocolError(f"OPEN origin with address type {atype}: IPv4 or IPv6 only")
+    return host, r.u16()

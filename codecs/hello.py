@@ -28,6 +28,7 @@ class Capability(enum.IntFlag):
     NONE = 0
     DATAGRAM = 1 << 0  # UDP flows (kind UDP circuits, DATAGRAM frames)
     RESUME = 1 << 1  # resumable sessions: OPEN's resumption extension and ACK (SPEC.md §14)
+    ORIGIN = 1 << 2  # OPEN's origin extension: the client's address, a PROXY header (SPEC.md §16)
 
 
 class SettingId(enum.IntEnum):
@@ -144,7 +145,7 @@ def decode_hello(payload: bytes) -> Settings:
         raise RemoteProtocolError("HELLO node name is not UTF-8") from None
     if len(name.encode("utf-8")) > MAX_HOP_NAME:
         raise RemoteProtocolError("HELLO node name longer than 63 bytes")
-    known = Capability.DATAGRAM | Capability.RESUME
+    known = Capability.DATAGRAM | Capability.RESUME | Capability.ORIGIN
     return Settings(
         max_frame_payload=max_payload,
         initial_window=window,

@@ -430,6 +430,9 @@ class CarrierSession:
         if request.resume is not None and not self.capabilities & Capability.RESUME:
             raise LocalProtocolError("the peer does not support resumption",
                                      ErrorCode.UNSUPPORTED_KIND)
+        if request.origin is not None and not self.capabilities & Capability.ORIGIN:
+            raise LocalProtocolError("the peer does not support the origin extension",
+                                     ErrorCode.UNSUPPORTED_KIND)
         payload = encode_open(request)
         assert self.peer_settings is not None
         cid = self._next_local_id
@@ -565,6 +568,11 @@ class CarrierSession:
     def resumable(self) -> bool:
         """Both sides announced RESUME: resumable OPENs and ACK frames may be sent."""
         return bool(self.capabilities & Capability.RESUME)
+
+    @property
+    def carries_origin(self) -> bool:
+        """Both sides announced ORIGIN: OPENs may carry the session's origin (§16)."""
+        return bool(self.capabilities & Capability.ORIGIN)
 
     def send_ack(self, circuit_id: int, delivered: int) -> None:
         """Queue ACK: our endpoint delivered `delivered` units of the peer's stream (a
@@ -852,7 +860,8 @@ class CarrierSession:
         if cid == 0 or not self._is_peer_id(cid) or cid <= self._highest_peer_id:
             raise RemoteProtocolError(f"OPEN with invalid or reused circuit id {cid}",
                                       ErrorCode.CIRCUIT_ID_ERROR)
-        request = decode_open(payload, flags, bool(self.capabilities & Capability.RESUME))
+        request = decode_open(payload, flags, bool(self.capabilities & Capability.RESUME),
+                              bool(self.capabilities & Capability.ORIGIN))
         self._highest_peer_id = cid
         assert self.peer_settings is not None
         refusal: tuple[ErrorCode, str] | None = None

@@ -25,6 +25,8 @@ from gateway_codecs import (
     CircuitRequested,
     ErrorCode,
     OpenRequest,
+    Origin,
+    ProxyHeader,
     RemoteProtocolError,
     Resumable,
     Resuming,
@@ -43,8 +45,11 @@ OPENS = (
     OpenRequest(CircuitKind.TCP, "10.2.0.5", 5432, ("dc",), False, Resumable(b"S" * 16, b"V" * 16)),
     OpenRequest(CircuitKind.TCP, "10.2.0.5", 5432, ("dc",), True,
                 Resuming(b"S" * 16, b"K" * 16, b"W" * 16, 123456)),
+    OpenRequest(CircuitKind.TCP, "service:echo", 0, ("dc",), False, Resumable(b"S" * 16, b"V" * 16),
+                Origin(("198.18.0.10", 51234), ("2001:db8::1", 7), ProxyHeader.V1)),
 )
-CAPS = Capability.DATAGRAM | Capability.RESUME  # every extension is in the fuzzed bytes
+# every extension is in the fuzzed bytes
+CAPS = Capability.DATAGRAM | Capability.RESUME | Capability.ORIGIN
 # A small window: overruns are easy.
 LOCAL = Settings(initial_window=4096, session_id=b"L" * 16, capabilities=CAPS)
 

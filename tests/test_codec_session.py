@@ -32,8 +32,10 @@ from gateway_codecs import (
     HandshakeComplete,
     LocalProtocolError,
     OpenRequest,
+    Origin,
     PingReceived,
     PongReceived,
+    ProxyHeader,
     RemoteProtocolError,
     Resumable,
     Role,
@@ -730,3 +732,42 @@ def test_an_instance_id_is_announced_only_when_set_and_must_be_8_bytes() -> None
         decode_hello(short)
     with pytest.raises(ValueError):
         Settings(instance_id=b"\x01" * 3)
+
+
+# ---------------------------------------------------------------- origin (SPEC.md §16)
+
+ORIGINS = Settings(capabilities=Capability.DATAGRAM | Capability.ORIGIN)
+WITH_ORIGIN = OpenRequest(CircuitKind.TCP, "service:echo", 0, ("dc",), False, None,
+                          Origin(("198.18.0.10", 51234), ("127.0.0.1", 7), ProxyHeader.V2))
+
+
+def test_an_origin_reaches_a_peer_that_announced_it(mode: str) -> None:
+    a, b, link = connected(mode, ORIGINS, ORIGINS)
+    assert a.carries_origin and b.carries_origin
+    open_accepted(a, b, link, WITH_ORIGIN)  # the request arrives with its origin, exactly
+
+
+def test_without_origin_on_both_sides_it_is_never_sent_and_ignored_if_it_comes(mode: str) -> None:
+    a, _, _ = connected(mode, ORIGINS, Settings())
+    assert not a.carries_origin
+    with pytest.raises(LocalProtocolError):
+        a.open_circuit(WITH_ORIGIN)  # never sent to a peer that did not announce it
+    plain = CarrierSession(Role.ACCEPTOR)
+    plain.receive_data(CarrierSession(Role.DIALER).data_to_send())
+    events = plain.receive_data(frame(FrameType.OPEN, int(OpenFlags.ORIGIN), 1, encode_open(WITH_ORIGIN)))
+    (requested,) = of_type(events, CircuitRequested)
+    assert requested.request == OpenRequest(CircuitKind.TCP, "service:echo", 0, ("dc",))
+
+
+@pytest.mark.parametrize(("tail", "code"), [
+    (b"\x03\x01\x01\xc6\x12", ErrorCode.FRAME_SIZE_ERROR),  # source address cut short
+    (b"\x01\x01" + bytes(14), ErrorCode.PROTOCOL_ERROR),  # not the origin tag
+    (b"\x03\x03" + bytes(14), ErrorCode.PROTOCOL_ERROR),  # PROXY header version 3
+    (b"\x03\x01\x03\x04name" + bytes(8), ErrorCode.PROTOCOL_ERROR),  # a name is no client address
+])
+def test_a_malformed_origin_extension_is_a_protocol_error(tail: bytes, code: ErrorCode) -> None:
+    _, b, _ = connected("whole", ORIGINS, ORIGINS)
+    payload = encode_open(OpenRequest(CircuitKind.TCP, "10.2.0.5", 5432)) + tail
+    with pytest.raises(RemoteProtocolError) as caught:
+        b.receive_data(frame(FrameType.OPEN, int(OpenFlags.ORIGIN), 1, payload))
+    assert caught.value.code == code

@@ -36,8 +36,10 @@ from gateway_codecs import (
     GoAwayReceived,
     HandshakeComplete,
     OpenRequest,
+    Origin,
     PingReceived,
     PongReceived,
+    ProxyHeader,
     Resumable,
     Resuming,
     Role,
@@ -161,6 +163,33 @@ def tier_conversation() -> Iterator[Step]:
         HandshakeComplete(TIER_INSTANCE, 1, Capability.DATAGRAM | Capability.RESUME)]
 
 
+ORIGIN_CAPS = Capability.DATAGRAM | Capability.RESUME | Capability.ORIGIN
+ORIGIN_DIALER = Settings(capabilities=ORIGIN_CAPS, session_id=bytes(range(16)), node_name="edge")
+ORIGIN_ACCEPTOR = Settings(capabilities=ORIGIN_CAPS, session_id=bytes(range(16, 32)), node_name="dc")
+OPEN_ORIGIN = OpenRequest(CircuitKind.TCP, "10.2.0.5", 5432, ("dc",), False, Resumable(SESSION, VERIFIER),
+                          Origin(("198.18.0.10", 51234), ("127.0.0.1", 5432), ProxyHeader.V1))
+OPEN_SERVICE = OpenRequest(CircuitKind.TCP, "service:echo", 0, (), False, None,
+                           Origin(("2001:db8::7", 40000), ("2001:db8::1", 7), ProxyHeader.V2))
+
+
+def origin_conversation() -> Iterator[Step]:
+    """SPEC.md §16 and §17: the origin extension after the resumption one, and a built-in
+    service as the target."""
+    a = CarrierSession(Role.DIALER, ORIGIN_DIALER)
+    b = CarrierSession(Role.ACCEPTOR, ORIGIN_ACCEPTOR)
+    yield "origin_hello_dialer", a.data_to_send, b, [HandshakeComplete(ORIGIN_DIALER, 1, ORIGIN_CAPS)]
+    yield "origin_hello_acceptor", b.data_to_send, a, [HandshakeComplete(ORIGIN_ACCEPTOR, 1, ORIGIN_CAPS)]
+
+    def opened(request: OpenRequest) -> Callable[[], bytes]:
+        def produce() -> bytes:
+            a.open_circuit(request)
+            return a.data_to_send()
+        return produce
+
+    yield "open_origin", opened(OPEN_ORIGIN), b, [CircuitRequested(1, OPEN_ORIGIN)]
+    yield "open_service", opened(OPEN_SERVICE), b, [CircuitRequested(3, OPEN_SERVICE)]
+
+
 def load() -> dict[str, dict[str, str]]:
     entries = json.loads(VECTORS_FILE.read_text())["vectors"]
     return {e["name"]: e for e in entries}
@@ -170,7 +199,7 @@ def test_every_vector_is_encoded_and_decoded_exactly() -> None:
     vectors = load()
     names = []
     for name, produce, decoder, expected in [*conversation(), *resume_conversation(),
-                                              *tier_conversation()]:
+                                              *tier_conversation(), *origin_conversation()]:
         names.append(name)
         produced = produce()
         assert produced.hex() == vectors[name]["hex"], f"{name}: encoding drifted"
@@ -205,6 +234,18 @@ def test_hello_vector_layout_by_hand() -> None:
         5: bytes(range(16)),
         6: b"edge-a",
     }
+
+
+def test_origin_vector_by_hand() -> None:
+    """SPEC.md §16's layout, read with nothing but the text: after the resumption
+    extension, tag 3, the PROXY header version, then source and destination."""
+    frame = parse_frames(bytes.fromhex(load()["open_origin"]["hex"]))[0]
+    assert frame.flags == 0x02 | 0x08
+    tail = frame.payload[-(1 + 1 + 7 + 7):]
+    assert tail == (bytes([3, 1]) + bytes([1, 198, 18, 0, 10]) + (51234).to_bytes(2, "big")
+                    + bytes([1, 127, 0, 0, 1]) + (5432).to_bytes(2, "big"))
+    service = parse_frames(bytes.fromhex(load()["open_service"]["hex"]))[0].payload
+    assert service[:3 + 2 + 12] == bytes([1, 0, 0, 3, 12]) + b"service:echo"
 
 
 @pytest.mark.parametrize("name", ["open_ipv4", "open_ipv6_udp", "open_name_route_e2e"])

@@ -154,7 +154,7 @@ class Links:
         # Set by the gateway once its root nursery exists: sessions outlive their carrier.
         self.session_nursery: trio.Nursery | None = None
         self.timing = Timing(gw.handshake_timeout, gw.keepalive_interval, gw.keepalive_timeout)
-        capabilities = Capability.DATAGRAM
+        capabilities = Capability.DATAGRAM | Capability.ORIGIN
         if gw.resume_timeout > 0:
             capabilities |= Capability.RESUME
         # This process among the instances of `gw.name` (a relay tier runs several).
