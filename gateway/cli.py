@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Literal
 
 from gateway.errors import ConfigError, TunnelgateError
 
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     reload = verbs.add_parser("reload", help="make the running gateway re-read its config"
                               " (through its admin endpoint; or send it SIGHUP)")
     reload.add_argument("config", metavar="CONFIG.toml")
+    passwd = verbs.add_parser("passwd", help="hash a password for a users_file; prints NAME:HASH"
+                              " (the password from the terminal, or stdin if it is not one)")
+    passwd.add_argument("name", metavar="NAME")
+    passwd.add_argument("--scheme", choices=["scrypt", "argon2id"], default="scrypt")
     run = verbs.add_parser("run", help="run the gateway")
     run.add_argument("config", metavar="CONFIG.toml")
     run.add_argument("--ready-file", metavar="FILE",
@@ -80,6 +85,40 @@ def _check(path: str) -> int:
     return 0
 
 
+def _passwd(name: str, scheme: Literal["scrypt", "argon2id"]) -> int:
+    """Print a users_file line; prompts go to the terminal, so ``>> users.txt`` works."""
+    import getpass
+
+    from gateway.security.users import NAME_MAX_BYTES, hash_password, is_valid_name
+
+    def refuse(message: str) -> int:
+        print(f"tunnelgate: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    if not is_valid_name(name):
+        return refuse(f"{name!r} is not a valid user name (1-{NAME_MAX_BYTES} bytes, no ':' or whitespace)")
+    if sys.stdin.isatty():
+        try:
+            password = getpass.getpass(f"Password for {name}: ")
+            if getpass.getpass("Again: ") != password:
+                return refuse("the two passwords differ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return EXIT_FAILED
+    else:
+        try:
+            password = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            return refuse("the password on stdin is not UTF-8")
+        password = password.removesuffix("\n").removesuffix("\r")
+        if "\n" in password:
+            return refuse("expected one line on stdin (the password, once)")
+    if not password:
+        return refuse("refusing an empty password")
+    print(f"{name}:{hash_password(password, scheme)}")
+    return 0
+
+
 def _run(path: str, verbosity: int, ready_file: str | None, log_format: str | None = None) -> int:
     from pathlib import Path
 
@@ -119,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.verb == "check":
             return _check(args.config)
+        if args.verb == "passwd":
+            return _passwd(args.name, args.scheme)
         if args.verb == "reload":
             from gateway.admin.client import reload
 
