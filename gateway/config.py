@@ -30,7 +30,16 @@ from pydantic import (
 
 from gateway.errors import ConfigError, IdentityError
 from gateway.security.identity import fingerprint_of_cert, load_cert, load_identity
-from gateway.security.policy import AllowRule, Policy, RoutePolicy, is_host_name, parse_ip
+from gateway.security.policy import (
+    SERVICE_NAMES,
+    SERVICE_PREFIX,
+    AllowRule,
+    Policy,
+    RoutePolicy,
+    is_host_name,
+    parse_ip,
+)
+from gateway.security.users import UsersFileError, load_users
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
 FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
@@ -50,13 +59,28 @@ class CarrierAddress:
         return f"{self.scheme}://{_join_host(self.host)}:{self.port}"
 
 
+ListenKind = Literal["tcp", "udp", "socks5", "http"]
+ACCESS_KINDS = ("socks5", "http")  # listeners whose clients name the destination
+
+
 @dataclass(frozen=True)
 class ListenAddress:
-    """A tunnel's local listener: ``tcp://HOST:PORT`` or ``udp://HOST:PORT``."""
+    """A tunnel's local listener: ``tcp://`` or ``udp://`` (one fixed target), or
+    ``socks5://`` or ``http://`` (CONNECT: each client names its destination)."""
 
-    kind: Literal["tcp", "udp"]
+    kind: ListenKind
     host: str
     port: int
+
+    @property
+    def is_access(self) -> bool:
+        """A SOCKS5 or HTTP CONNECT listener: no fixed target."""
+        return self.kind in ACCESS_KINDS
+
+    @property
+    def socket_kind(self) -> Literal["tcp", "udp"]:
+        """What it binds: every kind but udp is a TCP listener."""
+        return "udp" if self.kind == "udp" else "tcp"
 
     def __str__(self) -> str:
         return f"{self.kind}://{_join_host(self.host)}:{self.port}"
@@ -76,12 +100,15 @@ class AdminAddress:
 
 @dataclass(frozen=True)
 class Target:
-    """Where the exit gateway connects: a name or an address, and a port."""
+    """Where the exit gateway connects: a name or an address, and a port; or one of the
+    exit's built-in services (host ``service:NAME``, port 0)."""
 
     host: str
     port: int
 
     def __str__(self) -> str:
+        if self.host.startswith(SERVICE_PREFIX):
+            return self.host
         return f"{_join_host(self.host)}:{self.port}"
 
 
@@ -142,7 +169,8 @@ def _split_host_port(text: str, zero_ok: bool) -> tuple[str, int] | None:
 
 
 def _url(value: object, schemes: tuple[str, ...], zero_ok: bool) -> tuple[str, str, int]:
-    expected = " or ".join(f"{s}://HOST:PORT" for s in schemes)
+    forms = [f"{s}://HOST:PORT" for s in schemes]
+    expected = forms[0] if len(forms) == 1 else f"{', '.join(forms[:-1])} or {forms[-1]}"
     if not isinstance(value, str):
         raise ValueError(f"expected {expected}, got {_show(value)}")
     scheme, sep, rest = value.partition("://")
@@ -159,8 +187,11 @@ def _carrier(value: object, info: ValidationInfo) -> CarrierAddress:
 
 
 def _listen(value: object) -> ListenAddress:
-    kind, host, port = _url(value, ("tcp", "udp"), zero_ok=True)
-    return ListenAddress("tcp" if kind == "tcp" else "udp", host, port)
+    kind, host, port = _url(value, ("tcp", "udp", "socks5", "http"), zero_ok=True)
+    for known in ("tcp", "udp", "socks5", "http"):
+        if kind == known:
+            return ListenAddress(known, host, port)
+    raise AssertionError(kind)
 
 
 def parse_admin(value: object) -> AdminAddress:
@@ -178,9 +209,16 @@ def parse_admin(value: object) -> AdminAddress:
 
 
 def _target(value: object) -> Target:
-    expected = "expected HOST:PORT (a name, an IPv4 address or [IPv6]), got"
+    expected = "expected HOST:PORT (a name, an IPv4 address or [IPv6]) or service:NAME, got"
     if not isinstance(value, str):
         raise ValueError(f"{expected} {_show(value)}")
+    if value.startswith(SERVICE_PREFIX):
+        name = value[len(SERVICE_PREFIX):]
+        if name not in SERVICE_NAMES:
+            raise ValueError(f"expected one of the built-in services"
+                             f" {', '.join(SERVICE_PREFIX + n for n in sorted(SERVICE_NAMES))},"
+                             f" got {_show(value)}")
+        return Target(value, 0)
     parts = _split_host_port(value, zero_ok=False)
     if parts is None:
         raise ValueError(f"{expected} {_show(value)}")
@@ -215,7 +253,7 @@ def _fingerprint(value: object) -> str:
 
 def _rule(value: object) -> AllowRule:
     if not isinstance(value, str):
-        raise ValueError(f"expected tcp://HOST:PORTS or udp://HOST:PORTS, got {_show(value)}")
+        raise ValueError(f"expected tcp://HOST:PORTS, udp://HOST:PORTS or service:NAME, got {_show(value)}")
     return AllowRule.parse(value)
 
 
@@ -266,7 +304,9 @@ class GatewayConfig(_Model):
     udp_idle_timeout: Seconds = 60.0
     max_route_length: Annotated[int, Field(ge=1, le=32)] = 8
     initial_window: Annotated[int, Field(ge=16384, le=16777216)] = 262144
-    max_circuits: Annotated[int, Field(ge=1)] = 16384
+    # Circuits a peer may have open towards us per carrier; 0: a client-only gateway,
+    # never chosen by a peer to open one (SPEC.md §3).
+    max_circuits: Annotated[int, Field(ge=0)] = 16384
     # How long a session whose route was lost waits to be resumed; 0: no resumption.
     resume_timeout: Annotated[float, Field(ge=0, le=86400)] = 60.0
     # Bytes all resumable sessions may hold for retransmission; beyond, the longest idle
@@ -310,14 +350,21 @@ class PeerConfig(_Model):
 
 
 class TunnelConfig(_Model):
-    """A ``[[tunnel]]``: a local listener whose sessions go ``via`` peers to ``target``."""
+    """A ``[[tunnel]]``: a local listener whose sessions go ``via`` peers to ``target``
+    (or, on a SOCKS5 or HTTP CONNECT listener, to where each client asks)."""
 
     name: Name
     listen: Listen
     via: Annotated[list[Name], Field(min_length=1)]
-    target: TargetField
+    target: TargetField | None = None
     end_to_end: bool = False
     udp_idle_timeout: Seconds | None = None
+    # The exit writes a PROXY protocol header with the client's address to the target.
+    proxy_protocol: Literal["v1", "v2"] | None = None
+    # SOCKS5 / HTTP CONNECT clients: `name:hash` lines (`tunnelgate passwd`); absent: none.
+    users_file: FilePath | None = None
+    # A SOCKS5 / HTTP listener beyond loopback without users_file must say so.
+    allow_anonymous: bool = False
 
 
 class Config(_Model):
@@ -504,7 +551,9 @@ def _check(config: Config, file: str) -> Config:
             )
         tunnel_seen[tunnel.name] = i
         listen = tunnel.listen
-        _claim(claims, _Claim(f"{where}.listen", str(listen), listen.kind, listen.host, listen.port), fail)
+        _claim(claims, _Claim(f"{where}.listen", str(listen), listen.socket_kind, listen.host, listen.port),
+               fail)
+        _check_tunnel_kind(tunnel, where, fail)
         if tunnel.via[0] not in first_seen:
             raise fail(f"{where}.via[0]", _undeclared(tunnel.via[0], declared))
         for j, hop in enumerate(tunnel.via):
@@ -530,6 +579,44 @@ def _check(config: Config, file: str) -> Config:
 
 
 Fail = Callable[[str, str], ConfigError]
+
+
+def _check_tunnel_kind(tunnel: TunnelConfig, where: str, fail: Fail) -> None:
+    """What each listener kind needs: a target or none, and the access keys only where
+    clients name their destination."""
+    listen = tunnel.listen
+    scheme = f"a {listen.kind}:// listener"
+    if listen.is_access:
+        if tunnel.target is not None:
+            raise fail(f"{where}.target", f"{scheme} takes each destination from its client:"
+                       " expected no target")
+        if not tunnel.allow_anonymous and tunnel.users_file is None and not _is_loopback(listen.host):
+            raise fail(f"{where}.users_file",
+                       f"{scheme} on {listen.host}, beyond loopback, must authenticate its clients:"
+                       " expected users_file (or allow_anonymous = true)")
+        if tunnel.users_file is not None:
+            try:
+                load_users(tunnel.users_file)
+            except UsersFileError as exc:
+                raise fail(f"{where}.users_file", str(exc)) from exc
+    else:
+        if tunnel.target is None:
+            raise fail(f"{where}.target", f"required for {scheme}: expected HOST:PORT or service:NAME")
+        for key in ("users_file", "allow_anonymous"):
+            if key in tunnel.model_fields_set:
+                raise fail(f"{where}.{key}", f"only for socks5:// and http:// listeners, not {scheme}")
+    if tunnel.proxy_protocol is not None:
+        if listen.kind == "udp":
+            raise fail(f"{where}.proxy_protocol",
+                       "a PROXY header is for TCP sessions: not on a udp:// listener")
+        if tunnel.target is not None and tunnel.target.host.startswith(SERVICE_PREFIX):
+            raise fail(f"{where}.proxy_protocol",
+                       f"{tunnel.target} is a built-in service: it takes no PROXY header")
+
+
+def _is_loopback(host: str) -> bool:
+    addr = parse_ip(host)
+    return host.lower() == "localhost" if addr is None else addr.is_loopback
 
 
 def _undeclared(name: str, declared: list[str]) -> str:

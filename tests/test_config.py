@@ -132,13 +132,14 @@ def test_bad_tunnel_listen_url(folder: Path) -> None:
         target = "db:5432"
         [[tunnel]]
         name = "b"
-        listen = "http://x"
+        listen = "https://x:1"
         via = ["edge"]
         target = "db:5432"
         """
     )
     assert error_of(folder, text) == (
-        "hub.toml: tunnel[1].listen: expected tcp://HOST:PORT or udp://HOST:PORT, got 'http://x'"
+        "hub.toml: tunnel[1].listen: expected tcp://HOST:PORT, udp://HOST:PORT, socks5://HOST:PORT"
+        " or http://HOST:PORT, got 'https://x:1'"
     )
 
 
@@ -475,3 +476,71 @@ def test_a_relay_tier_peer_takes_a_dial_list_and_a_number_of_connections(folder:
     text = with_gateway(f'[[peer]]\nname = "relay"\nfingerprint = "{fp}"\ndial = "tls://r:1"\n'
                         'connections = 0\n')
     assert error_of(folder, text).startswith("hub.toml: peer[0].connections: ")
+
+
+# ---------------------------------------------------------------- access listeners, services (issue 13)
+
+def _tunnel(body: str) -> str:
+    return with_gateway(
+        """
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        allow = ["service:echo", "service:*", "tcp://db:5432"]
+        [[tunnel]]
+        name = "t"
+        via = ["edge"]
+        """ + textwrap.dedent(body))
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('listen = "socks5://127.0.0.1:1080"\ntarget = "db:5432"',
+     "tunnel[0].target: a socks5:// listener takes each destination from its client: expected no target"),
+    ('listen = "tcp://127.0.0.1:1"',
+     "tunnel[0].target: required for a tcp:// listener: expected HOST:PORT or service:NAME"),
+    ('listen = "socks5://0.0.0.0:1080"',
+     "tunnel[0].users_file: a socks5:// listener on 0.0.0.0, beyond loopback, must authenticate its"
+     " clients: expected users_file (or allow_anonymous = true)"),
+    ('listen = "http://198.18.0.1:3128"',
+     "tunnel[0].users_file: a http:// listener on 198.18.0.1, beyond loopback, must authenticate its"
+     " clients: expected users_file (or allow_anonymous = true)"),
+    ('listen = "tcp://127.0.0.1:1"\ntarget = "db:5432"\nallow_anonymous = true',
+     "tunnel[0].allow_anonymous: only for socks5:// and http:// listeners, not a tcp:// listener"),
+    ('listen = "udp://127.0.0.1:1"\ntarget = "db:53"\nproxy_protocol = "v2"',
+     "tunnel[0].proxy_protocol: a PROXY header is for TCP sessions: not on a udp:// listener"),
+    ('listen = "tcp://127.0.0.1:1"\ntarget = "service:echo"\nproxy_protocol = "v1"',
+     "tunnel[0].proxy_protocol: service:echo is a built-in service: it takes no PROXY header"),
+    ('listen = "tcp://127.0.0.1:1"\ntarget = "service:qotd"',
+     "tunnel[0].target: expected one of the built-in services service:chargen, service:daytime,"
+     " service:discard, service:echo, service:time, got 'service:qotd'"),
+    ('listen = "socks5://127.0.0.1:1"\nusers_file = "missing.txt"',
+     "tunnel[0].users_file: {folder}/missing.txt: cannot read: No such file or directory"),
+])
+def test_access_listener_and_service_mistakes(folder: Path, body: str, message: str) -> None:
+    assert error_of(folder, _tunnel(body)) == f"hub.toml: {message.format(folder=folder)}"
+
+
+def test_access_listeners_and_services_load(folder: Path) -> None:
+    (folder / "users.txt").write_text("")
+    config = parse_config(_tunnel('listen = "socks5://0.0.0.0:1080"\nusers_file = "users.txt"\n'
+                                  'proxy_protocol = "v2"'), "hub.toml", folder)
+    tunnel = config.tunnel[0]
+    assert tunnel.listen == ListenAddress("socks5", "0.0.0.0", 1080) and tunnel.listen.is_access
+    assert tunnel.target is None and tunnel.users_file == folder / "users.txt"
+    assert tunnel.proxy_protocol == "v2"
+    anonymous = parse_config(_tunnel('listen = "http://[::]:3128"\nallow_anonymous = true'),
+                             "hub.toml", folder)
+    assert anonymous.tunnel[0].listen.socket_kind == "tcp"
+    service = parse_config(_tunnel('listen = "udp://127.0.0.1:7"\ntarget = "service:echo"'),
+                           "hub.toml", folder)
+    assert service.tunnel[0].target == Target("service:echo", 0)
+    assert str(service.tunnel[0].target) == "service:echo"
+    policy = service.peer[0].policy
+    assert policy.permits("udp", "service:echo", 0) and policy.permits("tcp", "service:time", 0)
+    assert not policy.permits("tcp", "db", 0) and not policy.permits("tcp", "service:echo", 5432)
+
+
+def test_a_users_file_mistake_names_its_line(folder: Path) -> None:
+    (folder / "users.txt").write_text("# users\nbob\n")
+    message = error_of(folder, _tunnel('listen = "socks5://127.0.0.1:1"\nusers_file = "users.txt"'))
+    assert message.startswith(f"hub.toml: tunnel[0].users_file: {folder}/users.txt:2: ")

@@ -114,8 +114,9 @@ target = "127.0.0.1:80"
     out = subprocess.run([sys.executable, "-m", "gateway", "check", "bad.toml"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert out.stderr.strip() == ("bad.toml: tunnel[0].listen: expected tcp://HOST:PORT or"
-                                  " udp://HOST:PORT, got 'tcp://127.0.0.1'")
+    assert out.stderr.strip() == ("bad.toml: tunnel[0].listen: expected tcp://HOST:PORT,"
+                                  " udp://HOST:PORT, socks5://HOST:PORT or http://HOST:PORT,"
+                                  " got 'tcp://127.0.0.1'")
     assert out.stdout == ""
 
 

@@ -22,6 +22,7 @@ class _Carrier:
     direction: str = "dialed"
     peer_name: str = "hub"
     usable: bool = True
+    takes_circuits: bool = True
     session: _Session = field(default_factory=_Session)
 
     def __post_init__(self) -> None:
@@ -59,3 +60,12 @@ def test_without_instance_ids_the_newest_carrier_is_used_as_before() -> None:
 def test_carriers_the_peer_dialed_do_not_count_as_our_slots() -> None:
     peers = _directory(_Carrier("a", direction="accepted"), _Carrier("b"))
     assert peers.dialed_instances("hub") == {"b"}
+
+
+def test_a_client_only_instance_is_never_picked_for_new_circuits() -> None:
+    """`tunnelgate bench` dials as this gateway's identity with MAX_CIRCUITS 0: sessions
+    towards that name must not land on it."""
+    bench = _Carrier("bench", 0, takes_circuits=False)
+    real = _Carrier("real", 40)
+    assert _directory(real, bench).current("hub") is real
+    assert _directory(bench).current("hub") is None

@@ -36,8 +36,8 @@ def test_rules_parse(text: str, kind: str, low: int, high: int) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("http://x:80", "expected tcp://HOST:PORTS or udp://HOST:PORTS, got 'http://x:80'"),
-        ("tcp://x", "expected tcp://HOST:PORTS or udp://HOST:PORTS, got 'tcp://x'"),
+        ("http://x:80", "expected tcp://HOST:PORTS, udp://HOST:PORTS or service:NAME, got 'http://x:80'"),
+        ("tcp://x", "expected tcp://HOST:PORTS, udp://HOST:PORTS or service:NAME, got 'tcp://x'"),
         ("tcp://x:0", "port 0 is out of range 1..65535"),
         ("tcp://x:70000", "port 70000 is out of range 1..65535"),
         ("tcp://x:9-3", "port range '9-3' is backwards"),
@@ -122,3 +122,14 @@ def test_a_huge_or_non_ascii_port_is_a_short_clear_error() -> None:
             parse_ports(text)
         assert len(str(caught.value)) < 100 and "Exceeds" not in str(caught.value)
     assert parse_ports("000443") == (443, 443)
+
+
+def test_service_rules_name_built_in_services_only() -> None:
+    policy = Policy.parse(["service:echo", "tcp://*:*", "udp://0.0.0.0/0:*"])
+    assert policy.permits("tcp", "service:echo", 0) and policy.permits("udp", "service:echo", 0)
+    assert not policy.permits("tcp", "service:chargen", 0)  # not named
+    assert not Policy.parse(["tcp://*:*"]).may_permit_name("tcp", "service:echo", 0)  # * is hosts only
+    assert Policy.parse(["service:*"]).permits("udp", "service:time", 0)
+    assert not Policy.parse(["service:*"]).permits("tcp", "echo", 7)  # a service rule names no host
+    with pytest.raises(ValueError, match="unknown service in 'service:qotd'"):
+        AllowRule.parse("service:qotd")

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from gateway.security.policy import SERVICE_NAMES
 from gateway.services import standard
 from gateway.services.standard import (
     CHUNK,
     RFC868_EPOCH,
-    SERVICES,
     daytime_line,
     is_service_target,
     serve_datagrams,
@@ -153,7 +153,7 @@ def test_service_targets_are_exact_lower_case_names(host: str, name: str | None)
 
 
 def test_the_five_services() -> None:
-    assert frozenset({"echo", "discard", "chargen", "daytime", "time"}) == SERVICES
+    assert frozenset({"echo", "discard", "chargen", "daytime", "time"}) == SERVICE_NAMES
 
 
 async def test_an_unknown_service_is_refused_and_its_socket_closed() -> None:

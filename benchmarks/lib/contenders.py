@@ -227,8 +227,11 @@ class Tunnelgate(Contender):
     is_tunnelgate = True
 
     def __init__(self, workdir: Path, name: str, carrier: str, chain: bool,
-                 gateway_extra: tuple[str, ...] = (), scraped: bool = False) -> None:
+                 gateway_extra: tuple[str, ...] = (), scraped: bool = False, access: bool = False) -> None:
         self.name = name
+        # Beside each TCP forward's fixed tunnel, a socks5:// and an http:// listener on
+        # the same route (ports FORWARD-socks5, FORWARD-http): what naming the destination costs.
+        self.access = access
         self.carrier = carrier
         self.chain = chain
         self.gateway_extra = gateway_extra  # more [gateway] keys for every gateway
@@ -313,6 +316,10 @@ class Tunnelgate(Contender):
                 lines += ["", "[[tunnel]]", f'name = "{name}"',
                           f'listen = "{kind}://{HOST}:{port}"', f"via = {_toml_list(via)}",
                           f'target = "{HOST}:{fwd.target}"']
+            for scheme in ("socks5", "http") if self.access else ():
+                self.ports[f"{fwd.name}-{scheme}"] = access_port = free_port()
+                lines += ["", "[[tunnel]]", f'name = "{fwd.name}-{scheme}"',
+                          f'listen = "{scheme}://{HOST}:{access_port}"', f"via = {_toml_list(via)}"]
         return lines
 
 

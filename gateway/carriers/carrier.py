@@ -200,6 +200,12 @@ class Carrier:
     def usable(self) -> bool:
         return not self.closed.is_set() and self.session.can_open
 
+    @property
+    def takes_circuits(self) -> bool:
+        """The far side accepts circuits (its HELLO's MAX_CIRCUITS is not 0)."""
+        settings = self.session.peer_settings
+        return settings is None or settings.max_circuits > 0
+
     # ------------------------------------------------------------------ circuits
 
     def open(self, request: OpenRequest) -> AnyCircuit:

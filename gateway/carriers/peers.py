@@ -55,7 +55,9 @@ class PeerDirectory:
         # Per instance only its newest carrier: an older one to the same process may be
         # a half-open leftover of a reconnect, not yet found dead (a peer without instance
         # ids is one instance: its newest carrier, as before tiers).
-        carriers = self.live(peer)
+        # A carrier whose far side takes no circuits (MAX_CIRCUITS 0: `tunnelgate bench`,
+        # or any client-only gateway) is never chosen to open one.
+        carriers = [c for c in self.live(peer) if c.takes_circuits]
         newest = {c.peer_instance: c for c in carriers}
         live = [c for c in carriers if newest[c.peer_instance] is c]  # still oldest first
         if not live:

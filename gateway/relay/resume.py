@@ -637,7 +637,7 @@ def route_lost(error: BaseException | None) -> bool:
 def _check_ticket(state: ResumeState, request: OpenRequest, ticket: Resuming) -> str:
     if verifier_of(ticket.secret) != state.verifier:
         return "wrong or already used resumption secret"
-    if replace(request, resume=None) != state.request:
+    if replace(request, resume=None, origin=None) != state.request:
         return "the resumption names another target"
     return ""
 
@@ -647,7 +647,7 @@ def open_state(request: OpenRequest, via: str) -> tuple[ResumeState, OpenRequest
     random = os.urandom(32)  # one system call for both
     session_id, secret = random[:16], random[16:]
     verifier = verifier_of(secret)
-    state = ResumeState(session_id, request)
+    state = ResumeState(session_id, replace(request, origin=None))  # RESUMING carries none (§16)
     state.secret = secret
     state.via = via
     return state, replace(request, resume=Resumable(session_id, verifier))
@@ -656,7 +656,7 @@ def open_state(request: OpenRequest, via: str) -> tuple[ResumeState, OpenRequest
 def exit_state(request: OpenRequest) -> ResumeState:
     """The exit's half of a session (or UDP flow) the entry opened as resumable."""
     assert isinstance(request.resume, Resumable)
-    state = ResumeState(request.resume.session_id, replace(request, resume=None))
+    state = ResumeState(request.resume.session_id, replace(request, resume=None, origin=None))
     state.verifier = request.resume.verifier
     state.confirmed = True  # the exit acknowledges from the start (ACK(0) after OPEN_OK)
     return state

@@ -12,19 +12,21 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 
 import trio
 
+from gateway.access import AccessDenied, AccessProtocol, AccessSession, Destination, access_protocol
 from gateway.carriers.carrier import Carrier
 from gateway.carriers.circuit import Circuit, DatagramCircuit
 from gateway.carriers.peers import PeerDirectory
 from gateway.carriers.writes import write_batch
-from gateway.config import Config, TunnelConfig
+from gateway.config import Config, Target, TunnelConfig
 from gateway.errors import CircuitBroken, OpenRefused
 from gateway.logs import format_address as _addr
 from gateway.relay.e2e import SealedFlow, SecureStream
 from gateway.relay.engine import RelayEngine
-from gateway.relay.handshake import handshake_or_abort
+from gateway.relay.handshake import abort_unrelayed, handshake_or_abort
 from gateway.relay.localsock import LocalStream
 from gateway.relay.ports import CircuitPort, SocketPort
 from gateway.relay.resume import ResumeState, ResumeTable, make_resumable, open_state, route_lost
@@ -36,8 +38,10 @@ from gateway.relay.udp import (
     DatagramFlow,
     flow_record,
 )
+from gateway.security.policy import parse_ip
 from gateway.security.tls import TlsContexts
-from gateway_codecs import CircuitKind, ErrorCode, OpenRequest
+from gateway_codecs import CircuitKind, ErrorCode, OpenRequest, Origin, ProxyHeader
+from gateway_codecs.socks5 import Socks5Error, UdpDatagram, encode_udp_datagram, parse_udp_datagram
 
 log = logging.getLogger("tunnelgate.tunnel")
 
@@ -48,6 +52,7 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 UDP_LISTENER_BUFFER = 4 * 1024 * 1024  # SO_RCVBUF asked for on UDP listeners
 REFUSED_HOLD = 1.0  # s a client whose flow was refused is not asked for again
 REFUSED_CLIENTS = 4096  # refused clients remembered at most (UDP sources can be spoofed)
+MAX_ASSOCIATION_FLOWS = 256  # destinations one SOCKS5 UDP association may have open at once
 
 
 def _log_circuit_failure(what: str, error: BaseException | None, sessions: SessionLog) -> None:
@@ -64,6 +69,47 @@ def _reply_to(sock: socket.socket, client: tuple[str, int]) -> Callable[[bytes],
         sock.sendto(data, client)
 
     return reply
+
+
+class _Association:
+    """A SOCKS5 UDP association's client side: which datagrams are its client's (from the
+    TCP client's address; the first one fixes the port), and its replies' header."""
+
+    def __init__(self, sock: socket.socket, client_ip: str, port: int | None) -> None:
+        self.sock = sock
+        self.client_ip = client_ip
+        self.port = port  # the port the client announced in its request, if it did
+        self.source: tuple[str, int] | None = None
+
+    def accept(self, packet: bytes, sender: tuple[str, int]) -> UdpDatagram | None:
+        if self.source is None and sender[0] == self.client_ip and self.port in (None, sender[1]):
+            self.source = sender
+        if sender != self.source:
+            return None
+        try:
+            datagram = parse_udp_datagram(packet)
+        except Socks5Error:
+            return None
+        return None if datagram.fragment else datagram  # fragments: not supported (RFC 1928 §7)
+
+    def reply(self, origin: tuple[str, int]) -> Callable[[bytes], object]:
+        """Send a flow's datagrams to the client, each with the header naming their origin."""
+        sock, client = self.sock, self.source
+        assert client is not None  # a flow starts from one of the client's datagrams
+        header_host, header_port = origin
+
+        def reply(data: bytes) -> None:
+            sock.sendto(encode_udp_datagram(header_host, header_port, data), client)
+
+        return reply
+
+
+async def _until_closed(stream: LocalStream, scope: trio.CancelScope) -> None:
+    """Cancel `scope` when the client closes (or resets) its TCP connection."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while await stream.receive_some(4096):
+            pass  # nothing is expected on it once the association runs
+    scope.cancel()
 
 
 class _Flow:
@@ -104,18 +150,22 @@ class TunnelEndpoint:
         self.exit_peer = config.peer_named(tunnel.via[-1]) if tunnel.end_to_end else None
         self.udp_idle = config.udp_idle_timeout(tunnel)
         kind = CircuitKind.UDP if tunnel.listen.kind == "udp" else CircuitKind.TCP
-        self.request = OpenRequest(kind, tunnel.target.host, tunnel.target.port,
-                                   tuple(tunnel.via[1:]), tunnel.end_to_end)
-        self.route = " -> ".join([*tunnel.via, str(tunnel.target)])
+        target = tunnel.target or Target("", 0)  # an access listener's clients name theirs
+        self.request = OpenRequest(kind, target.host, target.port, tuple(tunnel.via[1:]), tunnel.end_to_end)
+        self.route = " -> ".join(tunnel.via) + (f" -> {tunnel.target}" if tunnel.target else "")
+        self.proxy_header = {None: ProxyHeader.NONE, "v1": ProxyHeader.V1, "v2": ProxyHeader.V2}[
+            tunnel.proxy_protocol]
+        self.access = access_protocol(tunnel, config) if tunnel.listen.is_access else None
 
     async def serve(self, handler_nursery: trio.Nursery, *,
                     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         listen = self.tunnel.listen
-        if listen.kind == "tcp":
+        if listen.socket_kind == "tcp":
             listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
             sockets = [socket.socket(fileno=ln.socket.detach()) for ln in listeners]
             bound = sockets[0].getsockname()[:2]
-            log.info("tunnel %s listening on tcp://%s, to %s", self.tunnel.name, _addr(bound), self.route)
+            log.info("tunnel %s listening on %s://%s, to %s", self.tunnel.name, listen.kind, _addr(bound),
+                     self.route)
             task_status.started(bound)
             async with trio.open_nursery() as nursery:
                 for sock in sockets:
@@ -148,6 +198,9 @@ class TunnelEndpoint:
                     continue  # the client gave up before we accepted it: nothing to do
                 stream = LocalStream(conn)
                 what = f"tunnel {self.tunnel.name} {_addr(client)} -> {self.route}"
+                if self.access is not None:  # the client names its destination first
+                    handlers.start_soon(self._access_client, self.access, stream, what)
+                    continue
                 carrier = self.peers.current(self.tunnel.via[0])
                 if carrier is not None and self.exit_peer is None:
                     # Nothing to wait for: the engine takes the session now, no task.
@@ -157,21 +210,41 @@ class TunnelEndpoint:
 
     def _open(self, stream: LocalStream, carrier: Carrier | None, what: str
               ) -> tuple[Circuit, ResumeState | None] | None:
-        """Open the session's circuit (resumable where the carrier and the gateway allow),
-        or log why not and close the client (None)."""
-        try:
-            if carrier is None:
-                raise OpenRefused(0x0107, f"no carrier to {self.tunnel.via[0]} is up")
-            state, request = None, self.request
-            if self.resume.enabled and carrier.session.resumable:
-                state, request = open_state(self.request, self.tunnel.via[0])
-            circuit = carrier.open(request)
-        except OpenRefused as exc:
-            log.warning("%s: refused: %s", what, exc)
-            self.sessions.refused(ErrorCode.describe(exc.code))
-            stream.abort(str(exc))
+        """Open the session's circuit, or log why not and reset the client (None)."""
+        opened = self._open_circuit(stream, carrier, self.request)
+        if isinstance(opened, OpenRefused):
+            self._log_refusal(what, opened)
+            stream.abort(str(opened))
             stream.close_now()
             return None
+        return opened
+
+    def _log_refusal(self, what: str, refusal: CircuitBroken) -> None:
+        log.warning("%s: refused: %s", what, refusal)
+        self.sessions.refused(ErrorCode.describe(refusal.code))
+
+    def _open_circuit(self, stream: LocalStream, carrier: Carrier | None, request: OpenRequest
+                      ) -> tuple[Circuit, ResumeState | None] | OpenRefused:
+        """Open a session's circuit (resumable where the carrier and the gateway allow, with
+        the client's origin where the tunnel asks for a PROXY header), or why not."""
+        try:
+            if carrier is None:
+                raise OpenRefused(ErrorCode.NO_ROUTE, f"no carrier to {self.tunnel.via[0]} is up")
+            if self.proxy_header is not ProxyHeader.NONE:
+                if not carrier.session.carries_origin:
+                    raise OpenRefused(ErrorCode.UNSUPPORTED_KIND, f"{self.tunnel.via[0]} cannot carry"
+                                      " the PROXY header (no ORIGIN capability)")
+                sock = stream.sock
+                request = replace(request, origin=Origin(sock.getpeername()[:2], sock.getsockname()[:2],
+                                                         self.proxy_header))
+            state = None
+            if self.resume.enabled and carrier.session.resumable:
+                state, request = open_state(request, self.tunnel.via[0])
+            circuit = carrier.open(request)
+        except OpenRefused as exc:
+            return exc
+        except OSError as exc:  # the client is gone already (getpeername)
+            return OpenRefused(ErrorCode.CANCELLED, f"the client went away: {exc.strerror or exc}")
         assert isinstance(circuit, Circuit)
         return circuit, state
 
@@ -217,6 +290,86 @@ class TunnelEndpoint:
             return
         self.engine.relay(SocketPort(stream.sock, self.engine.readiness),
                           self._port(secure.into_port(), state), record,
+                          on_end=lambda error: _log_circuit_failure(what, error, self.sessions))
+
+    async def _access_client(self, access: AccessProtocol, stream: LocalStream, what: str) -> None:
+        try:
+            await self._access_session(access, stream, what)
+        except Exception:  # a bug in one session must not stop the listener
+            log.exception("%s: internal error", what)
+            stream.abort("internal error")
+            stream.close_now()
+
+    async def _access_session(self, access: AccessProtocol, stream: LocalStream, what: str) -> None:
+        """A SOCKS5 or HTTP CONNECT client: its request, the circuit to where it asks, the
+        answer the protocol gives (success only once the exit has connected), then the
+        same relay as a fixed tunnel's."""
+        client = access.session(stream)
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                destination = await client.negotiate()
+        except (AccessDenied, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            reason = "no complete request in time" if isinstance(exc, trio.TooSlowError) else str(exc)
+            log.warning("%s: client refused: %s", what, reason)
+            self.sessions.refused("ACCESS_DENIED")
+            if not isinstance(exc, AccessDenied):
+                stream.abort(reason)
+            stream.close_now()
+            return
+        except BaseException:
+            stream.abort("gateway shut down")
+            stream.close_now()
+            raise
+        what = f"{what} -> {destination}"
+        if destination.datagrams:
+            try:
+                await self._udp_association(client, stream, destination, what)
+            finally:
+                stream.close_now()
+            return
+        request = replace(self.request, host=destination.host, port=destination.port)
+        try:
+            carrier = await self._carrier()
+            opened = self._open_circuit(stream, carrier, request)
+            if not isinstance(opened, OpenRefused):
+                try:
+                    with trio.fail_after(self.handshake_timeout * 2):
+                        await opened[0].wait_open()
+                except trio.TooSlowError:
+                    opened[0].reset(ErrorCode.CONNECT_TIMEOUT, "no answer in time")
+                    opened = OpenRefused(ErrorCode.CONNECT_TIMEOUT, "no answer in time")
+                except trio.BrokenResourceError as exc:
+                    cause = exc.__cause__
+                    opened = (OpenRefused(cause.code, cause.reason) if isinstance(cause, CircuitBroken)
+                              else OpenRefused(ErrorCode.NO_ROUTE, str(exc)))
+            if isinstance(opened, OpenRefused):
+                self._log_refusal(what, opened)
+                await client.refused(opened.code, opened.reason)
+                stream.close_now()
+                return
+        except BaseException:
+            stream.abort("gateway shut down")
+            stream.close_now()
+            raise
+        circuit, state = opened
+        record = self.sessions.open("entry", what, circuit, self.tunnel.name)
+        port = CircuitPort(circuit)
+        if self.exit_peer is not None:
+            secure = await handshake_or_abort(
+                lambda: self._secure_stream(circuit), stream, circuit, record,
+                lambda reason: log.warning("%s: failed: %s", what, reason))
+            if secure is None:
+                return
+            port = secure.into_port()
+        try:
+            await client.opened()
+        except trio.BrokenResourceError as exc:
+            reason = f"the client went away: {exc}"
+            record.finish(0, 0, reason)
+            abort_unrelayed(stream, circuit, reason)
+            record.__exit__(None, None, None)
+            return
+        self.engine.relay(SocketPort(stream.sock, self.engine.readiness), self._port(port, state), record,
                           on_end=lambda error: _log_circuit_failure(what, error, self.sessions))
 
     async def _secure_stream(self, circuit: Circuit) -> SecureStream:
@@ -272,58 +425,107 @@ class TunnelEndpoint:
                         except OSError:
                             continue  # an ICMP error for an earlier reply; the flow's timeout handles it
                         flow = flows.get(client)
-                        if flow is not None and flow.resuming:
-                            self._dropped()  # kept for the resumed flow; this one is lost
-                            continue
-                        if flow is None or flow.circuit.ended.is_set():
+                        if flow is None or (not flow.resuming and flow.circuit.ended.is_set()):
                             # No flow, or one that has just ended (its task has not yet run to
                             # remove it): this datagram starts a new flow, never joins the old.
-                            flow = self._new_flow(sock, client, flows, nursery)
-                            if flow is None:
-                                self._dropped()
+                            flow = self._new_flow(client, _reply_to(sock, client), self.request, flows,
+                                                  nursery, f"tunnel {self.tunnel.name} udp {_addr(client)}"
+                                                  f" -> {self.route}")
+                        self._deliver(flow, data)
+
+    def _deliver(self, flow: _Flow | None, data: bytes) -> None:
+        """One datagram from a client to its flow (None: none could be opened)."""
+        if flow is None or flow.resuming:  # a resuming flow keeps its place; this one is lost
+            self._dropped()
+        elif flow.relay is not None:
+            flow.relay.from_local(data)
+        elif len(flow.early) < FLOW_QUEUE:  # its end-to-end handshake runs
+            flow.early.append(data)
+        else:
+            self._dropped()
+
+    async def _udp_association(self, client: AccessSession, stream: LocalStream, asked: Destination,
+                               what: str) -> None:
+        """SOCKS5 UDP ASSOCIATE (RFC 1928 §7): a UDP socket for this client, beside its TCP
+        listener; each destination the client's datagrams name is one flow (a UDP circuit
+        to it, relayed as a UDP tunnel's). It lasts as long as the client's TCP connection."""
+        control = stream.sock
+        client_ip = control.getpeername()[0]
+        expected_port = asked.port if parse_ip(asked.host) is not None and asked.port else None
+        with socket.socket(control.family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_LISTENER_BUFFER)
+            sock.bind((control.getsockname()[0], 0))
+            bound = sock.getsockname()[:2]
+            await client.opened(bound)
+            log.info("%s: udp association on %s", what, _addr(bound))
+            flows: dict[tuple[str, int], _Flow] = {}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_until_closed, stream, nursery.cancel_scope)
+                association = _Association(sock, client_ip, expected_port)
+                while True:
+                    await trio.lowlevel.wait_readable(sock)
+                    with write_batch():
+                        for _ in range(SOCKET_BATCH):
+                            try:
+                                packet, sender = sock.recvfrom(MAX_UDP_PAYLOAD)
+                            except (BlockingIOError, InterruptedError):
+                                break
+                            except OSError:
                                 continue
-                        if flow.relay is not None:
-                            flow.relay.from_local(data)
-                        elif len(flow.early) < FLOW_QUEUE:  # its end-to-end handshake runs
-                            flow.early.append(data)
-                        else:
-                            self._dropped()
+                            datagram = association.accept(packet, sender[:2])
+                            if datagram is None:
+                                self._dropped()  # not our client's, malformed, or a fragment
+                                continue
+                            key = (datagram.host, datagram.port)
+                            flow = flows.get(key)
+                            if flow is None or (not flow.resuming and flow.circuit.ended.is_set()):
+                                flow = None
+                                if len(flows) < MAX_ASSOCIATION_FLOWS:
+                                    flow = self._new_flow(
+                                        key, association.reply(key),
+                                        replace(self.request, kind=CircuitKind.UDP, host=key[0], port=key[1]),
+                                        flows, nursery, f"{what} udp -> {_addr(key)}")
+                            self._deliver(flow, datagram.data)
+        log.info("%s: udp association ended (its TCP connection closed)", what)
 
     def _dropped(self, n: int = 1) -> None:
         """Datagrams this tunnel lost (a full queue, no carrier, a refused client, a full
         socket, a flow ending): counted for the admin endpoint's metrics."""
         self.sessions.udp_dropped["entry", self.tunnel.name] += n
 
-    def _new_flow(self, sock: socket.socket, client: tuple[str, int],
-                  flows: dict[tuple[str, int], _Flow], nursery: trio.Nursery) -> _Flow | None:
+    def _new_flow(self, key: tuple[str, int], reply: Callable[[bytes], object], request: OpenRequest,
+                  flows: dict[tuple[str, int], _Flow], nursery: trio.Nursery, what: str) -> _Flow | None:
+        """A flow's circuit and relay task: `key` is the client address:port of a UDP
+        tunnel (or the destination of a SOCKS5 association), `reply` sends to the client."""
         if not self.accepting:
             return None
-        refused_until = self._refused.get(client)
+        refused_until = self._refused.get(key)
         if refused_until is not None:
             if trio.current_time() < refused_until:
                 return None
-            del self._refused[client]
+            del self._refused[key]
         carrier = self.peers.current(self.tunnel.via[0])
         if carrier is None:
-            log.debug("tunnel %s: no carrier for a new flow from %s; dropped",
-                      self.tunnel.name, _addr(client))
+            log.debug("%s: no carrier for a new flow; dropped", what)
             return None
-        state, request = None, self.request
+        state = None
         if self.resume.enabled and carrier.session.resumable:
-            state, request = open_state(self.request, self.tunnel.via[0])
+            state, request = open_state(request, self.tunnel.via[0])
         try:
             circuit = carrier.open(request)
         except OpenRefused as exc:
-            log.warning("tunnel %s: flow from %s not opened: %s", self.tunnel.name, _addr(client), exc)
+            log.warning("%s: flow not opened: %s", what, exc)
             return None
         assert isinstance(circuit, DatagramCircuit)
 
         flow = _Flow(circuit)
         flow.resume = state
         if self.exit_peer is None:
-            flow.relay = DatagramFlow(circuit, _reply_to(sock, client))
-        flows[client] = flow
-        nursery.start_soon(self._udp_flow, flow, sock, client, flows)
+            flow.relay = DatagramFlow(circuit, reply)
+        flows[key] = flow
+        nursery.start_soon(self._udp_flow, flow, key, reply, flows, what)
         return flow
 
     async def _resume_flow(self, flow: _Flow, what: str) -> DatagramCircuit | None:
@@ -347,16 +549,15 @@ class TunnelEndpoint:
         log.info("%s: flow resumed", what)
         return circuit
 
-    async def _udp_flow(self, flow: _Flow, sock: socket.socket, client: tuple[str, int],
-                        flows: dict[tuple[str, int], _Flow]) -> None:
-        what = f"tunnel {self.tunnel.name} udp {_addr(client)} -> {self.route}"
+    async def _udp_flow(self, flow: _Flow, key: tuple[str, int], reply: Callable[[bytes], object],
+                        flows: dict[tuple[str, int], _Flow], what: str) -> None:
         circuit = flow.circuit
         counts = flow.relay.counts if flow.relay is not None else DatagramCounts()
         with self.sessions.track("entry", what, circuit, drains=False, tunnel=self.tunnel.name) as record:
             try:
                 with flow_record(record, counts):
                     if flow.relay is None:  # end to end: the same relay, sealing each datagram
-                        relay = DatagramFlow(circuit, _reply_to(sock, client), counts,
+                        relay = DatagramFlow(circuit, reply, counts,
                                              sealing=await self._sealing(circuit))
                         with write_batch():
                             for data in flow.early:
@@ -371,8 +572,8 @@ class TunnelEndpoint:
                         flow.relay.rebind(resumed)
                         flow.circuit = circuit = resumed
             finally:
-                if flows.get(client) is flow:  # not a newer flow of the same client
-                    del flows[client]
+                if flows.get(key) is flow:  # not a newer flow of the same client
+                    del flows[key]
                 self._dropped(circuit.dropped_in + circuit.dropped_out
                               + (flow.relay.dropped if flow.relay is not None else 0))
                 with trio.move_on_after(1) as scope:
@@ -383,6 +584,6 @@ class TunnelEndpoint:
             self.sessions.refused(ErrorCode.describe(cause.code))
             if len(self._refused) >= REFUSED_CLIENTS:
                 del self._refused[next(iter(self._refused))]
-            self._refused[client] = trio.current_time() + REFUSED_HOLD
+            self._refused[key] = trio.current_time() + REFUSED_HOLD
         if isinstance(cause, CircuitBroken):
             log.warning("%s: %s", what, cause)

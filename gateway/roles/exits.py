@@ -23,6 +23,7 @@ from gateway.carriers.writes import write_batch
 from gateway.config import Config, PeerConfig
 from gateway.errors import CircuitBroken, TunnelgateError
 from gateway.faults import byte_flipper, datagram_flipper, fault_injection_offset
+from gateway.logs import format_address
 from gateway.relay.e2e import SealedFlow, SecureStream
 from gateway.relay.engine import RelayEngine
 from gateway.relay.handshake import handshake_or_abort
@@ -37,9 +38,10 @@ from gateway.relay.udp import (
     bridge_datagrams,
     flow_record,
 )
-from gateway.security.policy import Policy, parse_ip
+from gateway.security.policy import SERVICE_NAMES, SERVICE_PREFIX, Policy, parse_ip
 from gateway.security.tls import TlsContexts
-from gateway_codecs import CircuitKind, ErrorCode, OpenRequest, Resumable, Resuming
+from gateway.services.standard import serve_datagrams, serve_stream
+from gateway_codecs import CircuitKind, ErrorCode, OpenRequest, ProxyHeader, Resumable, Resuming, proxy_header
 
 log = logging.getLogger("tunnelgate.exit")
 
@@ -57,6 +59,8 @@ class Refusal(TunnelgateError):
 
 
 def _target(req: OpenRequest) -> str:
+    if req.host.startswith(SERVICE_PREFIX):
+        return f"{req.kind.name.lower()} {req.host}"
     host = f"[{req.host}]" if ":" in req.host else req.host
     return f"{req.kind.name.lower()}://{host}:{req.port}"
 
@@ -103,6 +107,8 @@ class CircuitServer:
         req = circuit.request
         peer = self.peers.by_name.get(carrier.peer_name or "")
         what = f"{_target(req)} for {carrier.peer_name}"
+        if req.origin is not None:
+            what += f" (client {format_address(req.origin.source)})"
         if req.route:
             what += f" via {','.join(req.route)}"
         try:
@@ -132,13 +138,36 @@ class CircuitServer:
         if not policy.may_permit_name(kind, req.host, req.port):
             raise Refusal(ErrorCode.FORBIDDEN_TARGET,
                           f"{_target(req)} is not in the allow list for peer {peer.name}")
-        if isinstance(circuit, DatagramCircuit):
+        if req.host.startswith(SERVICE_PREFIX):
+            await self._serve_builtin(circuit, req.host[len(SERVICE_PREFIX):], what)
+        elif isinstance(circuit, DatagramCircuit):
             sock = await self._connect_udp(policy, req)
             with sock:
                 await self._serve_udp(circuit, sock, what)
         else:
             stream = await self._connect_tcp(policy, req)
+            _send_proxy_header(req, stream)
             await self._serve_tcp(circuit, stream, what)
+
+    async def _serve_builtin(self, circuit: AnyCircuit, name: str, what: str) -> None:
+        """A built-in service (SPEC.md §17): the circuit is relayed, exactly as to a
+        target, to one end of a socket pair; the service runs on the other, in this task."""
+        if name not in SERVICE_NAMES:
+            raise Refusal(ErrorCode.NAME_NOT_RESOLVED, f"no built-in service {name!r}")
+        if isinstance(circuit, DatagramCircuit):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            with trio.socket.from_stdlib_socket(theirs) as service_end:
+                async with trio.open_nursery() as nursery:
+                    idle = self.config.gateway.udp_idle_timeout
+                    nursery.start_soon(serve_datagrams, name, service_end, idle)
+                    with trio.socket.from_stdlib_socket(ours) as flow_end:
+                        await self._serve_udp(circuit, flow_end, what)
+                    nursery.cancel_scope.cancel()
+            return
+        ours, theirs = socket.socketpair()
+        with trio.socket.from_stdlib_socket(theirs) as service_end:
+            await self._serve_tcp(circuit, LocalStream(ours), what)
+            await serve_stream(name, service_end)
 
     async def _permitted(self, policy: Policy, req: OpenRequest, kind: Literal["tcp", "udp"],
                          socktype: int) -> list[str]:
@@ -328,6 +357,11 @@ class CircuitServer:
             if isinstance(onward_req.resume, Resuming):
                 raise Refusal(ErrorCode.RESUME_REFUSED, f"{next_hop} does not support resumption")
             onward_req = replace(onward_req, resume=None)  # the session is just not resumable
+        if onward_req.origin is not None and not onward_carrier.session.carries_origin:
+            if onward_req.origin.proxy_header is not ProxyHeader.NONE:  # SPEC.md §16 rule 2
+                raise Refusal(ErrorCode.UNSUPPORTED_KIND,
+                              f"{next_hop} cannot carry the PROXY header (no ORIGIN capability)")
+            onward_req = replace(onward_req, origin=None)
         onward = onward_carrier.open(onward_req)
         try:
             with trio.fail_after(self.connect_timeout * 2):
@@ -375,6 +409,26 @@ class CircuitServer:
                         cleanup.shield = True  # both legs, even when cancelled
                         await circuit.aclose()
                         await onward.aclose()
+
+
+def _send_proxy_header(req: OpenRequest, stream: LocalStream) -> None:
+    """The PROXY protocol header the entry asked for (SPEC.md §16), before any byte of the
+    session: the target learns the client's address, not ours."""
+    origin = req.origin
+    if origin is None or origin.proxy_header is ProxyHeader.NONE:
+        return
+    encode = proxy_header.encode_v1 if origin.proxy_header is ProxyHeader.V1 else proxy_header.encode_v2
+    header = encode(origin.source, origin.destination)
+    try:
+        sent = stream.sock.send(header)  # a new connection's empty buffer takes it whole
+    except OSError as exc:
+        sent, reason = 0, exc.strerror or str(exc)
+    else:
+        reason = "the socket took only part of it"
+    if sent != len(header):
+        stream.abort(reason)
+        stream.close_now()
+        raise Refusal(ErrorCode.CONNECTION_REFUSED, f"PROXY header to {_target(req)} not sent: {reason}")
 
 
 def _log_failure(what: str, error: BaseException | None) -> None:

@@ -22,6 +22,8 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ANY = "*"
 MAX_PORT = 65535
+SERVICE_PREFIX = "service:"  # a built-in service of the exit as a target (SPEC.md §17)
+SERVICE_NAMES = frozenset({"echo", "discard", "chargen", "daytime", "time"})  # RFC 862-868
 
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens
 # (underscores tolerated, as they occur in internal DNS); at most 253 characters.
@@ -88,7 +90,8 @@ def parse_ports(text: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class AllowRule:
-    """One ``tcp://HOST:PORTS`` / ``udp://HOST:PORTS`` rule; exactly one host form is set."""
+    """One ``tcp://HOST:PORTS`` / ``udp://HOST:PORTS`` rule, exactly one host form set;
+    or a ``service:NAME`` / ``service:*`` rule (built-in services, over TCP and UDP)."""
 
     kind: Kind
     low: int
@@ -97,11 +100,18 @@ class AllowRule:
     network: IPNetwork | None = None
     name: str | None = None
     text: str = ""
+    service: str | None = None  # a service rule: its name, or *
 
     @classmethod
     def parse(cls, text: str) -> AllowRule:
         """Parse a rule; ValueError carries a message fit for a config error."""
-        expected = "expected tcp://HOST:PORTS or udp://HOST:PORTS"
+        expected = "expected tcp://HOST:PORTS, udp://HOST:PORTS or service:NAME"
+        if text.startswith(SERVICE_PREFIX):
+            service = text[len(SERVICE_PREFIX):]
+            if service != ANY and service not in SERVICE_NAMES:
+                raise ValueError(f"unknown service in {text[:60]!r}: expected service:* or one of"
+                                 f" {', '.join(sorted(SERVICE_NAMES))}")
+            return cls("tcp", 0, 0, text=text, service=service)
         scheme, sep, rest = text.partition("://")
         if not sep or scheme not in ("tcp", "udp"):
             raise ValueError(f"{expected}, got {text!r}")
@@ -145,7 +155,11 @@ class AllowRule:
 
     def applies(self, kind: Kind, port: int) -> bool:
         """Whether the rule covers this kind and port (the host is judged separately)."""
-        return self.kind == kind and self.low <= port <= self.high
+        return self.service is None and self.kind == kind and self.low <= port <= self.high
+
+    def matches_service(self, service: str) -> bool:
+        """Whether this is a service rule naming ``service`` (or every service)."""
+        return self.service is not None and self.service in (ANY, service)
 
     def matches_address(self, addr: IPAddress) -> bool:
         """Whether the rule's host part covers this address."""
@@ -172,6 +186,8 @@ class Policy:
         A name is allowed here only by a rule naming it (or ``*``); a name that only
         CIDR rules could allow needs ``permitted_addresses`` after resolving.
         """
+        if host.startswith(SERVICE_PREFIX):  # a built-in service (port 0): only service rules name it
+            return port == 0 and any(r.matches_service(host[len(SERVICE_PREFIX):]) for r in self.rules)
         addr = parse_ip(host)
         rules = [r for r in self.rules if r.applies(kind, port)]
         if addr is not None:

@@ -38,9 +38,7 @@ from datetime import UTC, datetime
 import trio
 
 from gateway.relay.localsock import LocalStream
-
-SERVICES: frozenset[str] = frozenset({"echo", "discard", "chargen", "daytime", "time"})
-TARGET_PREFIX = "service:"
+from gateway.security.policy import SERVICE_NAMES, SERVICE_PREFIX
 
 CHUNK = 64 * 1024  # what a stream service reads at once, and so all it ever holds
 LINGER = 10.0  # daytime/time: how long to wait for the client's EOF after answering
@@ -56,10 +54,10 @@ def service_name(host: str) -> str | None:
 
     Exact and lower-case only: a near miss must stay an ordinary host name to the policy,
     never silently become a built-in service."""
-    if not host.startswith(TARGET_PREFIX):
+    if not host.startswith(SERVICE_PREFIX):
         return None
-    name = host[len(TARGET_PREFIX):]
-    return name if name in SERVICES else None
+    name = host[len(SERVICE_PREFIX):]
+    return name if name in SERVICE_NAMES else None
 
 
 def is_service_target(host: str) -> bool:
@@ -185,7 +183,7 @@ async def serve_stream(name: str, sock: AnySocket) -> None:
     """Serve the TCP flavour of service `name` on `sock`, a connected stream socket (an
     AF_UNIX socketpair end), until it is done; `sock` is closed on return.
 
-    Raises ValueError for a name not in SERVICES (the socket is closed all the same), and
+    Raises ValueError for a name not in SERVICE_NAMES (the socket is closed all the same), and
     Cancelled; a client's reset or close is a normal end."""
     plain = _plain(sock)
     serve = _STREAM_SERVICES.get(name)
@@ -248,7 +246,7 @@ async def serve_datagrams(name: str, sock: AnySocket, idle: float) -> None:
     this task when it ends the flow. An answer that does not fit in the peer's queue is
     dropped, as UDP would; the service never waits for room.
 
-    Raises ValueError for a name not in SERVICES (the socket is closed all the same), and
+    Raises ValueError for a name not in SERVICE_NAMES (the socket is closed all the same), and
     Cancelled."""
     plain = _plain(sock)
     with plain:
