@@ -1,4 +1,4 @@
-"""The ``tunnelgate`` command: keygen, fingerprint, check and run.
+"""The ``tunnelgate`` command: keygen, fingerprint, check, run, bench and the admin clients.
 
 Exit codes: 0 ok, 1 an operation failed (e.g. refusing to overwrite a key),
 2 the config or the command line is wrong.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from gateway.errors import ConfigError, TunnelgateError
@@ -42,6 +42,23 @@ def _parser() -> argparse.ArgumentParser:
                               " (the password from the terminal, or stdin if it is not one)")
     passwd.add_argument("name", metavar="NAME")
     passwd.add_argument("--scheme", choices=["scrypt", "argon2id"], default="scrypt")
+    bench = verbs.add_parser("bench", help="measure throughput, latency, sessions/s and UDP loss through"
+                             " a tunnel, against the far gateway's built-in services")
+    bench.add_argument("config", metavar="CONFIG.toml")
+    bench.add_argument("--via", required=True, type=_via, metavar="PEER[,PEER...]",
+                       help="the route; the first peer must be one this config dials")
+    bench.add_argument("--duration", type=_bounded(float, 0.1, 3600), default=5.0, metavar="SECONDS",
+                       help="of each phase (default 5)")
+    bench.add_argument("--end-to-end", action="store_true", help="as a tunnel with end_to_end = true")
+    bench.add_argument("--concurrency", type=_bounded(int, 1, 256), default=1, metavar="N",
+                       help="clients opening sessions at once (default 1)")
+    bench.add_argument("--udp-rate", type=_bounded(int, 1, 100_000), default=1000, metavar="PPS",
+                       help="datagrams per second to UDP service:echo (default 1000)")
+    bench.add_argument("--udp-size", type=_bounded(int, 8, 65_507), default=512, metavar="BYTES",
+                       help="of each datagram (default 512)")
+    bench.add_argument("--json", metavar="FILE", help="write every number and sample here")
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="throughput over time and the latency histogram (needs matplotlib)")
     run = verbs.add_parser("run", help="run the gateway")
     run.add_argument("config", metavar="CONFIG.toml")
     run.add_argument("--ready-file", metavar="FILE",
@@ -52,6 +69,26 @@ def _parser() -> argparse.ArgumentParser:
     loud.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return parser
+
+
+def _via(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected PEER[,PEER...], got {text!r}")
+    return names
+
+
+def _bounded(kind: type[float] | type[int], low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low:g}..{high:g}, got {text}")
+        return value
+
+    return parse
 
 
 def _keygen(name: str) -> int:
@@ -168,6 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.admin.client import print_status
 
             return print_status(args.config, args.json)
+        if args.verb == "bench":
+            from pathlib import Path
+
+            from gateway.bench import BenchOptions, run_bench
+
+            return run_bench(BenchOptions(
+                Path(args.config), args.via, args.duration, args.end_to_end, args.concurrency,
+                args.udp_rate, args.udp_size, Path(args.json) if args.json else None,
+                Path(args.plot) if args.plot else None))
         verbosity = 1 if args.verbose else -1 if args.quiet else 0
         return _run(args.config, verbosity, args.ready_file, args.log_format)
     except ConfigError as exc:
