@@ -575,7 +575,11 @@ async def _measure(config: Config, options: BenchOptions, logs: _LogHandler) -> 
                 await _download(ports["bench-tcp-chargen"], duration, results.download, progress)
                 await _udp(ports["bench-udp-echo"], options, results.udp, progress)
                 progress.tick()
-                for carrier in gateway.peers.carriers():  # as the gateway's own shutdown does
+                # As the gateway's own shutdown does: the UDP flow (open until its idle timeout)
+                # ends with a reset, which the exit does not park for resumption as it would
+                # a session whose carrier was lost.
+                gateway.relay.end_all()
+                for carrier in gateway.peers.carriers():
                     carrier.goaway("tunnelgate bench finished")
                     carrier.close("tunnelgate bench finished")
                 nursery.cancel_scope.cancel()
