@@ -127,7 +127,8 @@ def concurrent(kind: str, port: int, target: int, workers: int, per_worker: int)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chain", action="store_true", help="entry -> hub -> exit instead of entry -> exit")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--count", type=int, default=2000, help="sequential sessions per kind and round")

@@ -14,6 +14,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,16 +48,32 @@ ANY_PEER = "*"
 MAX_PATH = 4095  # Linux PATH_MAX, less the NUL
 
 
+CarrierScheme = Literal["tls", "tcp", "ws", "wss"]
+WEBSOCKET_PORTS = {"ws": 80, "wss": 443}  # a dialed ws:// / wss:// URL without a port
+
+
 @dataclass(frozen=True)
 class CarrierAddress:
-    """Where a carrier listens or dials: ``tls://HOST:PORT`` or (explicitly) ``tcp://``."""
+    """Where a carrier listens or dials: ``tls://HOST:PORT``, (explicitly) ``tcp://``, or
+    a WebSocket URL ``ws://HOST[:PORT]/PATH`` / ``wss://...`` (the same mutual TLS inside)."""
 
-    scheme: Literal["tls", "tcp"]
+    scheme: CarrierScheme
     host: str  # without brackets
     port: int
+    path: str = ""  # the WebSocket URL's path (ws, wss)
 
     def __str__(self) -> str:
-        return f"{self.scheme}://{_join_host(self.host)}:{self.port}"
+        return f"{self.scheme}://{_join_host(self.host)}:{self.port}{self.path}"
+
+    @property
+    def is_websocket(self) -> bool:
+        return self.scheme in WEBSOCKET_PORTS
+
+    @property
+    def host_header(self) -> str:
+        """The HTTP Host of a WebSocket URL (the port only when it is not the default)."""
+        default = WEBSOCKET_PORTS.get(self.scheme)
+        return _join_host(self.host) + ("" if self.port == default else f":{self.port}")
 
 
 ListenKind = Literal["tcp", "udp", "socks5", "http"]
@@ -180,10 +197,39 @@ def _url(value: object, schemes: tuple[str, ...], zero_ok: bool) -> tuple[str, s
     return scheme, parts[0], parts[1]
 
 
+_WEBSOCKET_URL = re.compile(r"(wss?)://(\[[^\]]+\]|[^:/\[\]]+)(?::(\d{1,5}))?(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?")
+
+
 def _carrier(value: object, info: ValidationInfo) -> CarrierAddress:
     zero_ok = info.field_name == "listen"
+    if isinstance(value, str) and value.startswith(("ws://", "wss://")):
+        return _websocket(value, zero_ok)
+    if not isinstance(value, str) or not value.startswith(("tls://", "tcp://")):
+        raise ValueError(f"expected tls://HOST:PORT, tcp://HOST:PORT, ws://HOST:PORT/PATH or"
+                         f" wss://HOST:PORT/PATH, got {_show(value)}")
     scheme, host, port = _url(value, ("tls", "tcp"), zero_ok)
     return CarrierAddress("tls" if scheme == "tls" else "tcp", host, port)
+
+
+def _websocket(value: str, listening: bool) -> CarrierAddress:
+    """``ws://HOST[:PORT]/PATH``; a listener needs its port, a dialer defaults to 80/443."""
+    match = _WEBSOCKET_URL.fullmatch(value)
+    expected = f"expected {value.split(':', 1)[0]}://HOST:PORT/PATH, got {_show(value)}"
+    if match is None:
+        raise ValueError(expected)
+    scheme, host, port_text, path = match.groups()
+    if host.startswith("["):
+        host = host[1:-1]
+        if parse_ip(host) is None or ":" not in host:
+            raise ValueError(expected)
+    elif parse_ip(host) is None and not is_host_name(host):
+        raise ValueError(expected)
+    if port_text is None and listening:
+        raise ValueError(f"a listener needs its port: {expected}")
+    port = int(port_text) if port_text is not None else WEBSOCKET_PORTS[scheme]
+    if port > 65535 or (port == 0 and not listening):
+        raise ValueError(f"port {port} is out of range in {_show(value)}")
+    return CarrierAddress("ws" if scheme == "ws" else "wss", host, port, path or "/")
 
 
 def _listen(value: object) -> ListenAddress:
@@ -255,6 +301,42 @@ def _rule(value: object) -> AllowRule:
     if not isinstance(value, str):
         raise ValueError(f"expected tcp://HOST:PORTS, udp://HOST:PORTS or service:NAME, got {_show(value)}")
     return AllowRule.parse(value)
+
+
+def _proxy(value: object) -> str:
+    if value == "env":
+        return "env"
+    if isinstance(value, str) and parse_proxy_url(value) is not None:
+        return value
+    raise ValueError(f"expected http://[USER:PASSWORD@]HOST:PORT or \"env\", got {_show(value)}")
+
+
+@dataclass(frozen=True)
+class ProxyAddress:
+    """An HTTP CONNECT proxy to dial through, and its Basic credentials if any."""
+
+    host: str
+    port: int
+    credentials: str | None = None  # "user:password", percent-decoded
+
+    def __str__(self) -> str:  # never shows the password
+        return f"http://{_join_host(self.host)}:{self.port}"
+
+
+def parse_proxy_url(text: str) -> ProxyAddress | None:
+    """``http://[user:password@]host:port`` (as https_proxy holds it), else None."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() != "http":
+        return None
+    rest = rest.rstrip("/")
+    credentials = None
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        credentials = urllib.parse.unquote(userinfo)
+    parts = _split_host_port(rest, zero_ok=False)
+    if parts is None:
+        return None
+    return ProxyAddress(parts[0], parts[1], credentials)
 
 
 def _route_name(value: object) -> str:
@@ -337,6 +419,13 @@ class PeerConfig(_Model):
     connections: Annotated[int, Field(ge=1, le=16)] = 1
     allow: list[Rule] = []
     route: list[RouteName] = []
+    # Dial through an HTTP CONNECT proxy: "http://[USER:PASSWORD@]HOST:PORT", or "env"
+    # (https_proxy / no_proxy, as curl reads them).
+    proxy: Annotated[str, BeforeValidator(_proxy)] | None = None
+    # Dial only when a session needs the carrier; hang up after idle_hangup seconds
+    # without circuits (the book's tunnels over on-demand lines, §17.8).
+    on_demand: bool = False
+    idle_hangup: Seconds = 300.0
 
     @functools.cached_property
     def policy(self) -> Policy:
@@ -663,6 +752,12 @@ def _covers(wide: _Claim, other: _Claim) -> bool:
 
 
 def _check_peer(peer: PeerConfig, where: str, gw: GatewayConfig, fail: Fail) -> PeerConfig:
+    for key in ("proxy", "on_demand", "idle_hangup"):
+        if key in peer.model_fields_set and not peer.dial:
+            raise fail(f"{where}.{key}", "only for a peer this gateway dials: expected `dial` too")
+    if peer.proxy is not None and any(d.scheme == "tcp" for d in peer.dial):
+        raise fail(f"{where}.proxy", "a plain tcp:// carrier is not dialed through a proxy:"
+                   " use tls:// or wss://")
     if peer.cert is None and peer.fingerprint is None:
         raise fail(where, "expected `cert` or `fingerprint` (or both) to identify the peer")
     if peer.connections > 1 and not peer.dial:

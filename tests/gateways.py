@@ -189,3 +189,60 @@ def echo_server() -> socket.socket:
 
     threading.Thread(target=accept, daemon=True).start()
     return server
+
+
+def loopback_chain(folder: Path, entry_tunnels: str, entry_scheme: str = "tls") -> tuple[GatewayProcess, ...]:
+    """entry -> hub -> exit on loopback: entry and exit dial hub (entry over `entry_scheme`:
+    tls or ws, hub listening on both); hub routes between them. Exit allows loopback TCP
+    and the built-in services."""
+    for name in ("entry", "hub", "exit"):
+        keygen(folder, name)
+    port, ws_port = free_port(), free_port()
+    ws_scheme = "wss" if entry_scheme == "wss" else "ws"  # hub's WebSocket listener
+    entry_dial = (f"tls://127.0.0.1:{port}" if entry_scheme == "tls"
+                  else f"{ws_scheme}://127.0.0.1:{ws_port}/t")
+    timers = "keepalive_interval = 1.0\nkeepalive_timeout = 4.0\nreconnect_max = 1.0\ndrain_timeout = 3.0\n"
+    hub = f"""
+[gateway]
+name = "hub"
+key = "hub.key"
+listen = ["tls://127.0.0.1:{port}", "{ws_scheme}://127.0.0.1:{ws_port}/t"]
+{timers}
+[[peer]]
+name = "entry"
+cert = "entry.crt"
+route = ["exit"]
+[[peer]]
+name = "exit"
+cert = "exit.crt"
+"""
+    exit_cfg = f"""
+[gateway]
+name = "exit"
+key = "exit.key"
+{timers}
+[[peer]]
+name = "hub"
+cert = "hub.crt"
+dial = "tls://127.0.0.1:{port}"
+allow = ["tcp://127.0.0.1:*", "service:*"]
+[[peer]]
+name = "entry"
+cert = "entry.crt"
+"""
+    entry_cfg = f"""
+[gateway]
+name = "entry"
+key = "entry.key"
+{timers}
+[[peer]]
+name = "hub"
+cert = "hub.crt"
+dial = "{entry_dial}"
+[[peer]]
+name = "exit"
+cert = "exit.crt"
+{entry_tunnels}
+"""
+    return (GatewayProcess(folder, "hub", hub), GatewayProcess(folder, "exit", exit_cfg),
+            GatewayProcess(folder, "entry", entry_cfg))

@@ -544,3 +544,47 @@ def test_a_users_file_mistake_names_its_line(folder: Path) -> None:
     (folder / "users.txt").write_text("# users\nbob\n")
     message = error_of(folder, _tunnel('listen = "socks5://127.0.0.1:1"\nusers_file = "users.txt"'))
     assert message.startswith(f"hub.toml: tunnel[0].users_file: {folder}/users.txt:2: ")
+
+
+# ---------------------------------------------------------------- carriers beyond TLS ports (issue 14)
+
+def test_websocket_carrier_urls(folder: Path) -> None:
+    config = parse_config(with_gateway(
+        """
+        listen = ["ws://127.0.0.1:8080/tunnel", "wss://[::]:8443/t/x"]
+        [[peer]]
+        name = "edge"
+        cert = "edge.crt"
+        dial = ["wss://relay.example.net/tunnel", "ws://198.18.0.1:8080"]
+        proxy = "http://alice:p%40ss@127.0.0.1:3128"
+        on_demand = true
+        idle_hangup = 30
+        """), "hub.toml", folder)
+    assert config.gateway.listen == [CarrierAddress("ws", "127.0.0.1", 8080, "/tunnel"),
+                                     CarrierAddress("wss", "::", 8443, "/t/x")]
+    peer = config.peer[0]
+    assert peer.dial == [CarrierAddress("wss", "relay.example.net", 443, "/tunnel"),
+                         CarrierAddress("ws", "198.18.0.1", 8080, "/")]
+    assert peer.dial[0].host_header == "relay.example.net" and peer.dial[1].host_header == "198.18.0.1:8080"
+    assert peer.on_demand and peer.idle_hangup == 30
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('listen = ["ws://127.0.0.1/tunnel"]',
+     "gateway.listen[0]: a listener needs its port: expected ws://HOST:PORT/PATH, got 'ws://127.0.0.1/tunnel'"),
+    ('listen = ["wss://127.0.0.1:8443/a b"]',
+     "gateway.listen[0]: expected wss://HOST:PORT/PATH, got 'wss://127.0.0.1:8443/a b'"),
+    ('listen = ["https://127.0.0.1:8443/"]',
+     "gateway.listen[0]: expected tls://HOST:PORT, tcp://HOST:PORT, ws://HOST:PORT/PATH or"
+     " wss://HOST:PORT/PATH, got 'https://127.0.0.1:8443/'"),
+    ('[[peer]]\nname = "edge"\ncert = "edge.crt"\nproxy = "env"',
+     "peer[0].proxy: only for a peer this gateway dials: expected `dial` too"),
+    ('[[peer]]\nname = "edge"\ncert = "edge.crt"\ndial = "tls://a:1"\nproxy = "socks5://127.0.0.1:1080"',
+     "peer[0].proxy: expected http://[USER:PASSWORD@]HOST:PORT or \"env\", got 'socks5://127.0.0.1:1080'"),
+    ('[[peer]]\nname = "edge"\ncert = "edge.crt"\ndial = "tcp://a:1"\nproxy = "env"',
+     "peer[0].proxy: a plain tcp:// carrier is not dialed through a proxy: use tls:// or wss://"),
+    ('[[peer]]\nname = "edge"\ncert = "edge.crt"\non_demand = true',
+     "peer[0].on_demand: only for a peer this gateway dials: expected `dial` too"),
+])
+def test_websocket_and_proxy_mistakes(folder: Path, body: str, message: str) -> None:
+    assert error_of(folder, with_gateway(body)) == f"hub.toml: {message}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateways import GatewayProcess, free_port, keygen, pair_configs, running, wait_until
+from tests.gateways import free_port, loopback_chain, pair_configs, running, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None or shutil.which("curl") is None,
                                 reason="needs haproxy and curl (apt-get install haproxy curl)")
@@ -106,61 +106,9 @@ proxy_protocol = "v2"
         assert body == f"client=127.0.0.1:{local_port} via=127.0.0.1:{port}"
 
 
-def _loopback_chain(folder: Path, entry_tunnels: str) -> tuple[GatewayProcess, ...]:
-    """entry -> hub -> exit on loopback: entry and exit dial hub; hub routes between them."""
-    for name in ("entry", "hub", "exit"):
-        keygen(folder, name)
-    port = free_port()
-    timers = "keepalive_interval = 1.0\nkeepalive_timeout = 4.0\nreconnect_max = 1.0\ndrain_timeout = 3.0\n"
-    hub = f"""
-[gateway]
-name = "hub"
-key = "hub.key"
-listen = ["tls://127.0.0.1:{port}"]
-{timers}
-[[peer]]
-name = "entry"
-cert = "entry.crt"
-route = ["exit"]
-[[peer]]
-name = "exit"
-cert = "exit.crt"
-"""
-    exit_cfg = f"""
-[gateway]
-name = "exit"
-key = "exit.key"
-{timers}
-[[peer]]
-name = "hub"
-cert = "hub.crt"
-dial = "tls://127.0.0.1:{port}"
-allow = ["tcp://127.0.0.1:*", "service:*"]
-[[peer]]
-name = "entry"
-cert = "entry.crt"
-"""
-    entry_cfg = f"""
-[gateway]
-name = "entry"
-key = "entry.key"
-{timers}
-[[peer]]
-name = "hub"
-cert = "hub.crt"
-dial = "tls://127.0.0.1:{port}"
-[[peer]]
-name = "exit"
-cert = "exit.crt"
-{entry_tunnels}
-"""
-    return (GatewayProcess(folder, "hub", hub), GatewayProcess(folder, "exit", exit_cfg),
-            GatewayProcess(folder, "entry", entry_cfg))
-
-
 @pytest.mark.parametrize("end_to_end", [False, True])
 def test_a_relay_passes_the_origin_on(tmp_path: Path, proxied_target: int, end_to_end: bool) -> None:
-    gateways = _loopback_chain(tmp_path, f"""
+    gateways = loopback_chain(tmp_path, f"""
 [[tunnel]]
 name = "web"
 listen = "tcp://127.0.0.1:0"
@@ -176,7 +124,7 @@ via = ["hub", "exit"]
 target = "service:echo"
 end_to_end = {"true" if end_to_end else "false"}
 """)
-    hub, exit_gw, entry = gateways
+    _, exit_gw, entry = gateways
     with running(*gateways):
         exit_gw.wait_log("carrier to hub")
         port = entry.tunnel_port("web")

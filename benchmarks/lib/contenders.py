@@ -370,8 +370,11 @@ def all_contenders(workdir: Path) -> list[Contender]:
         Tunnelgate(workdir, "tg-tls-noresume", "tls", chain=False, gateway_extra=("resume_timeout = 0",)),
         Tunnelgate(workdir, "tg-chain-noresume", "tls", chain=True, gateway_extra=("resume_timeout = 0",)),
         Tunnelgate(workdir, "tg-tls-admin", "tls", chain=False, scraped=True),
+        # WebSocket carriers (issue 14): the same TLS inside a WebSocket, without and with outer TLS.
+        Tunnelgate(workdir, "tg-ws", "ws", chain=False),
+        Tunnelgate(workdir, "tg-wss", "wss", chain=False),
     ]
 
 
 CONTENDER_NAMES = ["direct", "socat", "stunnel", "ssh", "tg-tls", "tg-tcp", "tg-chain", "tg-tls-noresume",
-                   "tg-chain-noresume", "tg-tls-admin"]
+                   "tg-chain-noresume", "tg-tls-admin", "tg-ws", "tg-wss"]

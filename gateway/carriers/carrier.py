@@ -257,8 +257,12 @@ class Carrier:
                 data = self.session.data_to_send(WRITE_CHUNK)
                 if not data:
                     self._pending = None
-                    return
-                pending = memoryview(data)
+                    if transport.backlogged:  # a framing transport holds bytes: push them
+                        pending = memoryview(b"")
+                    else:
+                        return
+                else:
+                    pending = memoryview(data)
             try:
                 sent = transport.try_send(pending)
             except TransportBroken as exc:

@@ -21,7 +21,8 @@ import trio
 
 from gateway.carriers.carrier import Carrier, RequestHandler, Timing
 from gateway.carriers.peers import PeerDirectory
-from gateway.carriers.transport import open_transport
+from gateway.carriers.proxy import connect_through, proxy_for
+from gateway.carriers.transport import TransportBroken, WebSocketEnd, open_transport
 from gateway.config import CarrierAddress, Config, PeerConfig
 from gateway.errors import CarrierLost, IdentityError
 from gateway.logs import Throttle, peer_address
@@ -94,8 +95,7 @@ class HandshakeGate:
 
 
 def _where(address: CarrierAddress) -> str:
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    return f"{address.scheme}://{host}:{address.port}"
+    return str(address)
 
 
 def _has_tls_cause(exc: BaseException) -> bool:
@@ -227,6 +227,8 @@ class Links:
                         " authentication (the peer's name is taken from its HELLO)", _where(address))
         else:
             self.contexts.server()
+            if address.scheme == "wss":
+                self.contexts.outer_server()
         log.info("carrier listener %s bound to %s", _where(address), bound)
         task_status.started(bound)
 
@@ -250,7 +252,7 @@ class Links:
                 gate.release(source)
 
             try:
-                await self._accepted(stream, address.scheme, up)
+                await self._accepted(stream, address, up)
             except Exception:  # a bug with one connection must not end the listener
                 log.exception("carrier from %s: internal error; closed", source)
                 await stream.aclose()
@@ -262,18 +264,20 @@ class Links:
         # does not cancel them and the sessions on them.
         await trio.serve_listeners(accepted, listeners, handler_nursery=handler_nursery)
 
-    async def _accepted(self, stream: trio.SocketStream, scheme: str, on_up: Callable[[], None]) -> None:
+    async def _accepted(self, stream: trio.SocketStream, address: CarrierAddress,
+                        on_up: Callable[[], None]) -> None:
         remote = peer_address(stream.socket)
+        scheme = address.scheme
         try:
             with trio.fail_after(self.timing.handshake_timeout):
                 transport = await open_transport(scheme, stream, self._context(scheme, None),
-                                                 server_side=True)
+                                                 server_side=True, websocket=self._websocket(address, True))
             try:
                 fingerprint = transport.peer_fingerprint()
             except BaseException:
                 transport.close()
                 raise
-        except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError) as exc:
+        except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError, TransportBroken) as exc:
             why = ("TLS handshake timed out" if isinstance(exc, trio.TooSlowError)
                    else describe_tls_failure(exc))
             log.warning("carrier from %s refused: %s", remote, why)
@@ -294,6 +298,15 @@ class Links:
             await self._carry(carrier, on_up)
         except CarrierLost as exc:
             log.warning("carrier from %s failed: %s", remote, exc.reason)
+
+    def _websocket(self, address: CarrierAddress, server_side: bool) -> WebSocketEnd | None:
+        """The WebSocket details of a ws:// or wss:// address (None for the others)."""
+        if not address.is_websocket:
+            return None
+        outer = None
+        if address.scheme == "wss":
+            outer = self.contexts.outer_server() if server_side else self.contexts.outer_client()
+        return WebSocketEnd(address.path, address.host_header, outer)
 
     def _context(self, scheme: str, peer: PeerConfig | None) -> ssl.SSLContext | None:
         """The TLS context a carrier of `scheme` needs (None for plain ones): the server
@@ -316,6 +329,9 @@ class Links:
         distinct = peer.connections > 1
         attempt = slot
         while True:
+            if peer.on_demand:
+                await self.peers.wanted(peer.name)
+                log.info("dial %s on demand: a session needs a carrier", peer.name)
             came_up = False
 
             def up() -> None:
@@ -326,8 +342,12 @@ class Links:
             where = _where(address)
             try:
                 carrier = await self._dial(peer, address, attempt // len(peer.dial))
-                await self._carry(carrier, up, distinct)
-            except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError, CarrierLost) as exc:
+                if peer.on_demand:
+                    await self._carry_until_idle(carrier, up, distinct, peer.idle_hangup)
+                else:
+                    await self._carry(carrier, up, distinct)
+            except (OSError, ssl.SSLError, trio.TooSlowError, IdentityError, CarrierLost,
+                    TransportBroken) as exc:
                 why = ("timed out" if isinstance(exc, trio.TooSlowError)
                        else describe_tls_failure(exc) if _has_tls_cause(exc)
                        else exc.reason if isinstance(exc, CarrierLost)
@@ -339,19 +359,52 @@ class Links:
             attempt += 1
             if came_up:
                 delay = gw.reconnect_min
+                if peer.on_demand:
+                    continue  # hung up (or lost): dial again when a session needs it
             # Full jitter keeps a fleet that lost its hub from reconnecting in lockstep.
             await trio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(gw.reconnect_max, delay * 2)
 
+    async def _carry_until_idle(self, carrier: Carrier, on_up: Callable[[], None], distinct: bool,
+                                idle_hangup: float) -> None:
+        """An on-demand carrier: hang up (GOAWAY) after `idle_hangup` s without circuits."""
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                idle_since = trio.current_time()
+                while True:
+                    await trio.sleep(min(1.0, idle_hangup / 4))
+                    if carrier.circuits:
+                        idle_since = trio.current_time()
+                    elif trio.current_time() - idle_since >= idle_hangup:
+                        log.info("carrier %s: no circuit for %g s: hanging up (on demand)",
+                                 carrier.description, idle_hangup)
+                        carrier.close(f"idle for {idle_hangup:g} s: hung up (on demand)")
+                        return
+
+            async def carry() -> None:
+                try:
+                    await self._carry(carrier, on_up, distinct)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(carry)
+
     async def _dial(self, peer: PeerConfig, address: CarrierAddress, turn: int) -> Carrier:
-        """Connect to `address`; a name with several addresses is tried from its
-        `turn`-th one round (so that retries and slots spread over a tier's members)."""
+        """Connect to `address` (through the peer's proxy, if it has one); a name with
+        several addresses is tried from its `turn`-th one round (so that retries and
+        slots spread over a tier's members)."""
         where = _where(address)
         scheme = address.scheme
         context = self._context(scheme, peer)  # before connecting: nothing to clean up if it fails
+        proxy = proxy_for(peer.proxy, address)
         with trio.fail_after(self.timing.handshake_timeout):
-            stream = await _connect_round(address.host, address.port, turn)
-            transport = await open_transport(scheme, stream, context, server_side=False)
+            if proxy is not None:
+                stream = await connect_through(proxy, address.host, address.port)
+            else:
+                stream = await _connect_round(address.host, address.port, turn)
+            transport = await open_transport(scheme, stream, context, server_side=False,
+                                             websocket=self._websocket(address, False))
         try:
             got = transport.peer_fingerprint()
         except BaseException:

@@ -15,6 +15,10 @@ class PeerDirectory:
         self.by_name = {p.name: p for p in peers}
         self._carriers: dict[str, list[Carrier]] = {p.name: [] for p in peers}
         self._changed = trio.Event()
+        # Dial on demand: set when a session finds no carrier to the peer; how many
+        # sessions wait for one now.
+        self._wanted: dict[str, trio.Event] = {}
+        self._waiting: dict[str, int] = {}
 
     def use(self, peers: list[PeerConfig]) -> list[Carrier]:
         """The configured peers after a reload: new circuits are judged by these entries
@@ -61,6 +65,7 @@ class PeerDirectory:
         newest = {c.peer_instance: c for c in carriers}
         live = [c for c in carriers if newest[c.peer_instance] is c]  # still oldest first
         if not live:
+            self._want(peer)
             return None
         if avoid is not None and len(live) > 1 and avoid in live:
             live.remove(avoid)
@@ -73,8 +78,26 @@ class PeerDirectory:
 
     async def wait_for(self, peer: str, avoid: Carrier | None = None) -> Carrier:
         """A usable carrier to `peer`, waiting for one to come up (caller sets the deadline)."""
-        while True:
-            carrier = self.current(peer, avoid)
-            if carrier is not None:
-                return carrier
-            await self._changed.wait()
+        self._waiting[peer] = self._waiting.get(peer, 0) + 1
+        try:
+            while True:
+                carrier = self.current(peer, avoid)
+                if carrier is not None:
+                    return carrier
+                await self._changed.wait()
+        finally:
+            self._waiting[peer] -= 1
+
+    def _want(self, peer: str) -> None:
+        event = self._wanted.get(peer)
+        if event is None:
+            event = self._wanted[peer] = trio.Event()
+        event.set()
+
+    async def wanted(self, peer: str) -> None:
+        """Return once a session needs a carrier to `peer` (an on-demand dialer waits
+        here): one is waiting now, or the next asks. Each call waits for a new need."""
+        self._wanted[peer] = event = trio.Event()
+        if self._waiting.get(peer):
+            return
+        await event.wait()

@@ -169,6 +169,8 @@ class TlsContexts:
         self.ca_path = ca_path
         self._server: ssl.SSLContext | None = None
         self._clients: dict[str | None, ssl.SSLContext] = {}
+        self._outer_server: ssl.SSLContext | None = None
+        self._outer_client: ssl.SSLContext | None = None
 
     def set_peer_certs(self, peer_certs: Iterable[StrPath]) -> None:
         """A reload changed the peers: contexts built from now on trust these (a carrier
@@ -183,6 +185,27 @@ class TlsContexts:
         if self._server is None:
             self._server = server_context(self.identity, self.peer_certs, self.ca_path)
         return self._server
+
+    def outer_server(self) -> ssl.SSLContext:
+        """A `wss://` listener's outer TLS: our certificate, no client certificate (the
+        mutual TLS that authenticates runs inside the WebSocket)."""
+        if self._outer_server is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(self.identity.cert_path, self.identity.key_path)
+            self._outer_server = ctx
+        return self._outer_server
+
+    def outer_client(self) -> ssl.SSLContext:
+        """A `wss://` dialer's outer TLS. It verifies nothing: a CDN or a proxy in between
+        may present any certificate, and what proves the peer is the inner TLS."""
+        if self._outer_client is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            self._outer_client = ctx
+        return self._outer_client
 
     def client_for(self, peer_cert: StrPath | None) -> ssl.SSLContext:
         key = None if peer_cert is None else os.fspath(peer_cert)
