@@ -191,6 +191,23 @@ def echo_server() -> socket.socket:
     return server
 
 
+def udp_echo_server() -> socket.socket:
+    """A UDP echo server on 127.0.0.1 (a thread); close it to stop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                data, peer = sock.recvfrom(65535)
+                sock.sendto(data, peer)
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock
+
+
 def loopback_chain(folder: Path, entry_tunnels: str, entry_scheme: str = "tls") -> tuple[GatewayProcess, ...]:
     """entry -> hub -> exit on loopback: entry and exit dial hub (entry over `entry_scheme`:
     tls or ws, hub listening on both); hub routes between them. Exit allows loopback TCP

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateways import GatewayProcess, echo_server, pair_configs, running
+from tests.gateways import GatewayProcess, echo_server, pair_configs, running, udp_echo_server
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
@@ -170,30 +170,13 @@ def test_bytes_pipelined_behind_the_request_are_not_lost(tmp_path: Path, kind: s
         assert _exchange(entry.tunnel_port("access"), first, answer, payload) == payload
 
 
-def _udp_echo() -> socket.socket:
-    """A UDP echo server on 127.0.0.1 (a thread); close it to stop."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                data, peer = sock.recvfrom(65535)
-                sock.sendto(data, peer)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
-    return sock
-
-
 def _socks_udp(port: int, data: bytes) -> bytes:
     """RFC 1928 §7's UDP request header, written by hand (IPv4 destination)."""
     return b"\x00\x00\x00\x01\x7f\x00\x00\x01" + port.to_bytes(2, "big") + data
 
 
 def test_socks5_udp_associate_carries_datagrams_per_destination(tmp_path: Path) -> None:
-    first, second = _udp_echo(), _udp_echo()
+    first, second = udp_echo_server(), udp_echo_server()
     exit_gw, entry = _gateways(tmp_path, "socks5")
     with first, second, running(exit_gw, entry):
         control = socket.create_connection(("127.0.0.1", entry.tunnel_port("access")), timeout=20)

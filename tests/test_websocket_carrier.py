@@ -29,6 +29,7 @@ from tests.gateways import (
     loopback_chain,
     pair_configs,
     running,
+    udp_echo_server,
     wait_until,
 )
 
@@ -72,22 +73,6 @@ def _round_trip(port: int, size: int = 4 * MiB) -> None:
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-def _udp_echo() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                data, peer = sock.recvfrom(65535)
-                sock.sendto(data, peer)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
-    return sock
-
-
 def _udp_round_trip(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
         u.settimeout(5)
@@ -104,7 +89,7 @@ def _udp_round_trip(port: int) -> None:
 
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
 def test_sessions_over_a_websocket_carrier(tmp_path: Path, scheme: str) -> None:
-    echo, udp = echo_server(), _udp_echo()
+    echo, udp = echo_server(), udp_echo_server()
     exit_gw, entry = pair_configs(tmp_path, transport=scheme,
                                   tunnels_on_entry=_tunnels(echo.getsockname()[1], udp.getsockname()[1]))
     with echo, udp, running(exit_gw, entry):

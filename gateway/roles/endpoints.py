@@ -299,6 +299,10 @@ class TunnelEndpoint:
             log.exception("%s: internal error", what)
             stream.abort("internal error")
             stream.close_now()
+        except BaseException:  # cancelled (shut down) before the engine took the session
+            stream.abort("gateway shut down")
+            stream.close_now()
+            raise
 
     async def _access_session(self, access: AccessProtocol, stream: LocalStream, what: str) -> None:
         """A SOCKS5 or HTTP CONNECT client: its request, the circuit to where it asks, the
@@ -316,10 +320,6 @@ class TunnelEndpoint:
                 stream.abort(reason)
             stream.close_now()
             return
-        except BaseException:
-            stream.abort("gateway shut down")
-            stream.close_now()
-            raise
         what = f"{what} -> {destination}"
         if destination.datagrams:
             try:
@@ -328,29 +328,23 @@ class TunnelEndpoint:
                 stream.close_now()
             return
         request = replace(self.request, host=destination.host, port=destination.port)
-        try:
-            carrier = await self._carrier()
-            opened = self._open_circuit(stream, carrier, request)
-            if not isinstance(opened, OpenRefused):
-                try:
-                    with trio.fail_after(self.handshake_timeout * 2):
-                        await opened[0].wait_open()
-                except trio.TooSlowError:
-                    opened[0].reset(ErrorCode.CONNECT_TIMEOUT, "no answer in time")
-                    opened = OpenRefused(ErrorCode.CONNECT_TIMEOUT, "no answer in time")
-                except trio.BrokenResourceError as exc:
-                    cause = exc.__cause__
-                    opened = (OpenRefused(cause.code, cause.reason) if isinstance(cause, CircuitBroken)
-                              else OpenRefused(ErrorCode.NO_ROUTE, str(exc)))
-            if isinstance(opened, OpenRefused):
-                self._log_refusal(what, opened)
-                await client.refused(opened.code, opened.reason)
-                stream.close_now()
-                return
-        except BaseException:
-            stream.abort("gateway shut down")
+        opened = self._open_circuit(stream, await self._carrier(), request)
+        if not isinstance(opened, OpenRefused):
+            try:
+                with trio.fail_after(self.handshake_timeout * 2):
+                    await opened[0].wait_open()
+            except trio.TooSlowError:
+                opened[0].reset(ErrorCode.CONNECT_TIMEOUT, "no answer in time")
+                opened = OpenRefused(ErrorCode.CONNECT_TIMEOUT, "no answer in time")
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__
+                opened = (OpenRefused(cause.code, cause.reason) if isinstance(cause, CircuitBroken)
+                          else OpenRefused(ErrorCode.NO_ROUTE, str(exc)))
+        if isinstance(opened, OpenRefused):
+            self._log_refusal(what, opened)
+            await client.refused(opened.code, opened.reason)
             stream.close_now()
-            raise
+            return
         circuit, state = opened
         record = self.sessions.open("entry", what, circuit, self.tunnel.name)
         port = CircuitPort(circuit)
