@@ -185,7 +185,8 @@ class Tap:
 
 
 def _behind_nginx(folder: Path, exit_name: str, ws_port: int, nginx_port: int, echo_port: int,
-                  exit_key: str = "exit") -> tuple[GatewayProcess, GatewayProcess]:
+                  exit_key: str = "exit", udp_port: int | None = None
+                  ) -> tuple[GatewayProcess, GatewayProcess]:
     for name in ("entry", "exit", "impostor"):
         if not (folder / f"{name}.key").exists():
             keygen(folder, name)
@@ -199,7 +200,7 @@ listen = ["ws://127.0.0.1:{ws_port}/tunnel"]
 [[peer]]
 name = "entry"
 cert = "entry.crt"
-allow = ["tcp://127.0.0.1:*"]
+allow = ["tcp://127.0.0.1:*", "udp://127.0.0.1:*"]
 """
     entry_cfg = f"""
 [gateway]
@@ -210,22 +211,24 @@ key = "entry.key"
 name = "exit"
 cert = "exit.crt"
 dial = "wss://127.0.0.1:{nginx_port}/tunnel"
-{_tunnels(echo_port)}
+{_tunnels(echo_port, udp_port)}
 """
     return GatewayProcess(folder, "exit", exit_cfg), GatewayProcess(folder, "entry", entry_cfg)
 
 
 def test_behind_nginx_terminating_tls_nginx_sees_only_ciphertext(tmp_path: Path, nginx_bin: str) -> None:
-    echo = echo_server()
+    echo, udp = echo_server(), udp_echo_server()
     ws_port, nginx_port = free_port(), free_port()
     tap = Tap(ws_port)  # between nginx and the gateway: what a TLS-terminating proxy sees
     nginx = _start_nginx(nginx_bin, tmp_path, nginx_port, tap.port)
-    exit_gw, entry = _behind_nginx(tmp_path, "exit", ws_port, nginx_port, echo.getsockname()[1])
+    exit_gw, entry = _behind_nginx(tmp_path, "exit", ws_port, nginx_port, echo.getsockname()[1],
+                                   udp_port=udp.getsockname()[1])
     marker = b"tunnelgate-plaintext-marker-" * 4096  # 112 KiB of a pattern nginx must not see
     try:
-        with echo, running(exit_gw, entry):
+        with echo, udp, running(exit_gw, entry):
             entry.wait_log("carrier to exit at wss://127.0.0.1:")
             _round_trip(entry.tunnel_port("echo"))
+            _udp_round_trip(entry.tunnel_port("dns"))
             with socket.create_connection(("127.0.0.1", entry.tunnel_port("echo")), timeout=20) as s:
                 s.sendall(marker)
                 s.shutdown(socket.SHUT_WR)
@@ -336,14 +339,15 @@ def _with_peer_keys(entry: GatewayProcess, keys: str, env: dict[str, str] | None
 @pytest.mark.parametrize("scheme", ["tls", "wss"])
 def test_dialing_through_an_http_connect_proxy_with_basic_auth(tmp_path: Path, tinyproxy: StartProxy,
                                                                scheme: str) -> None:
-    echo, carrier = echo_server(), free_port()
+    echo, udp, carrier = echo_server(), udp_echo_server(), free_port()
     exit_gw, entry = pair_configs(tmp_path, transport=scheme, exit_port=carrier,
-                                  tunnels_on_entry=_tunnels(echo.getsockname()[1]))
+                                  tunnels_on_entry=_tunnels(echo.getsockname()[1], udp.getsockname()[1]))
     proxy_port, proxy_log = tinyproxy(carrier, "BasicAuth alice s3cret")
     entry = _with_peer_keys(entry, f'proxy = "http://alice:s3cret@127.0.0.1:{proxy_port}"')
-    with echo, running(exit_gw, entry):
+    with echo, udp, running(exit_gw, entry):
         entry.wait_log(f"carrier to exit at {scheme}://127.0.0.1:{carrier}")
         _round_trip(entry.tunnel_port("echo"))
+        _udp_round_trip(entry.tunnel_port("dns"))
     assert f"CONNECT 127.0.0.1:{carrier}" in proxy_log.read_text(errors="replace")
 
 
