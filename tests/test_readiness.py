@@ -88,3 +88,57 @@ async def test_a_reset_is_reported_while_the_socket_is_not_read(backend: type[Re
         readiness.remove(ours)
         nursery.cancel_scope.cancel()
     ours.close()
+
+
+@pytest.mark.parametrize("backend", [TaskReadiness, EpollReadiness])
+async def test_a_descriptor_reused_at_once_after_remove_and_close_can_be_watched(
+        backend: type[Readiness]) -> None:
+    """The portable backend's watch tasks wait in trio on the socket: removing it must
+    drop those waits at once, or a new socket given the same descriptor number (the next
+    session's, created in the same scheduler tick) meets "another task is already
+    reading / writing this fd", and the error ended the whole gateway."""
+    if backend is EpollReadiness and not hasattr(select, "epoll"):
+        pytest.skip("no epoll on this platform")
+    readiness = backend()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(readiness.serve)
+        for _ in range(50):
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            readiness.add(ours, Seen(), READABLE | WRITABLE)
+            await trio.lowlevel.checkpoint()  # the watch tasks are waiting now
+            fd = ours.fileno()
+            readiness.remove(ours)
+            ours.close()
+            theirs.close()
+            again, other = socket.socketpair()
+            assert again.fileno() == fd or other.fileno() == fd  # the number is reused
+            again.setblocking(False)
+            seen = Seen()
+            readiness.add(again, seen, WRITABLE)
+            await seen.next()  # watched, and writable: no BusyResourceError
+            readiness.remove(again)
+            again.close()
+            other.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_asking_twice_to_write_before_the_watch_runs_starts_one_writer() -> None:
+    """Two `modify` calls wanting WRITABLE in one scheduler tick: the second must not
+    start a second writer task on the same socket (trio: "another task is already
+    reading / writing this fd", which ended the portable backend and the gateway)."""
+    readiness = TaskReadiness()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    seen = Seen()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(readiness.serve)
+        readiness.add(ours, seen, READABLE)
+        readiness.modify(ours, READABLE | WRITABLE)
+        readiness.modify(ours, WRITABLE)
+        await seen.next()
+        assert seen.events[-1] & WRITABLE
+        readiness.remove(ours)
+        nursery.cancel_scope.cancel()
+    ours.close()
+    theirs.close()

@@ -144,7 +144,8 @@ class _Watch:
                     await trio.sleep(STALL_POLL)  # cancelled when reading resumes
 
     async def watch_writes(self) -> None:
-        self.writing = True
+        # `writing` was set when this task was scheduled: a second request to write
+        # before it runs must not start another (one waiter per fd and direction).
         try:
             with trio.CancelScope() as self.write_scope, \
                     contextlib.suppress(trio.ClosedResourceError, OSError):
@@ -170,6 +171,7 @@ class TaskReadiness(Readiness):
         self._watches[sock.fileno()] = watch
         self._nursery.start_soon(watch.watch_reads)
         if mask & WRITABLE:
+            watch.writing = True
             self._nursery.start_soon(watch.watch_writes)
 
     def modify(self, sock: socket.socket, mask: int) -> None:
@@ -179,6 +181,7 @@ class TaskReadiness(Readiness):
             watch.read_scope.cancel()  # out of a stall's sleep: read now
         if mask & WRITABLE and not watch.writing:
             assert self._nursery is not None
+            watch.writing = True
             self._nursery.start_soon(watch.watch_writes)
 
     def remove(self, sock: socket.socket) -> None:
