@@ -142,3 +142,29 @@ async def test_asking_twice_to_write_before_the_watch_runs_starts_one_writer() -
         nursery.cancel_scope.cancel()
     ours.close()
     theirs.close()
+
+
+async def test_a_bug_while_watching_one_socket_ends_only_its_session() -> None:
+    class Broken(Seen):
+        def on_ready(self, events: int) -> None:
+            raise RuntimeError("a bug in this session's handling")
+
+    readiness = TaskReadiness()
+    bad, bad_peer = socket.socketpair()
+    good, good_peer = socket.socketpair()
+    for s in (bad, good):
+        s.setblocking(False)
+    broken, seen = Broken(), Seen()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(readiness.serve)
+        readiness.add(bad, broken, WRITABLE)
+        await broken.next()
+        assert broken.errors == [5]  # EIO: the session is failed with the error
+        readiness.add(good, seen, WRITABLE)  # the backend still serves the others
+        await seen.next()
+        assert seen.events[-1] & WRITABLE
+        readiness.remove(bad)
+        readiness.remove(good)
+        nursery.cancel_scope.cancel()
+    for s in (bad, bad_peer, good, good_peer):
+        s.close()

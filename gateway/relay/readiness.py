@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
+import logging
 import os
 import select
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
 
 from gateway.carriers.writes import write_batch
+
+log = logging.getLogger("tunnelgate.readiness")
 
 READABLE, WRITABLE, ERROR, HANGUP = 0x001, 0x004, 0x008, 0x010
 MAX_EVENTS = 512  # socket events handled per epoll wake-up (one write batch)
@@ -120,6 +125,18 @@ class _Watch:
         self.read_scope: trio.CancelScope | None = None
         self.write_scope: trio.CancelScope | None = None
 
+    async def guarded(self, watch: Callable[[], Awaitable[None]]) -> None:
+        """A bug while watching one socket ends that socket's session, not the backend
+        (whose end would end every session of the gateway)."""
+        try:
+            await watch()
+        except Exception:
+            log.exception("readiness: internal error watching fd %d; ending its session",
+                          self.sock.fileno())
+            self.active = False
+            with write_batch():
+                self.watcher.on_socket_error(errno.EIO)
+
     def deliver(self, events: int) -> None:
         with write_batch():
             self.watcher.on_ready(events)
@@ -169,10 +186,10 @@ class TaskReadiness(Readiness):
             raise RuntimeError("the readiness task is not running")
         watch = _Watch(sock, watcher, mask)
         self._watches[sock.fileno()] = watch
-        self._nursery.start_soon(watch.watch_reads)
+        self._nursery.start_soon(watch.guarded, watch.watch_reads)
         if mask & WRITABLE:
             watch.writing = True
-            self._nursery.start_soon(watch.watch_writes)
+            self._nursery.start_soon(watch.guarded, watch.watch_writes)
 
     def modify(self, sock: socket.socket, mask: int) -> None:
         watch = self._watches[sock.fileno()]
@@ -182,7 +199,7 @@ class TaskReadiness(Readiness):
         if mask & WRITABLE and not watch.writing:
             assert self._nursery is not None
             watch.writing = True
-            self._nursery.start_soon(watch.watch_writes)
+            self._nursery.start_soon(watch.guarded, watch.watch_writes)
 
     def remove(self, sock: socket.socket) -> None:
         watch = self._watches.pop(sock.fileno(), None)
