@@ -378,18 +378,22 @@ class CircuitServer:
                 circuit.refuse(cause.code, cause.reason)
                 return
             raise Refusal(ErrorCode.NO_ROUTE, f"leg to {next_hop} failed: {exc}") from exc
-        try:
-            circuit.accept()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The previous hop went away while the next one answered: end the new leg too.
-            onward.reset(ErrorCode.CANCELLED, "the previous hop closed the circuit")
-            return
-        if isinstance(circuit, Circuit) and isinstance(onward, Circuit):
-            # No task from here on; the test-only fault injector is a transform inside.
-            flip = byte_flipper(self.flip_offset) if self.flip_offset is not None else None
-            self.engine.relay(CircuitPort(circuit), CircuitPort(onward),
-                              self.sessions.open("relay", f"{what} -> {next_hop}", circuit), transform=flip)
-            return
+        # OPEN_OK and what the next hop already sent (a resumable session's ACK(0), the
+        # target's first bytes) leave in one write.
+        with write_batch():
+            try:
+                circuit.accept()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The previous hop went away while the next one answered: end the new leg too.
+                onward.reset(ErrorCode.CANCELLED, "the previous hop closed the circuit")
+                return
+            if isinstance(circuit, Circuit) and isinstance(onward, Circuit):
+                # No task from here on; the test-only fault injector is a transform inside.
+                flip = byte_flipper(self.flip_offset) if self.flip_offset is not None else None
+                self.engine.relay(CircuitPort(circuit), CircuitPort(onward),
+                                  self.sessions.open("relay", f"{what} -> {next_hop}", circuit),
+                                  transform=flip)
+                return
         record = self.sessions.track("relay", f"{what} -> {next_hop}", circuit)
         with record:
             if isinstance(circuit, DatagramCircuit) and isinstance(onward, DatagramCircuit):
