@@ -192,10 +192,14 @@ class StreamRelay:
 
     def _complete(self, end: CircuitBroken) -> None:
         """RST NO_ERROR after both FINs: the endpoints have everything (SPEC.md §14).
-        Pass it on and end as complete."""
+        Pass it on and end as complete. On to a circuit it lingers for the carrier's next
+        write (`Circuit.retire`): nothing waits on it, and a relay saves a write."""
         for port in (self.a, self.b):
             try:
-                port.abort(ErrorCode.NO_ERROR, end.reason)
+                if isinstance(port, CircuitPort):
+                    port.circuit.retire()
+                else:
+                    port.abort(ErrorCode.NO_ERROR, end.reason)
             except Exception:
                 log.exception("relayed session %s: could not close a port", self.record.what)
         self._end(None)
