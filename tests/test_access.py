@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -203,3 +204,23 @@ def test_socks5_udp_associate_carries_datagrams_per_destination(tmp_path: Path) 
             control.close()  # the association ends with its TCP connection
             entry.wait_log("udp association ended")
         entry.wait_log("udp -> 127.0.0.1:", count=2)
+
+
+def test_a_reload_rereads_the_users_file(tmp_path: Path, web: int) -> None:
+    users = _users_file(tmp_path)
+    exit_gw, entry = _gateways(tmp_path, "socks5", f'users_file = "{users}"')
+    with running(exit_gw, entry):
+        proxy = f"127.0.0.1:{entry.tunnel_port('access')}"
+        url = f"http://127.0.0.1:{web}/"
+        assert _curl("--socks5", proxy, "--proxy-user", "alice:wonderland", url).returncode == 0
+        changed = subprocess.run([sys.executable, "-m", "gateway", "passwd", "alice"],
+                                 input="looking-glass\n", capture_output=True, text=True, check=True,
+                                 timeout=60)
+        users.write_text(changed.stdout)
+        assert entry.proc is not None
+        entry.proc.send_signal(signal.SIGHUP)  # the config is the same; its users file is not
+        entry.wait_log("reloaded")
+        old = _curl("--socks5", proxy, "--proxy-user", "alice:wonderland", url)
+        assert old.returncode != 0
+        new = _curl("--socks5", proxy, "--proxy-user", "alice:looking-glass", url)
+        assert new.returncode == 0 and new.stdout == BODY
