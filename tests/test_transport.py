@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.carriers.transport import CarrierTransport, SocketTransport, TlsTransport, open_transport
+from gateway.carriers.schemes import open_transport
+from gateway.carriers.transport import CarrierTransport, SocketTransport, TlsTransport
 from gateway.security.identity import fingerprint_of_file, write_identity
 from gateway.security.tls import client_context, server_context
 

@@ -22,7 +22,8 @@ import trio
 from gateway.carriers.carrier import Carrier, RequestHandler, Timing
 from gateway.carriers.peers import PeerDirectory
 from gateway.carriers.proxy import connect_through, proxy_for
-from gateway.carriers.transport import TransportBroken, WebSocketEnd, open_transport
+from gateway.carriers.schemes import WebSocketEnd, open_transport
+from gateway.carriers.transport import TransportBroken
 from gateway.config import CarrierAddress, Config, PeerConfig
 from gateway.errors import CarrierLost, IdentityError
 from gateway.logs import Throttle, peer_address

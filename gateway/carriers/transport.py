@@ -2,9 +2,9 @@
 
 `CarrierTransport` is all a carrier needs from its connection: non-blocking reads and
 writes, waits, close, and who the peer proved to be (if the transport authenticates).
-`open_transport` picks the implementation from the address's scheme, in this one place:
 `tcp` is a plain socket (`SocketTransport`), `tls` is TLS 1.3 on it (`TlsTransport`),
-`ws`/`wss` a WebSocket with the same TLS inside its byte stream (`websocket.py`).
+`ws`/`wss` a WebSocket with the same TLS inside its byte stream (`websocket.py`);
+`schemes.open_transport` picks one from the address's scheme, in that one place.
 
 TLS is OpenSSL on the socket itself (a non-blocking `ssl.SSLSocket`): OpenSSL reads and
 writes the file descriptor directly, so a record costs one syscall and no copy through
@@ -19,7 +19,6 @@ import abc
 import errno
 import socket
 import ssl
-from dataclasses import dataclass
 from typing import ClassVar
 
 import trio
@@ -194,43 +193,6 @@ class TlsTransport(SocketTransport):
             self.tls.unwrap()  # close_notify, best effort (never waits)
         except (OSError, ssl.SSLError, ValueError):
             pass
-
-
-SCHEMES = ("tls", "tcp", "ws", "wss")
-
-
-@dataclass(frozen=True)
-class WebSocketEnd:
-    """What a WebSocket transport needs beyond the socket: the URL's path and Host, and
-    the outer TLS context (`wss://`)."""
-
-    path: str
-    host: str = ""
-    outer: ssl.SSLContext | None = None
-
-
-async def open_transport(scheme: str, stream: trio.SocketStream, context: ssl.SSLContext | None,
-                         server_side: bool, websocket: WebSocketEnd | None = None) -> CarrierTransport:
-    """The transport `scheme` names, over a connected TCP stream (the caller sets the
-    deadline). The one place that maps a scheme to a transport; `context` is the TLS
-    context for schemes that use one (inside the WebSocket for ws and wss)."""
-    sock = SocketTransport.from_trio(stream)
-    if scheme == "tcp":
-        return SocketTransport(sock)
-    try:
-        if scheme == "tls":
-            assert context is not None
-            return await TlsTransport.handshake(sock, context, server_side)
-        if scheme in ("ws", "wss"):
-            from gateway.carriers.websocket import open_websocket
-
-            assert context is not None and websocket is not None
-            return await open_websocket(scheme, sock, context, server_side, websocket)
-    except BaseException:
-        sock.close()
-        raise
-    sock.close()
-    raise ValueError(f"unknown carrier scheme {scheme!r}")
 
 
 def _describe(exc: BaseException) -> str:

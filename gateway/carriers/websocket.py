@@ -15,7 +15,6 @@ the carrier to call `try_send(b"")` again once the socket is writable.
 
 from __future__ import annotations
 
-import socket
 import ssl
 from typing import ClassVar
 
@@ -33,13 +32,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from gateway.carriers.transport import (
-    CarrierTransport,
-    SocketTransport,
-    TlsTransport,
-    TransportBroken,
-    WebSocketEnd,
-)
+from gateway.carriers.transport import CarrierTransport, SocketTransport, TransportBroken
 from gateway.errors import IdentityError
 from gateway.security.identity import fingerprint_of_der_cert
 
@@ -271,17 +264,3 @@ class WebSocketTransport(CarrierTransport):
 
 class SecureWebSocketTransport(WebSocketTransport):
     scheme: ClassVar[str] = "wss"
-
-
-async def open_websocket(scheme: str, sock: socket.socket, inner: ssl.SSLContext, server_side: bool,
-                         end: WebSocketEnd) -> WebSocketTransport:
-    """A `ws://` or `wss://` carrier over a connected socket (the caller sets the deadline
-    and closes `sock` if this raises)."""
-    raw: SocketTransport = SocketTransport(sock)
-    if scheme == "wss":
-        assert end.outer is not None
-        raw = await TlsTransport.handshake(sock, end.outer, server_side)
-    cls = SecureWebSocketTransport if scheme == "wss" else WebSocketTransport
-    if server_side:
-        return await cls.accept(raw, end.path, inner)
-    return await cls.dial(raw, end.host, end.path, inner)
