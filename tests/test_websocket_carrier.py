@@ -110,7 +110,13 @@ http {{
     client_body_temp_path {dir};
     proxy_temp_path {dir};
     server {{
+        # Only a client that names the server (SNI: localhost) is let in, as at a CDN.
+        listen 127.0.0.1:{port} ssl default_server;
+        ssl_reject_handshake on;
+    }}
+    server {{
         listen 127.0.0.1:{port} ssl;
+        server_name localhost;
         ssl_certificate {dir}/edge-cert.pem;
         ssl_certificate_key {dir}/edge-key.pem;
         location /tunnel {{
@@ -135,8 +141,9 @@ def nginx_bin() -> str:
 
 
 def _start_nginx(nginx_bin: str, folder: Path, port: int, backend: int) -> subprocess.Popen[bytes]:
-    """nginx terminating TLS (a throwaway certificate of its own) for /tunnel, passing the
-    WebSocket upgrade to `backend`."""
+    """nginx terminating TLS (a throwaway certificate of its own) for /tunnel of the
+    server named localhost (a client sending no SNI is refused), passing the WebSocket
+    upgrade to `backend`."""
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
                     "-nodes", "-days", "1", "-subj", "/CN=relay.example.net",
                     "-keyout", str(folder / "edge-key.pem"), "-out", str(folder / "edge-cert.pem")],
@@ -210,7 +217,7 @@ key = "entry.key"
 [[peer]]
 name = "exit"
 cert = "exit.crt"
-dial = "wss://127.0.0.1:{nginx_port}/tunnel"
+dial = "wss://localhost:{nginx_port}/tunnel"
 {_tunnels(echo_port, udp_port)}
 """
     return GatewayProcess(folder, "exit", exit_cfg), GatewayProcess(folder, "entry", entry_cfg)
@@ -226,7 +233,7 @@ def test_behind_nginx_terminating_tls_nginx_sees_only_ciphertext(tmp_path: Path,
     marker = b"tunnelgate-plaintext-marker-" * 4096  # 112 KiB of a pattern nginx must not see
     try:
         with echo, udp, running(exit_gw, entry):
-            entry.wait_log("carrier to exit at wss://127.0.0.1:")
+            entry.wait_log("carrier to exit at wss://localhost:")  # it sent SNI
             _round_trip(entry.tunnel_port("echo"))
             _udp_round_trip(entry.tunnel_port("dns"))
             with socket.create_connection(("127.0.0.1", entry.tunnel_port("echo")), timeout=20) as s:

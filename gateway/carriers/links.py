@@ -307,7 +307,10 @@ class Links:
         outer = None
         if address.scheme == "wss":
             outer = self.contexts.outer_server() if server_side else self.contexts.outer_client()
-        return WebSocketEnd(address.path, address.host_header, outer)
+        # A CDN or a reverse proxy with several names picks the certificate (and the
+        # backend) by SNI: a dialer names the URL's host, unless it is an address.
+        server_name = None if server_side or _is_address(address.host) else address.host
+        return WebSocketEnd(address.path, address.host_header, outer, server_name)
 
     def _context(self, scheme: str, peer: PeerConfig | None) -> ssl.SSLContext | None:
         """The TLS context a carrier of `scheme` needs (None for plain ones): the server
@@ -422,6 +425,14 @@ class Links:
             raise IdentityError(f"{where} presented {got}, not {peer.name}'s key")
         return Carrier(transport, Role.DIALER, self.settings, self.timing, self.on_request,
                        peer.name, f"to {peer.name} at {where}", self.session_nursery)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def _connect_round(host: str, port: int, turn: int) -> trio.SocketStream:

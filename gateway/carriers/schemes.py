@@ -23,6 +23,7 @@ class WebSocketEnd:
     path: str
     host: str = ""
     outer: ssl.SSLContext | None = None
+    server_name: str | None = None  # the outer TLS's SNI (a dialed name; none for an address)
 
 
 async def open_transport(scheme: str, stream: trio.SocketStream, context: ssl.SSLContext | None,
@@ -42,7 +43,8 @@ async def open_transport(scheme: str, stream: trio.SocketStream, context: ssl.SS
             raw = SocketTransport(sock)
             if scheme == "wss":
                 assert websocket.outer is not None
-                raw = await TlsTransport.handshake(sock, websocket.outer, server_side)
+                raw = await TlsTransport.handshake(sock, websocket.outer, server_side,
+                                                   None if server_side else websocket.server_name)
             cls = SecureWebSocketTransport if scheme == "wss" else WebSocketTransport
             if server_side:
                 return await cls.accept(raw, websocket.path, context)

@@ -158,11 +158,12 @@ class TlsTransport(SocketTransport):
         self.tls = tls
 
     @classmethod
-    async def handshake(cls, sock: socket.socket, context: ssl.SSLContext, server_side: bool
-                        ) -> TlsTransport:
+    async def handshake(cls, sock: socket.socket, context: ssl.SSLContext, server_side: bool,
+                        server_name: str | None = None) -> TlsTransport:
         """Run the TLS handshake on `sock` (the caller sets the deadline, and closes `sock`
-        if this raises)."""
-        tls = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+        if this raises). `server_name`: the SNI a dialer sends (a wss:// URL's host)."""
+        tls = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False,
+                                  server_hostname=server_name)
         tls.setblocking(False)
         try:
             while True:
