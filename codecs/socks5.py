@@ -16,6 +16,8 @@ import ipaddress
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from .frames import AddressType  # the tunnel protocol took its address types from SOCKS5
+
 VERSION = 0x05
 AUTH_VERSION = 0x01  # RFC 1929's sub-negotiation has its own version byte
 MAX_HOST_NAME = 253  # DNS limit; a longer name could not be resolved nor put in an OPEN frame
@@ -62,12 +64,6 @@ class NegotiationState(enum.Enum):
     REQUEST = "request"  # waiting for VER CMD RSV ATYP DST.ADDR DST.PORT
     READY = "ready"  # `request` and `leftover` are set: reach the target, `encode_reply`
     FAILED = "failed"  # a Socks5Error was raised or the credentials were refused: close
-
-
-class _AddressType(enum.IntEnum):
-    IPV4 = 1
-    NAME = 3
-    IPV6 = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,11 +329,11 @@ def _address_end(data: bytes | bytearray, start: int) -> int | None:
     if len(data) <= start:
         return None
     atype = data[start]
-    if atype == _AddressType.IPV4:
+    if atype == AddressType.IPV4:
         return start + 1 + 4 + 2
-    if atype == _AddressType.IPV6:
+    if atype == AddressType.IPV6:
         return start + 1 + 16 + 2
-    if atype == _AddressType.NAME:
+    if atype == AddressType.NAME:
         if len(data) <= start + 1:
             return None
         size = data[start + 1]
@@ -351,9 +347,9 @@ def _address_end(data: bytes | bytearray, start: int) -> int | None:
 def _decode_address(field: bytes) -> tuple[str, int]:
     """A complete ATYP | ADDR | PORT, exactly (its length was checked by _address_end)."""
     atype, port = field[0], int.from_bytes(field[-2:], "big")
-    if atype == _AddressType.IPV4:
+    if atype == AddressType.IPV4:
         return str(ipaddress.IPv4Address(field[1:5])), port
-    if atype == _AddressType.IPV6:
+    if atype == AddressType.IPV6:
         return str(ipaddress.IPv6Address(field[1:17])), port
     return _host_name(field[2:-2]), port
 
@@ -390,8 +386,8 @@ def _encode_address(host: str, port: int) -> bytes:
         problem = _host_name_problem(raw)
         if problem is not None:  # never send what a parser here would refuse
             raise ValueError(f"{problem}: {host!r}") from None
-        return bytes((_AddressType.NAME, len(raw))) + raw + port_bytes
-    atype = _AddressType.IPV4 if address.version == 4 else _AddressType.IPV6
+        return bytes((AddressType.NAME, len(raw))) + raw + port_bytes
+    atype = AddressType.IPV4 if address.version == 4 else AddressType.IPV6
     return bytes((atype,)) + address.packed + port_bytes
 
 
