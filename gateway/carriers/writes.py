@@ -6,8 +6,9 @@ awaits). Inside a batch (`with write_batch():` around a relay's wake-up, a UDP
 listener's burst, an accept that opens a circuit and sends the client's first bytes)
 each carrier is only marked; when the outermost batch ends, every marked carrier writes
 once: aioquic's `_transmit_soon`, without a scheduler round. A carrier reader's dispatch
-is deliberately not a batch: a middle relay's onward writes then start while the rest of
-the read is parsed (batching it gained nothing measurable; see carrier.py).
+of a small read is a batch too (a relay's forwarded ACK and FIN leave together); of a
+bulk read it is not, so a middle relay's onward writes start while the rest of the read
+is parsed (see carrier.py).
 """
 
 from __future__ import annotations
