@@ -164,6 +164,9 @@ class CarrierSession:
         self.peer_settings: Settings | None = None
         self.version = 0
         self.capabilities = Capability.NONE
+        # The negotiated capabilities as plain flags: tested per frame, and enum.Flag's
+        # operators cost a Python call each.
+        self._resume = self._origin = self._datagram = False
         self._datagram_queue_bytes = datagram_queue_bytes
         self._circuits: dict[int, _Circuit] = {}
         self._peer_circuits = 0  # live circuits the peer opened: what max_circuits bounds
@@ -424,13 +427,13 @@ class CarrierSession:
             code = (ErrorCode.CIRCUIT_IDS_EXHAUSTED if self._next_local_id > MAX_CIRCUIT_ID
                     else ErrorCode.GOING_AWAY)
             raise LocalProtocolError("this carrier accepts no new circuits", code)
-        if request.kind is CircuitKind.UDP and not self.capabilities & Capability.DATAGRAM:
+        if request.kind is CircuitKind.UDP and not self._datagram:
             raise LocalProtocolError("the peer does not support UDP flows",
                                      ErrorCode.UNSUPPORTED_KIND)
-        if request.resume is not None and not self.capabilities & Capability.RESUME:
+        if request.resume is not None and not self._resume:
             raise LocalProtocolError("the peer does not support resumption",
                                      ErrorCode.UNSUPPORTED_KIND)
-        if request.origin is not None and not self.capabilities & Capability.ORIGIN:
+        if request.origin is not None and not self._origin:
             raise LocalProtocolError("the peer does not support the origin extension",
                                      ErrorCode.UNSUPPORTED_KIND)
         payload = encode_open(request)
@@ -567,18 +570,18 @@ class CarrierSession:
     @property
     def resumable(self) -> bool:
         """Both sides announced RESUME: resumable OPENs and ACK frames may be sent."""
-        return bool(self.capabilities & Capability.RESUME)
+        return self._resume
 
     @property
     def carries_origin(self) -> bool:
         """Both sides announced ORIGIN: OPENs may carry the session's origin (§16)."""
-        return bool(self.capabilities & Capability.ORIGIN)
+        return self._origin
 
     def send_ack(self, circuit_id: int, delivered: int) -> None:
         """Queue ACK: our endpoint delivered `delivered` units of the peer's stream (a
         relay passes on the ACK it received). Nothing without RESUME or a live circuit."""
         c = self._circuits.get(circuit_id)
-        if c is None or c.kind is not _TCP or not self.capabilities & Capability.RESUME:
+        if c is None or c.kind is not _TCP or not self._resume:
             return
         self._queue_control(frame(FrameType.ACK, 0, circuit_id, encode_u64(delivered)))
 
@@ -765,7 +768,7 @@ class CarrierSession:
                 events.append(CreditGranted(cid, c.credit.available))
         elif ftype == FrameType.OPEN:
             self._on_open(cid, flags, payload, events)
-        elif ftype == FrameType.ACK and self.capabilities & Capability.RESUME:
+        elif ftype == FrameType.ACK and self._resume:
             delivered = decode_u64(payload)
             c = self._lookup(cid, "ACK")
             if c is not None and c.kind is _TCP:
@@ -854,14 +857,16 @@ class CarrierSession:
         self.version = min(peer.version, PROTOCOL_VERSION)
         self.peer_settings = peer
         self.capabilities = Capability(peer.capabilities & self.local_settings.capabilities)
+        self._resume = bool(self.capabilities & Capability.RESUME)
+        self._origin = bool(self.capabilities & Capability.ORIGIN)
+        self._datagram = bool(self.capabilities & Capability.DATAGRAM)
         events.append(HandshakeComplete(peer, self.version, self.capabilities))
 
     def _on_open(self, cid: int, flags: int, payload: bytes, events: list[Event]) -> None:
         if cid == 0 or not self._is_peer_id(cid) or cid <= self._highest_peer_id:
             raise RemoteProtocolError(f"OPEN with invalid or reused circuit id {cid}",
                                       ErrorCode.CIRCUIT_ID_ERROR)
-        request = decode_open(payload, flags, bool(self.capabilities & Capability.RESUME),
-                              bool(self.capabilities & Capability.ORIGIN))
+        request = decode_open(payload, flags, self._resume, self._origin)
         self._highest_peer_id = cid
         assert self.peer_settings is not None
         refusal: tuple[ErrorCode, str] | None = None
@@ -870,7 +875,7 @@ class CarrierSession:
         elif self._peer_circuits >= self.local_settings.max_circuits:
             refusal = (ErrorCode.RESOURCE_LIMIT,
                        f"more than {self.local_settings.max_circuits} circuits on one carrier")
-        elif request.kind is CircuitKind.UDP and not self.capabilities & Capability.DATAGRAM:
+        elif request.kind is CircuitKind.UDP and not self._datagram:
             refusal = (ErrorCode.UNSUPPORTED_KIND, "UDP flows were not negotiated")
         if refusal is not None:
             self._queue_control(frame(FrameType.OPEN_FAIL, 0, cid, encode_reason(*refusal)))

@@ -72,13 +72,19 @@ class _CircuitBase:
         self._inbound: deque[bytes] = _NO_DATA  # replaced by a real deque on first data
         self._inbound_bytes = 0
 
+    def _wake(self) -> None:
+        """Wake the tasks parked on this circuit. Mostly there are none (the engine drives
+        its circuits without a task), and an empty lot's unpark_all still costs."""
+        if self._lot:
+            self._lot.unpark_all()
+
     def _enqueue(self, data: bytes) -> None:
         """Queue inbound data for the reader task and wake it."""
         if self._inbound is _NO_DATA:
             self._inbound = deque()
         self._inbound.append(data)
         self._inbound_bytes += len(data)
-        self._lot.unpark_all()
+        self._wake()
 
     # ---- opener side
     async def wait_open(self) -> None:
@@ -106,7 +112,7 @@ class _CircuitBase:
     # ---- fed by the carrier's reader
     def on_accepted(self) -> None:
         self._answered = True
-        self._lot.unpark_all()
+        self._wake()
 
     def on_broken(self, error: CircuitBroken) -> None:
         self._fail(error)
@@ -115,7 +121,7 @@ class _CircuitBase:
         if self.broken is None:
             self.broken = error
         self._answered = True
-        self._lot.unpark_all()
+        self._wake()
 
     def _raise_if_broken(self) -> None:
         if self._closed:
@@ -202,19 +208,19 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         self._eof_received = True
         if self._closed:
             self.carrier.forget(self)
-        self._lot.unpark_all()
+        self._wake()
         if self.watcher is not None:
             self.watcher()
 
     def on_credit(self) -> None:
-        self._lot.unpark_all()
+        self._wake()
         if self.watcher is not None:
             self.watcher()
 
     def on_ack(self, delivered: int) -> None:
         if delivered > self.peer_delivered:
             self.peer_delivered = delivered
-            self._lot.unpark_all()
+            self._wake()
             if self.ack_listener is not None:
                 self.ack_listener(delivered)
 
@@ -455,14 +461,14 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                 if self._eof_received:
                     self.carrier.forget(self)
             self._inbound.clear()
-            self._lot.unpark_all()
+            self._wake()
 
     def abort(self, reason: str) -> None:
         """Reset now (both directions), e.g. because the other side of a splice broke."""
         if not self._closed or self.broken is None:
             self.reset(ErrorCode.CANCELLED, reason)
         self._closed = True
-        self._lot.unpark_all()
+        self._wake()
 
 
 class DatagramCircuit(_CircuitBase):
@@ -507,7 +513,7 @@ class DatagramCircuit(_CircuitBase):
     def on_eof(self) -> None:
         self._eof_received = True
         self.ended.set()
-        self._lot.unpark_all()
+        self._wake()
 
     def on_credit(self) -> None:
         pass
@@ -574,6 +580,6 @@ class DatagramCircuit(_CircuitBase):
                     self.carrier.session.reset_circuit(self.id, ErrorCode.NO_ERROR, "flow closed")
                 self.carrier.queued()
             self._closed = True
-            self._lot.unpark_all()
+            self._wake()
             self.carrier.forget(self)
         await trio.lowlevel.checkpoint()

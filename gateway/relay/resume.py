@@ -22,7 +22,6 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -567,7 +566,7 @@ class ResumeTable:
         secret = state.secret
         if state.next_secret is None:
             state.next_secret = os.urandom(16)
-        request = replace(state.request, resume=Resuming(state.session_id, secret,
+        request = state.request.evolve(resume=Resuming(state.session_id, secret,
                                                          verifier_of(state.next_secret), state.delivered))
         try:
             circuit = carrier.open(request)
@@ -637,7 +636,7 @@ def route_lost(error: BaseException | None) -> bool:
 def _check_ticket(state: ResumeState, request: OpenRequest, ticket: Resuming) -> str:
     if verifier_of(ticket.secret) != state.verifier:
         return "wrong or already used resumption secret"
-    if replace(request, resume=None, origin=None) != state.request:
+    if request.evolve(resume=None, origin=None) != state.request:
         return "the resumption names another target"
     return ""
 
@@ -647,16 +646,16 @@ def open_state(request: OpenRequest, via: str) -> tuple[ResumeState, OpenRequest
     random = os.urandom(32)  # one system call for both
     session_id, secret = random[:16], random[16:]
     verifier = verifier_of(secret)
-    state = ResumeState(session_id, replace(request, origin=None))  # RESUMING carries none (§16)
+    state = ResumeState(session_id, request.evolve(origin=None))  # RESUMING carries none (§16)
     state.secret = secret
     state.via = via
-    return state, replace(request, resume=Resumable(session_id, verifier))
+    return state, request.evolve(resume=Resumable(session_id, verifier))
 
 
 def exit_state(request: OpenRequest) -> ResumeState:
     """The exit's half of a session (or UDP flow) the entry opened as resumable."""
     assert isinstance(request.resume, Resumable)
-    state = ResumeState(request.resume.session_id, replace(request, resume=None, origin=None))
+    state = ResumeState(request.resume.session_id, request.evolve(resume=None, origin=None))
     state.verifier = request.resume.verifier
     state.confirmed = True  # the exit acknowledges from the start (ACK(0) after OPEN_OK)
     return state

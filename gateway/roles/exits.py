@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from dataclasses import replace
 from typing import Literal
 
 import trio
@@ -347,7 +346,7 @@ class CircuitServer:
     async def _relay(self, carrier: Carrier, peer: PeerConfig, circuit: AnyCircuit, what: str) -> None:
         req = circuit.request
         next_hop = self._check_route(carrier, peer, req.route)
-        onward_req = replace(req, route=req.route[1:])
+        onward_req = req.evolve(route=req.route[1:])
         onward_carrier: Carrier | None = None
         with trio.move_on_after(self.connect_timeout):
             onward_carrier = await self.peers.wait_for(next_hop)
@@ -356,12 +355,12 @@ class CircuitServer:
         if onward_req.resume is not None and not onward_carrier.session.resumable:
             if isinstance(onward_req.resume, Resuming):
                 raise Refusal(ErrorCode.RESUME_REFUSED, f"{next_hop} does not support resumption")
-            onward_req = replace(onward_req, resume=None)  # the session is just not resumable
+            onward_req = onward_req.evolve(resume=None)  # the session is just not resumable
         if onward_req.origin is not None and not onward_carrier.session.carries_origin:
             if onward_req.origin.proxy_header is not ProxyHeader.NONE:  # SPEC.md §16 rule 2
                 raise Refusal(ErrorCode.UNSUPPORTED_KIND,
                               f"{next_hop} cannot carry the PROXY header (no ORIGIN capability)")
-            onward_req = replace(onward_req, origin=None)
+            onward_req = onward_req.evolve(origin=None)
         onward = onward_carrier.open(onward_req)
         try:
             with trio.fail_after(self.connect_timeout * 2):
