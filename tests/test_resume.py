@@ -105,14 +105,17 @@ async def _open(engine: RelayEngine, carrier: Carrier, entry_table: ResumeTable,
             trio.SocketStream(trio.socket.from_stdlib_socket(target)), entry_port)
 
 
-async def _resumable_circuits(carrier: Carrier) -> tuple[ResumeState, Circuit, Circuit]:
-    """A resumable OPEN, accepted by the far end with its ACK(0)."""
+async def _resumable_circuits(carrier: Carrier, ack_at_once: bool = False
+                              ) -> tuple[ResumeState, Circuit, Circuit]:
+    """A resumable OPEN, accepted by the far end (whose exit port sends the first ACK;
+    `ack_at_once`: an ACK(0) right after OPEN_OK too, as exits before 2026-12-06 did)."""
     state, request = open_state(TARGET, "exit")
     near = carrier.open(request)
     far = await _accepted.receive()
     assert isinstance(near, Circuit) and isinstance(far, Circuit)
     far.accept()
-    far.send_ack(0)
+    if ack_at_once:
+        far.send_ack(0)
     return state, near, far
 
 
@@ -165,6 +168,79 @@ async def test_a_resumable_session_without_loss_completes_and_retires_its_circui
                 assert dialer.session.live_circuits == 0 and acceptor.session.live_circuits == 0
     assert hashlib.sha256(at_target).digest() == hashlib.sha256(up).digest()
     assert at_client == down
+
+
+async def test_the_exits_first_ack_rides_with_its_fin_or_comes_within_one_sweep(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exit says "resumable" with its first ACK, not with one of its own right after
+    OPEN_OK (SPEC.md §14): a short session's first ACK is the one before the exit's FIN,
+    so it costs no frame; a session that lives on gets it from the sweep."""
+    global _accepted
+    acks: list[int] = []
+    with trio.fail_after(20):
+        async with carriers(resume=True) as (dialer, acceptor, inbound):
+            _accepted = inbound  # type: ignore[assignment]
+            send_ack = acceptor.session.send_ack
+
+            def counted(circuit_id: int, delivered: int) -> None:
+                acks.append(delivered)
+                send_ack(circuit_id, delivered)
+
+            monkeypatch.setattr(acceptor.session, "send_ack", counted)
+            monkeypatch.setattr(resume, "ACK_DELAY", 30.0)  # no sweep in this session's life
+            async with resumable_session([dialer]) as (s, _, _):
+                await s.client.send_all(b"question")
+                await s.client.send_eof()
+                assert await _read_to_eof(s.target) == b"question"
+                await s.target.send_all(b"answer")  # a server answering, then closing
+                await s.target.send_eof()
+                assert await _read_to_eof(s.client) == b"answer"
+                flush_lingering()  # the sweep's other job: the entry's final RST NO_ERROR
+                await s.sessions.wait_idle()
+            assert acks == [len(b"question") + 1]  # the entry's bytes and FIN, before our FIN
+            acks.clear()
+            monkeypatch.setattr(resume, "ACK_DELAY", 0.05)
+            async with resumable_session([dialer]) as (s, _, _):
+                assert s.entry_port is not None
+                while not s.entry_port.resume.confirmed:  # idle: the sweep sends ACK(0)
+                    await trio.sleep(0.01)
+                assert acks == [0]
+
+
+async def test_a_plain_session_whose_route_is_lost_before_the_first_ack_resumes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ACK has come yet, but every byte the entry sent is still in its replay: it
+    parks the session and resumes it, and the exit, which held it from OPEN_OK on, takes it."""
+    global _accepted
+    monkeypatch.setattr(resume, "ACK_DELAY", 30.0)  # no sweep, so no first ACK
+    with trio.fail_after(20):
+        async with carriers(resume=True) as (dialer, _, inbound), \
+                carriers(resume=True) as (dialer2, _, inbound2):
+            _accepted = inbound  # type: ignore[assignment]
+            slot = [dialer]
+            async with resumable_session(slot) as (s, entry_table, exit_table), trio.open_nursery() as n:
+                n.start_soon(_serve_resumptions, inbound2, exit_table)
+                assert s.entry_port is not None and not s.entry_port.resume.confirmed
+                await s.client.send_all(b"before")
+                assert await s.target.receive_some(6) == b"before"
+                _cut(dialer)
+                while not entry_table.parked:
+                    await trio.sleep(0.01)
+                slot[0] = dialer2
+                assert s.reconnected is not None
+                s.reconnected.set()
+                at_target, at_client = await _transfer(s, b" and after", b"reply")
+                flush_lingering()  # the sweep's other job: the entry's final RST NO_ERROR
+                await s.sessions.wait_idle()
+                n.cancel_scope.cancel()
+    assert (at_target, at_client) == (b" and after", b"reply")  # "before" was read above: once
+
+
+async def _read_to_eof(stream: trio.SocketStream) -> bytes:
+    parts = []
+    while chunk := await stream.receive_some(65536):
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _cut(carrier: Carrier) -> None:
@@ -296,8 +372,8 @@ async def test_past_resume_buffer_a_session_stops_being_resumable_and_says_so(
 
 async def test_an_end_to_end_session_is_resumable_only_once_the_exit_has_its_handshake(
         caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
-    """The exit's ACK(0) right after OPEN_OK says "resumable", but an end-to-end session
-    can only resume once the exit holds its TLS state: until the exit's ACK covers the
+    """An exit's ACK says "resumable", but an end-to-end session can only resume once
+    the exit holds its TLS state: until the exit's ACK covers the
     entry's handshake, a lost route ends the session (RST, and the log says why) instead
     of parking it for a resumption the exit would refuse as unknown."""
     global _accepted
@@ -312,7 +388,7 @@ async def test_an_end_to_end_session_is_resumable_only_once_the_exit_has_its_han
                 await nursery.start(engine.run)
                 await nursery.start(table.run)
                 client, entry_sock = _tcp_pair()
-                state, near, far = await _resumable_circuits(dialer)
+                state, near, far = await _resumable_circuits(dialer, ack_at_once=True)
                 near_tls, _ = await _handshake(near, far, tmp_path)
                 # The exit never gets as far as relaying (its handshake "did not finish").
                 port = make_resumable(near_tls.into_port(), state, table)

@@ -114,6 +114,8 @@ class Resumption:
         self.pushes = self.circuit.sink is not None  # type: ignore[misc]
         self._hook(self.circuit)
         self.table.track(self)
+        if self.resume.ack_sent < 0:
+            self.table.ack_due.add(self)  # the exit's first ACK: the sweep sends it if nothing did
 
     def _hook(self, circuit: Circuit) -> None:
         circuit.watcher = self.relay.on_event
@@ -254,9 +256,10 @@ class Resumption:
         if state.parked_until is not None or state.resend is not None:
             state.resend_fin = True  # after what is still to be resent
             return
-        if state.eof_delivered and state.delivered != state.ack_sent:
-            # The far end waits for the ACK of its FIN to complete: it rides with ours.
-            # (Before its FIN, what is due waits: our RST NO_ERROR at the end, or the sweep.)
+        if state.ack_sent < 0 or (state.eof_delivered and state.delivered != state.ack_sent):
+            # The far end waits for the ACK of its FIN to complete: it rides with ours; and
+            # an exit's first ACK goes no later than its FIN (SPEC.md §14). (Before the far
+            # end's FIN, what is due waits: our RST NO_ERROR at the end, or the sweep.)
             self._ack()
         self.circuit.end_now()
 
@@ -297,7 +300,10 @@ class Resumption:
             self._trim(state.sent)
             return
         if route_lost(broken):
-            if state.confirmed:
+            if state.confirmed or (state.replay_base == 0 and not state.disabled):
+                # Confirmed by the exit's ACK; or a plain session whose every byte is still
+                # in the replay: the exit may hold it before its first ACK came (it answers
+                # a resumption it cannot take with RESUME_REFUSED).
                 self._park(broken)
                 return
             if not state.disabled:
@@ -397,6 +403,11 @@ def make_resumable(port: CircuitPort, state: ResumeState, table: ResumeTable) ->
     state.sent = state.replay_base = circuit.bytes_sent
     state.delivered = state.ack_sent = circuit.bytes_received
     if not isinstance(port, TlsPort):
+        if not state.via:
+            # The exit's first ACK says "resumable" (SPEC.md §14). It is not sent at once:
+            # an ACK due anyway takes its place (the one before our FIN, in a short
+            # session), else the sweep sends it within ACK_DELAY.
+            state.ack_sent = -1
         return ResumableCircuitPort(port.circuit, state, table)
     tls = ResumableTlsPort(port.circuit, port._ssl, port._in, port._out)
     tls.resume, tls.table = state, table
@@ -657,5 +668,5 @@ def exit_state(request: OpenRequest) -> ResumeState:
     assert isinstance(request.resume, Resumable)
     state = ResumeState(request.resume.session_id, request.evolve(resume=None, origin=None))
     state.verifier = request.resume.verifier
-    state.confirmed = True  # the exit acknowledges from the start (ACK(0) after OPEN_OK)
+    state.confirmed = True  # the exit holds the session from the start
     return state

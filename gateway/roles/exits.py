@@ -230,7 +230,7 @@ class CircuitServer:
         return sock
 
     async def _serve_tcp(self, circuit: Circuit, stream: LocalStream, what: str) -> None:
-        with write_batch():  # OPEN_OK, the first ACK and the target's first bytes: one write
+        with write_batch():  # OPEN_OK and the target's first bytes: one write
             try:
                 circuit.accept()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -240,8 +240,7 @@ class CircuitServer:
             record = self.sessions.open("exit", what, circuit)
             state = None
             if isinstance(circuit.request.resume, Resumable) and self.resume.enabled:
-                state = exit_state(circuit.request)
-                circuit.send_ack(0)  # "this session is resumable" (SPEC.md §14)
+                state = exit_state(circuit.request)  # its first ACK: make_resumable
             if not circuit.request.end_to_end:
                 self._relay_exit(CircuitPort(circuit), state, stream, record, what)
                 return
@@ -377,8 +376,8 @@ class CircuitServer:
                 circuit.refuse(cause.code, cause.reason)
                 return
             raise Refusal(ErrorCode.NO_ROUTE, f"leg to {next_hop} failed: {exc}") from exc
-        # OPEN_OK and what the next hop already sent (a resumable session's ACK(0), the
-        # target's first bytes) leave in one write.
+        # OPEN_OK and what the next hop already sent (the target's first bytes, an ACK)
+        # leave in one write.
         with write_batch():
             try:
                 circuit.accept()
