@@ -442,6 +442,30 @@ async def test_a_complete_sessions_rst_waits_for_the_next_write_at_most_one_swee
             assert far_second.broken.code == ErrorCode.NO_ERROR
 
 
+async def test_complete_sessions_rsts_linger_together() -> None:
+    """Sessions ending one after another on a quiet carrier: each RST NO_ERROR lingers
+    with the ones before it (another lingering frame is no reason to write now), and
+    one flush takes them all."""
+    global _accepted
+    with trio.fail_after(10):
+        async with carriers(resume=True) as (dialer, _, inbound):
+            near = [dialer.open(TARGET) for _ in range(3)]
+            arrived = {c.id: c for c in [await inbound.receive() for _ in near]}
+            for far in arrived.values():
+                far.accept()
+            for circuit in near:
+                await circuit.wait_open()
+            for circuit in near:
+                assert isinstance(circuit, Circuit)
+                circuit.retire()
+            await trio.sleep(0.1)
+            assert all(far.broken is None for far in arrived.values())  # none written yet
+            flush_lingering()
+            with trio.fail_after(2):
+                while any(far.broken is None for far in arrived.values()):
+                    await trio.sleep(0.01)
+
+
 @pytest.mark.parametrize("client_waits_for_the_fin", [False, True], ids=["fins-cross", "fin-first"])
 async def test_an_end_to_end_half_close_during_a_download_completes_promptly(
         tmp_path: Path, client_waits_for_the_fin: bool, monkeypatch: pytest.MonkeyPatch) -> None:

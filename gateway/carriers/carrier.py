@@ -227,6 +227,10 @@ class Carrier:
         """Frames were queued in the session: written now, or when the batch ends."""
         queued(self)
 
+    @property
+    def lingering(self) -> int:
+        return self._lingering
+
     def lingers(self) -> None:
         """Frames were queued that may wait for the next write (writes.linger); the
         reader's end-of-read flush leaves them (unless more was queued since)."""

@@ -52,6 +52,8 @@ class CarrierLink(Protocol):
     session: CarrierSession
     rtt: float | None
 
+    @property
+    def lingering(self) -> int: ...  # bytes of queued frames that wait for the next write
     def queued(self) -> None: ...
     def lingers(self) -> None: ...
     def forget(self, circuit: _CircuitBase) -> None: ...
@@ -142,7 +144,9 @@ class _CircuitBase:
         on urgently, so it leaves with the carrier's next write (writes.linger)."""
         if self.broken is None:
             session = self.carrier.session
-            alone = session.pending_output == 0  # else it just goes with what is queued
+            # Nothing queued but other lingering frames: it lingers with them. Else it
+            # goes with the write that takes what is queued.
+            alone = session.pending_output <= self.carrier.lingering
             session.reset_circuit(self.id, ErrorCode.NO_ERROR, "session complete")
             if alone:
                 self.carrier.lingers()

@@ -44,7 +44,7 @@ log = logging.getLogger("tunnelgate.resume")
 # about a quarter of its single-stream throughput).
 RESUME_WINDOW = 4 << 20
 WINDOW_SLACK = 1024  # "the window is full": less room than a TLS record's overhead, and then some
-ACK_EVERY = RESUME_WINDOW // 4  # acknowledge at once after this much; else within ACK_DELAY
+ACK_EVERY = RESUME_WINDOW // 4  # acknowledge at once after this much; else one to two ACK_DELAYs later
 ACK_DELAY = 0.2  # s: also the sweep period for parked sessions' deadlines
 RETRY_FIRST, RETRY_MAX = 0.2, 2.0  # s between resumption attempts (doubling)
 DEFAULT_CAPACITY = 256 << 20  # resume_buffer: 64 bulk sessions' full windows
@@ -246,7 +246,7 @@ class Resumption:
                 # Not at once: if our side is complete too, the session ends now and its RST
                 # NO_ERROR says "everything delivered"; else our own FIN, usually soon (a
                 # server closing in turn), carries this ACK in the same write. The sweep
-                # sends it if neither comes within ACK_DELAY.
+                # sends it if neither comes in one to two ACK_DELAYs.
                 self.table.ack_due.add(self)
         return True
 
@@ -406,7 +406,7 @@ def make_resumable(port: CircuitPort, state: ResumeState, table: ResumeTable) ->
         if not state.via:
             # The exit's first ACK says "resumable" (SPEC.md §14). It is not sent at once:
             # an ACK due anyway takes its place (the one before our FIN, in a short
-            # session), else the sweep sends it within ACK_DELAY.
+            # session), else the sweep sends it one to two ACK_DELAYs later.
             state.ack_sent = -1
         return ResumableCircuitPort(port.circuit, state, table)
     tls = ResumableTlsPort(port.circuit, port._ssl, port._in, port._out)
@@ -438,7 +438,11 @@ class ResumeTable:
         self.exits: dict[bytes, Resumption] = {}
         self.flows: dict[bytes, FlowSlot] = {}  # the exit's resumable UDP flows
         self.parked: set[Resumption] = set()
+        # ACKs due, in two generations: one marked now is sent at the sweep after next
+        # (ACK_DELAY to twice that later), so a session shorter than ACK_DELAY never
+        # needs an ACK of its own: its FINs and final RST say it all.
         self.ack_due: set[Resumption] = set()
+        self.ack_aging: set[Resumption] = set()
         self.buffered = 0  # bytes in every replay buffer of this gateway
         self._nursery: trio.Nursery | None = None
 
@@ -457,6 +461,7 @@ class ResumeTable:
             del self.exits[port.resume.session_id]
         self.parked.discard(port)
         self.ack_due.discard(port)
+        self.ack_aging.discard(port)
         self.buffered -= sum(map(len, port.resume.replay or ()))
         port.resume.replay = None
 
@@ -501,6 +506,7 @@ class ResumeTable:
     def park(self, port: Resumption) -> None:
         self.parked.add(port)
         self.ack_due.discard(port)
+        self.ack_aging.discard(port)
         if port.resume.via and self._nursery is not None:  # the entry: go and resume it
             self._nursery.start_soon(self._resume_entry, port)
 
@@ -520,7 +526,7 @@ class ResumeTable:
         self.clock = now
         flush_lingering()  # complete sessions' RSTs that found no write to ride with
         with write_batch():
-            due, self.ack_due = self.ack_due, set()
+            due, self.ack_aging, self.ack_due = self.ack_aging, self.ack_due, set()
             for port in due:
                 if port.resume.delivered != port.resume.ack_sent:
                     port._ack()
