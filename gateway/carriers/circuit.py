@@ -284,6 +284,11 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         return self.id
 
     @property
+    def fin_received(self) -> bool:
+        """The far side's FIN has arrived (bytes before it may still wait to be taken)."""
+        return self._eof_received
+
+    @property
     def at_eof(self) -> bool:
         """The far side ended its half and every byte before that has been taken."""
         return self._eof_received and not self._inbound

@@ -155,10 +155,13 @@ class Resumption:
             was_full = state.unacked > RESUME_WINDOW - WINDOW_SLACK
             state.acked = min(delivered, state.sent + state.fin_sent)
             self._trim(min(state.acked, state.sent))
-            if was_full or (state.fin_sent and state.unacked == 0):
-                # Room again; or everything of ours acknowledged: perhaps the session's end
-                # (the pass also finds a FIN that waits unread behind TLS records). Else a
-                # pass would change nothing: most ACKs cost none.
+            if was_full or (state.fin_sent and state.unacked == 0
+                            and (state.eof_delivered or self.circuit.fin_received)):
+                # Room again; or everything of ours acknowledged after the far end's FIN
+                # came: perhaps the session's end (the pass also finds a FIN that waits
+                # unread behind TLS records). Else a pass would change nothing: most ACKs
+                # cost none, and the ACK an exit sends just before its FIN leaves the pass
+                # to that FIN.
                 self.relay.on_event()
 
     def _trim(self, upto: int) -> None:
