@@ -194,7 +194,9 @@ class Resumption:
         credit = self.circuit.send_credit
         if state.confirmed or (self.circuit.peer_delivered >= 0 and not state.disabled):
             # (The exit acknowledges, but has not yet confirmed the end-to-end handshake.)
-            credit = min(credit, RESUME_WINDOW - state.unacked)
+            unacked = state.sent + state.fin_sent - state.acked  # (state.unacked, inline: hot)
+            if unacked > RESUME_WINDOW - credit:
+                credit = RESUME_WINDOW - unacked
         return credit
 
     def _send(self, data: bytes | memoryview) -> int:
@@ -316,7 +318,8 @@ class Resumption:
     @property
     def flushed(self) -> bool:
         state = self.resume
-        acknowledged = not state.confirmed or (state.unacked == 0 and state.resend is None)
+        acknowledged = not state.confirmed or (state.sent + state.fin_sent == state.acked
+                                               and state.resend is None)
         return acknowledged and self._transport_flushed()
 
     def abort(self, code: int, reason: str) -> None:
@@ -666,7 +669,8 @@ def open_state(request: OpenRequest, via: str) -> tuple[ResumeState, OpenRequest
     random = os.urandom(32)  # one system call for both
     session_id, secret = random[:16], random[16:]
     verifier = verifier_of(secret)
-    state = ResumeState(session_id, request.evolve(origin=None))  # RESUMING carries none (§16)
+    # RESUMING carries no origin (§16)
+    state = ResumeState(session_id, request if request.origin is None else request.evolve(origin=None))
     state.secret = secret
     state.via = via
     return state, request.evolve(resume=Resumable(session_id, verifier))
