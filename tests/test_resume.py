@@ -489,7 +489,7 @@ async def test_an_end_to_end_half_close_during_a_download_completes_promptly(
                         assert await s.target.receive_some(10) == b""  # the client's FIN came
                     n.start_soon(target_side)
                     if client_waits_for_the_fin:
-                        while not near._eof_received:
+                        while not near.fin_received:
                             await trio.sleep(0.001)
                     else:
                         await trio.sleep(0.01)  # some of the download is in flight

@@ -161,7 +161,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
 
     def __init__(self, carrier: CarrierLink, circuit_id: int, request: OpenRequest) -> None:
         super().__init__(carrier, circuit_id, request)
-        self._eof_received = False
+        self.fin_received = False  # the far side's FIN arrived (bytes before it may still wait)
         self._eof_sent = False
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -209,7 +209,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
             self.watcher()  # a relay that takes bytes only from the queue (TLS inside)
 
     def on_eof(self) -> None:
-        self._eof_received = True
+        self.fin_received = True
         if self._closed:
             self.carrier.forget(self)
         self._wake()
@@ -284,14 +284,9 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         return self.id
 
     @property
-    def fin_received(self) -> bool:
-        """The far side's FIN has arrived (bytes before it may still wait to be taken)."""
-        return self._eof_received
-
-    @property
     def at_eof(self) -> bool:
         """The far side ended its half and every byte before that has been taken."""
-        return self._eof_received and not self._inbound
+        return self.fin_received and not self._inbound
 
     def _acknowledge(self, n: int) -> None:
         """Give `n` bytes of credit back, and auto-tune the window (no protocol change:
@@ -408,7 +403,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                     raise trio.ClosedResourceError("this circuit was closed")
                 if self._inbound:
                     return self._take(max_bytes)
-                if self._eof_received:
+                if self.fin_received:
                     return b""
                 self._raise_if_broken()
                 await self._lot.park()
@@ -467,7 +462,7 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
                 if not self._eof_sent:
                     self._eof_sent = True
                     self._send_eof()
-                if self._eof_received:
+                if self.fin_received:
                     self.carrier.forget(self)
             self._inbound.clear()
             self._wake()
@@ -485,7 +480,7 @@ class DatagramCircuit(_CircuitBase):
 
     def __init__(self, carrier: CarrierLink, circuit_id: int, request: OpenRequest) -> None:
         super().__init__(carrier, circuit_id, request)
-        self._eof_received = False
+        self.fin_received = False
         self.dropped_in = 0
         self.dropped_out = 0
         self.datagrams_sent = 0
@@ -520,7 +515,7 @@ class DatagramCircuit(_CircuitBase):
         self._enqueue(data)
 
     def on_eof(self) -> None:
-        self._eof_received = True
+        self.fin_received = True
         self.ended.set()
         self._wake()
 
@@ -543,7 +538,7 @@ class DatagramCircuit(_CircuitBase):
         """Queue one datagram for the carrier; False if it was dropped (queue full).
         Inside a `write_batch` (a listener's burst) many datagrams leave in one write."""
         self._raise_if_broken()
-        if self._eof_received:
+        if self.fin_received:
             self.dropped_out += 1  # the far side ended the flow: one in flight, dropped
             return False
         if len(datagram) > MAX_DATAGRAM:
@@ -573,7 +568,7 @@ class DatagramCircuit(_CircuitBase):
                 self.bytes_received += len(data)
                 await trio.lowlevel.checkpoint()
                 return data
-            if self._eof_received:
+            if self.fin_received:
                 await trio.lowlevel.checkpoint()
                 return None
             self._raise_if_broken()
@@ -583,7 +578,7 @@ class DatagramCircuit(_CircuitBase):
         """End the flow: FIN if it is healthy (the far side ends its half), else nothing."""
         if not self._closed:
             if self.broken is None and self.carrier.session.circuit_state(self.id) is not None:
-                if self._eof_received:
+                if self.fin_received:
                     self.carrier.session.send_eof(self.id)
                 else:
                     self.carrier.session.reset_circuit(self.id, ErrorCode.NO_ERROR, "flow closed")

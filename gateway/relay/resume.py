@@ -152,10 +152,11 @@ class Resumption:
             # before the exit finished the end-to-end handshake: it could not resume yet.)
             state.confirmed = not state.disabled
         if delivered > state.acked:
-            was_full = state.unacked > RESUME_WINDOW - WINDOW_SLACK
-            state.acked = min(delivered, state.sent + state.fin_sent)
+            sent = state.sent + state.fin_sent
+            was_full = sent - state.acked > RESUME_WINDOW - WINDOW_SLACK
+            state.acked = delivered if delivered < sent else sent
             self._trim(min(state.acked, state.sent))
-            if was_full or (state.fin_sent and state.unacked == 0
+            if was_full or (state.fin_sent and state.acked == sent
                             and (state.eof_delivered or self.circuit.fin_received)):
                 # Room again; or everything of ours acknowledged after the far end's FIN
                 # came: perhaps the session's end (the pass also finds a FIN that waits
@@ -294,7 +295,7 @@ class Resumption:
         broken = self.circuit.broken
         state = self.resume
         if broken is None:
-            if not state.eof_delivered:
+            if not state.eof_delivered and self.circuit.fin_received:
                 self._ended()  # the FIN counts (TLS ends its stream with close_notify first)
             return
         if state.parked_until is not None:
