@@ -40,7 +40,7 @@ import trio
 
 from gateway.carriers.writes import write_batch
 from gateway.errors import CarrierLost, CircuitBroken, GatewayShutdown, SessionError
-from gateway.relay.ports import CHUNK, CircuitPort, Port
+from gateway.relay.ports import CHUNK, CircuitPort, EndedRelay, Port
 from gateway.relay.readiness import Readiness, open_readiness
 from gateway.relay.sessions import SessionRecord
 from gateway_codecs import ErrorCode
@@ -62,7 +62,7 @@ class Direction:
     __slots__ = ("dst", "moved", "pending", "relay", "src", "state", "transform")
 
     def __init__(self, relay: StreamRelay, src: Port, dst: Port, transform: Transform | None) -> None:
-        self.relay = relay
+        self.relay: StreamRelay | EndedRelay = relay
         self.src = src
         self.dst = dst
         self.transform = transform
@@ -187,6 +187,9 @@ class StreamRelay:
                 self._complete(exc)  # a resumable session's end, after both FINs
             else:
                 self.fail(exc)
+            # A circuit keeps its reset (circuit.broken): without its traceback, which
+            # holds this frame and so the session, it leaves no cycle behind.
+            exc.__traceback__ = None
         except Exception as exc:
             self.internal_error(exc)
 
@@ -242,8 +245,17 @@ class StreamRelay:
         record.finish(self.forward.moved, self.backward.moved,
                       "" if error is None else (str(error) or type(error).__name__))
         record.__exit__(None, None, None)
-        if self.on_end is not None:
-            self.on_end(error)
+        try:
+            if self.on_end is not None:
+                self.on_end(error)
+        finally:
+            # Cut the references back to this session, so that it is freed now, sockets
+            # and circuits included, not by the cyclic garbage collector (EndedRelay).
+            ended = EndedRelay(record)
+            for port in (self.a, self.b):
+                port.unbind(ended)
+            self.forward.relay = self.backward.relay = ended
+            self.on_end = None
 
 
 class RelayEngine:

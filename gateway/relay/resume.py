@@ -29,7 +29,7 @@ import trio
 from gateway.carriers.circuit import Circuit, DatagramCircuit
 from gateway.carriers.writes import flush_lingering, write_batch
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused, SessionError
-from gateway.relay.ports import CircuitPort, Outgoing, Relay, TlsPort
+from gateway.relay.ports import CircuitPort, EndedRelay, Outgoing, Relay, TlsPort
 from gateway_codecs import ErrorCode, OpenRequest, Resumable, Resuming
 
 if TYPE_CHECKING:
@@ -326,6 +326,11 @@ class Resumption:
     def abort(self, code: int, reason: str) -> None:
         self.table.forget(self)
         super().abort(code, reason)  # type: ignore[misc]
+
+    def unbind(self, ended: EndedRelay) -> None:
+        # (Nothing pushes into it any more: its circuit's hooks went with close.)
+        self.relay = ended  # type: ignore[misc]
+        self.outgoing = ended  # type: ignore[misc,assignment]
 
     def close(self) -> None:
         """The session is complete: RST NO_ERROR retires its circuit at every hop (a
