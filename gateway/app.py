@@ -89,8 +89,10 @@ class Gateway:
                 return await peers.wait_for(peer, avoid)
             return None
 
+        # A completed session is kept at its entry until a lost carrier would have been
+        # found (keepalive) twice over: its last RST may be lost with the carrier.
         self.resume = resume = ResumeTable(gw.resume_timeout, find_carrier, gw.handshake_timeout,
-                                           gw.resume_buffer)
+                                           gw.resume_buffer, 2 * gw.keepalive_timeout + 1)
         self.server = CircuitServer(config, peers, sessions, contexts, relay, resume)
         self.links = links = Links(config, contexts, peers, self.server)
         self.endpoints = {t.name: self._endpoint(t) for t in config.tunnel}

@@ -507,6 +507,44 @@ async def test_an_ended_session_leaves_nothing_to_the_cyclic_garbage_collector(h
                        "Circuit", "socket", "CircuitBroken", "ResumeState"}, left
 
 
+async def test_a_completed_session_whose_last_rst_is_lost_is_confirmed_over_a_new_carrier(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIME_WAIT: the entry completed the session, but its RST NO_ERROR (the exit's only
+    word that its FIN arrived) was still waiting to be written when the carrier died. The
+    exit parks the session; the entry, seeing that carrier lost, resumes it saying
+    everything arrived, and the exit ends it `ok` instead of giving up on it later."""
+    global _accepted
+    caplog.set_level(logging.INFO, "tunnelgate")
+    monkeypatch.setattr(resume, "ACK_DELAY", 30.0)  # no sweep flushes the lingering RST
+    with trio.fail_after(20):
+        async with carriers(resume=True) as (dialer, _, inbound), \
+                carriers(resume=True) as (dialer2, _, inbound2):
+            _accepted = inbound  # type: ignore[assignment]
+            slot = [dialer]
+            async with resumable_session(slot) as (s, entry_table, exit_table), trio.open_nursery() as n:
+                n.start_soon(_serve_resumptions, inbound2, exit_table)
+                await s.client.send_all(b"question")
+                await s.client.send_eof()
+                assert await _read_to_eof(s.target) == b"question"
+                await s.target.send_all(b"answer")
+                await s.target.send_eof()
+                assert await _read_to_eof(s.client) == b"answer"
+                while "entry session closed" not in caplog.text:
+                    await trio.sleep(0.01)
+                _cut(dialer)  # the RST NO_ERROR lingered on it: lost
+                while not exit_table.parked:
+                    await trio.sleep(0.01)
+                slot[0] = dialer2
+                assert s.reconnected is not None
+                s.reconnected.set()
+                entry_table.sweep(trio.current_time())  # (the sweep's period is patched away)
+                await s.sessions.wait_idle()
+                n.cancel_scope.cancel()
+    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
+    assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
+    assert "exit session closed" in caplog.text and not exit_table.parked
+
+
 async def test_complete_sessions_rsts_linger_together() -> None:
     """Sessions ending one after another on a quiet carrier: each RST NO_ERROR lingers
     with the ones before it (another lingering frame is no reason to write now), and

@@ -51,6 +51,7 @@ class CarrierLink(Protocol):
 
     session: CarrierSession
     rtt: float | None
+    closed: trio.Event  # set once the carrier is down
 
     @property
     def lingering(self) -> int: ...  # bytes of queued frames that wait for the next write

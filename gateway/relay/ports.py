@@ -469,8 +469,8 @@ class TlsPort(CircuitPort):
     def _decrypt_ahead(self) -> None:
         held = self._held if self._held is not None else bytearray()
         try:
-            while True:
-                held += self._ssl.read(TLS_READ)
+            while chunk := self._ssl.read(TLS_READ):  # (b"": nothing more, even unwrapped)
+                held += chunk
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from gateway.carriers.circuit import Circuit, DatagramCircuit
+from gateway.carriers.circuit import CarrierLink, Circuit, DatagramCircuit
 from gateway.carriers.writes import flush_lingering, write_batch
 from gateway.errors import CarrierLost, CircuitBroken, OpenRefused, SessionError
 from gateway.relay.ports import CircuitPort, EndedRelay, Outgoing, Relay, TlsPort
@@ -336,6 +336,11 @@ class Resumption:
         """The session is complete: RST NO_ERROR retires its circuit at every hop (a
         resumable circuit outlives its FINs, for the last ACKs; SPEC.md §14)."""
         self.table.forget(self)
+        state = self.resume
+        if state.via and state.confirmed and self.circuit.broken is None:
+            # Our RST is the exit's only word that its FIN arrived: if its carrier dies
+            # before that RST got through, the exit waits for a resumption (TIME_WAIT).
+            self.table.time_wait(state, self.circuit.carrier)
         self.circuit.retire()
         super().close()  # type: ignore[misc]
 
@@ -440,7 +445,8 @@ class ResumeTable:
     their deadlines, and ACKs due; `run` is its one task (the sweep)."""
 
     def __init__(self, timeout: float, find_carrier: CarrierFinder | None = None,
-                 handshake_timeout: float = 10.0, capacity: int = DEFAULT_CAPACITY) -> None:
+                 handshake_timeout: float = 10.0, capacity: int = DEFAULT_CAPACITY,
+                 time_wait: float = 13.0) -> None:
         self.timeout = timeout
         self.capacity = capacity  # bytes all replay buffers may hold (resume_buffer)
         self.clock = 0.0  # trio time at the last sweep: "when" for idleness, cheaply
@@ -456,6 +462,11 @@ class ResumeTable:
         self.ack_due: set[Resumption] = set()
         self.ack_aging: set[Resumption] = set()
         self.buffered = 0  # bytes in every replay buffer of this gateway
+        # At the entry, sessions completed by our RST NO_ERROR, by the carrier it left on,
+        # oldest first, kept `time_wait_for` s (longer than a dead carrier takes to be
+        # found): if that carrier is lost meanwhile, the RST may have been lost with it.
+        self.time_wait_for = time_wait
+        self.completed: dict[CarrierLink, deque[tuple[float, ResumeState]]] = {}
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -533,10 +544,44 @@ class ResumeTable:
                 await trio.sleep(ACK_DELAY)
                 self.sweep(trio.current_time())
 
+    def time_wait(self, state: ResumeState, carrier: CarrierLink) -> None:
+        """A session the entry completed: kept a while, in case its last RST is lost."""
+        state.replay = state.resend = None
+        self.completed.setdefault(carrier, deque()).append((trio.current_time() + self.time_wait_for, state))
+
+    def _check_completed(self, now: float) -> None:
+        """TIME_WAIT (TCP's, for the same reason): the exit learns that its FIN arrived
+        only from our RST NO_ERROR. When the carrier that took it is lost soon after,
+        resume each such session, saying everything was delivered: the exit, if it was
+        still waiting, completes it (and ends it `ok`); if it had the RST, it refuses."""
+        for carrier, done in list(self.completed.items()):
+            while done and done[0][0] < now:
+                done.popleft()
+            if carrier.closed.is_set() and self._nursery is not None:
+                for _, state in done:
+                    self._nursery.start_soon(self._confirm_completed, state)
+                done.clear()
+            if not done:
+                del self.completed[carrier]
+
+    async def _confirm_completed(self, state: ResumeState) -> None:
+        opened = await self.reopen(state, trio.current_time() + self.timeout, lambda: True)
+        if isinstance(opened, str):
+            log.debug("completed session %s: no resumption needed (%s)", state.session_id.hex(),
+                      opened or "out of time")
+            return
+        circuit, _ = opened
+        if isinstance(circuit, Circuit):
+            circuit.retire()  # the exit has what it waited for: the session is complete
+        else:
+            circuit.reset(ErrorCode.NO_ERROR, "session complete")
+
     def sweep(self, now: float) -> None:
-        """Send the ACKs that are due; end parked sessions past their deadline."""
+        """Send the ACKs that are due; end parked sessions past their deadline; resume
+        completed sessions whose last RST may have been lost."""
         self.clock = now
         flush_lingering()  # complete sessions' RSTs that found no write to ride with
+        self._check_completed(now)
         with write_batch():
             due, self.ack_aging, self.ack_due = self.ack_aging, self.ack_due, set()
             for port in due:
