@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -212,28 +212,19 @@ async def test_a_plain_session_whose_route_is_lost_before_the_first_ack_resumes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No ACK has come yet, but every byte the entry sent is still in its replay: it
     parks the session and resumes it, and the exit, which held it from OPEN_OK on, takes it."""
-    global _accepted
     monkeypatch.setattr(resume, "ACK_DELAY", 30.0)  # no sweep, so no first ACK
     with trio.fail_after(20):
-        async with carriers(resume=True) as (dialer, _, inbound), \
-                carriers(resume=True) as (dialer2, _, inbound2):
-            _accepted = inbound  # type: ignore[assignment]
-            slot = [dialer]
-            async with resumable_session(slot) as (s, entry_table, exit_table), trio.open_nursery() as n:
-                n.start_soon(_serve_resumptions, inbound2, exit_table)
-                assert s.entry_port is not None and not s.entry_port.resume.confirmed
-                await s.client.send_all(b"before")
-                assert await s.target.receive_some(6) == b"before"
-                _cut(dialer)
-                while not entry_table.parked:
-                    await trio.sleep(0.01)
-                slot[0] = dialer2
-                assert s.reconnected is not None
-                s.reconnected.set()
-                at_target, at_client = await _transfer(s, b" and after", b"reply")
-                flush_lingering()  # the sweep's other job: the entry's final RST NO_ERROR
-                await s.sessions.wait_idle()
-                n.cancel_scope.cancel()
+        async with session_with_a_spare_carrier() as (s, entry_table, _, switch):
+            assert s.entry_port is not None and not s.entry_port.resume.confirmed
+            await s.client.send_all(b"before")
+            assert await s.target.receive_some(6) == b"before"
+            _cut(s.entry_port.circuit.carrier)  # type: ignore[arg-type]
+            while not entry_table.parked:
+                await trio.sleep(0.01)
+            switch()
+            at_target, at_client = await _transfer(s, b" and after", b"reply")
+            flush_lingering()  # the sweep's other job: the entry's final RST NO_ERROR
+            await s.sessions.wait_idle()
     assert (at_target, at_client) == (b" and after", b"reply")  # "before" was read above: once
 
 
@@ -242,6 +233,31 @@ async def _read_to_eof(stream: trio.SocketStream) -> bytes:
     while chunk := await stream.receive_some(65536):
         parts.append(chunk)
     return b"".join(parts)
+
+
+@asynccontextmanager
+async def session_with_a_spare_carrier(window: int = 256 * 1024, tls: Path | None = None
+                                       ) -> AsyncIterator[tuple[Session, ResumeTable, ResumeTable,
+                                                                Callable[[], None]]]:
+    """`resumable_session` over one carrier, with a second one standing by: the exit
+    answers resumptions on it, and the returned `switch()` makes it the entry's carrier
+    (call it after cutting the first)."""
+    global _accepted
+    async with carriers(window, resume=True) as (dialer, _, inbound), \
+            carriers(window, resume=True) as (dialer2, _, inbound2):
+        _accepted = inbound  # type: ignore[assignment]
+        slot = [dialer]
+
+        def switch() -> None:
+            slot[0] = dialer2
+            assert s.reconnected is not None
+            s.reconnected.set()
+
+        async with resumable_session(slot, tls=tls) as (s, entry_table, exit_table), \
+                trio.open_nursery() as nursery:
+            nursery.start_soon(_serve_resumptions, inbound2, exit_table)
+            yield s, entry_table, exit_table, switch
+            nursery.cancel_scope.cancel()
 
 
 def _cut(carrier: Carrier) -> None:
@@ -513,33 +529,26 @@ async def test_a_completed_session_whose_last_rst_is_lost_is_confirmed_over_a_ne
     word that its FIN arrived) was still waiting to be written when the carrier died. The
     exit parks the session; the entry, seeing that carrier lost, resumes it saying
     everything arrived, and the exit ends it `ok` instead of giving up on it later."""
-    global _accepted
     caplog.set_level(logging.INFO, "tunnelgate")
     monkeypatch.setattr(resume, "ACK_DELAY", 30.0)  # no sweep flushes the lingering RST
     with trio.fail_after(20):
-        async with carriers(resume=True) as (dialer, _, inbound), \
-                carriers(resume=True) as (dialer2, _, inbound2):
-            _accepted = inbound  # type: ignore[assignment]
-            slot = [dialer]
-            async with resumable_session(slot) as (s, entry_table, exit_table), trio.open_nursery() as n:
-                n.start_soon(_serve_resumptions, inbound2, exit_table)
-                await s.client.send_all(b"question")
-                await s.client.send_eof()
-                assert await _read_to_eof(s.target) == b"question"
-                await s.target.send_all(b"answer")
-                await s.target.send_eof()
-                assert await _read_to_eof(s.client) == b"answer"
-                while "entry session closed" not in caplog.text:
-                    await trio.sleep(0.01)
-                _cut(dialer)  # the RST NO_ERROR lingered on it: lost
-                while not exit_table.parked:
-                    await trio.sleep(0.01)
-                slot[0] = dialer2
-                assert s.reconnected is not None
-                s.reconnected.set()
-                entry_table.sweep(trio.current_time())  # (the sweep's period is patched away)
-                await s.sessions.wait_idle()
-                n.cancel_scope.cancel()
+        async with session_with_a_spare_carrier() as (s, entry_table, exit_table, switch):
+            assert s.entry_port is not None
+            first_carrier = s.entry_port.circuit.carrier
+            await s.client.send_all(b"question")
+            await s.client.send_eof()
+            assert await _read_to_eof(s.target) == b"question"
+            await s.target.send_all(b"answer")
+            await s.target.send_eof()
+            assert await _read_to_eof(s.client) == b"answer"
+            while "entry session closed" not in caplog.text:
+                await trio.sleep(0.01)
+            _cut(first_carrier)  # type: ignore[arg-type]  # the RST NO_ERROR lingered on it: lost
+            while not exit_table.parked:
+                await trio.sleep(0.01)
+            switch()
+            entry_table.sweep(trio.current_time())  # (the sweep's period is patched away)
+            await s.sessions.wait_idle()
     closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
     assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
     assert "exit session closed" in caplog.text and not exit_table.parked
