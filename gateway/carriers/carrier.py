@@ -100,6 +100,9 @@ class Carrier:
         self.circuits: dict[int, AnyCircuit] = {}
         self.rtt: float | None = None
         self.close_reason = "closed"
+        # The peer ended the carrier after GOAWAY with no circuit left: it had everything
+        # we sent (a completed session's last RST included).
+        self.ended_cleanly = False
         self.read_error: BaseException | None = None
         self.closed = trio.Event()
         self._on_request = on_request
@@ -345,6 +348,7 @@ class Carrier:
                 self._last_heard = trio.current_time()
             if ended and not filled:
                 clean = any(isinstance(e, CarrierEnded) and e.clean for e in session.receive_eof())
+                self.ended_cleanly = clean
                 self.close_reason = "closed by peer after GOAWAY" if clean else "peer closed the link"
                 return
             try:

@@ -52,6 +52,7 @@ class CarrierLink(Protocol):
     session: CarrierSession
     rtt: float | None
     closed: trio.Event  # set once the carrier is down
+    ended_cleanly: bool  # ...by the peer, after GOAWAY, with everything we sent read
 
     @property
     def lingering(self) -> int: ...  # bytes of queued frames that wait for the next write

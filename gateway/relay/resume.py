@@ -557,9 +557,10 @@ class ResumeTable:
         for carrier, done in list(self.completed.items()):
             while done and done[0][0] < now:
                 done.popleft()
-            if carrier.closed.is_set() and self._nursery is not None:
-                for _, state in done:
-                    self._nursery.start_soon(self._confirm_completed, state)
+            if carrier.closed.is_set():
+                if not carrier.ended_cleanly and self._nursery is not None:  # (else the RSTs got there)
+                    for _, state in done:
+                        self._nursery.start_soon(self._confirm_completed, state)
                 done.clear()
             if not done:
                 del self.completed[carrier]
