@@ -204,6 +204,8 @@ class CarrierSession:
     @property
     def pending_output(self) -> int:
         """Bytes `data_to_send` would return now (approximately: frame headers excluded)."""
+        if not self._ready:  # (asked after every read and for every retired circuit)
+            return self._control_bytes
         return self._control_bytes + sum(c.queued + c.dgram_bytes for c in self._ready)
 
     def send_credit(self, circuit_id: int) -> int:

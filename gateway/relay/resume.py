@@ -480,13 +480,16 @@ class ResumeTable:
 
     def forget(self, port: Resumption) -> None:
         self.live.discard(port)
-        if self.exits.get(port.resume.session_id) is port:
-            del self.exits[port.resume.session_id]
-        self.parked.discard(port)
+        state = port.resume
+        if not state.via and self.exits.get(state.session_id) is port:
+            del self.exits[state.session_id]
+        if state.parked_until is not None:
+            self.parked.discard(port)
         self.ack_due.discard(port)
         self.ack_aging.discard(port)
-        self.buffered -= sum(map(len, port.resume.replay or ()))
-        port.resume.replay = None
+        if state.replay:
+            self.buffered -= sum(map(len, state.replay))
+            state.replay = None
 
     def accept(self, circuit: AnyCircuit) -> str:
         """The exit's answer to a RESUMING OPEN whose route its policy admitted: resume
@@ -547,7 +550,10 @@ class ResumeTable:
     def time_wait(self, state: ResumeState, carrier: CarrierLink) -> None:
         """A session the entry completed: kept a while, in case its last RST is lost."""
         state.replay = state.resend = None
-        self.completed.setdefault(carrier, deque()).append((trio.current_time() + self.time_wait_for, state))
+        done = self.completed.get(carrier)
+        if done is None:
+            done = self.completed[carrier] = deque()
+        done.append((trio.current_time() + self.time_wait_for, state))
 
     def _check_completed(self, now: float) -> None:
         """TIME_WAIT (TCP's, for the same reason): the exit learns that its FIN arrived
