@@ -82,9 +82,11 @@ class CreditGranted(Event):
 
 @dataclass(frozen=True, slots=True)
 class EndOfStream(Event):
-    """The peer half-closed its direction (FIN)."""
+    """The peer half-closed its direction (FIN). `complete` (FIN_ACK capability): the
+    sender's session is complete, and this circuit is retired once both FINs passed."""
 
     circuit_id: int
+    complete: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,14 @@ _END_TO_END, _F_RESUMABLE, _F_RESUMING, _F_ORIGIN = (int(f) for f in (
     OpenFlags.END_TO_END, OpenFlags.RESUMABLE, OpenFlags.RESUMING, OpenFlags.ORIGIN))
 
 
+class FinFlags(enum.IntFlag):
+    """FIN's flags (FIN_ACK capability, SPEC.md §8 and §14)."""
+
+    NONE = 0
+    ACK = 0x01  # the payload is the sender's ACK (u64 delivered), as if an ACK came first
+    COMPLETE = 0x02  # the session is complete: no RST NO_ERROR follows; every hop retires it
+
+
 class AddressType(enum.IntEnum):
     IPV4 = 1
     NAME = 3

@@ -29,6 +29,7 @@ class Capability(enum.IntFlag):
     DATAGRAM = 1 << 0  # UDP flows (kind UDP circuits, DATAGRAM frames)
     RESUME = 1 << 1  # resumable sessions: OPEN's resumption extension and ACK (SPEC.md §14)
     ORIGIN = 1 << 2  # OPEN's origin extension: the client's address, a PROXY header (SPEC.md §16)
+    FIN_ACK = 1 << 3  # with RESUME: a FIN may carry its sender's ACK and complete the session (§14)
 
 
 class SettingId(enum.IntEnum):
@@ -145,7 +146,7 @@ def decode_hello(payload: bytes) -> Settings:
         raise RemoteProtocolError("HELLO node name is not UTF-8") from None
     if len(name.encode("utf-8")) > MAX_HOP_NAME:
         raise RemoteProtocolError("HELLO node name longer than 63 bytes")
-    known = Capability.DATAGRAM | Capability.RESUME | Capability.ORIGIN
+    known = Capability.DATAGRAM | Capability.RESUME | Capability.ORIGIN | Capability.FIN_ACK
     return Settings(
         max_frame_payload=max_payload,
         initial_window=window,

@@ -44,6 +44,7 @@ from .frames import (
     MAX_CIRCUIT_ID,
     MAX_DATAGRAM,
     CircuitKind,
+    FinFlags,
     FrameType,
     OpenRequest,
     decode_goaway,
@@ -73,8 +74,9 @@ MAX_PENDING_CONTROL_BYTES = 1 << 20
 DEFAULT_DATAGRAM_QUEUE_BYTES = 256 * 1024
 
 
-_DATA = FrameType.DATA.value
+_DATA, _FIN = FrameType.DATA.value, FrameType.FIN.value
 _TCP = CircuitKind.TCP
+_FIN_ACKS, _FIN_COMPLETE = int(FinFlags.ACK), int(FinFlags.COMPLETE)
 
 
 class Role(enum.Enum):
@@ -95,6 +97,7 @@ class _Circuit:
     """Book-keeping for one live circuit. Slots: idle circuits must stay small."""
 
     __slots__ = (
+        "complete",
         "credit",
         "dgram_bytes",
         "fin_queued",
@@ -126,8 +129,10 @@ class _Circuit:
         self.fin_sent = False
         self.remote_fin = False
         # A resumable session's circuit (§14) is not retired by FIN both ways: ACKs still
-        # flow after the FINs, and RST NO_ERROR ends it once the session is complete.
+        # flow after the FINs, and RST NO_ERROR ends it once the session is complete;
+        # unless a FIN said COMPLETE (FIN_ACK capability).
         self.resumable = False
+        self.complete = False
 
 
 @dataclass(slots=True)
@@ -166,7 +171,10 @@ class CarrierSession:
         self.capabilities = Capability.NONE
         # The negotiated capabilities as plain flags: tested per frame, and enum.Flag's
         # operators cost a Python call each.
-        self._resume = self._origin = self._datagram = False
+        self._resume = self._origin = self._datagram = self._fin_ack = False
+        # The last ACK queued, while it waits in `_control`: (circuit id, its index there).
+        # A FIN of that circuit queued next takes its place, carrying it.
+        self._last_ack: tuple[int, int] | None = None
         self._datagram_queue_bytes = datagram_queue_bytes
         self._circuits: dict[int, _Circuit] = {}
         self._peer_circuits = 0  # live circuits the peer opened: what max_circuits bounds
@@ -350,6 +358,7 @@ class CarrierSession:
         out: list[bytes | memoryview] = list(self._control)
         self._control = []
         self._control_bytes = 0
+        self._last_ack = None
         self._hello_sent = True
         if self._failed is not None:
             self._ready.clear()  # after a protocol error only the GOAWAY leaves
@@ -413,11 +422,16 @@ class CarrierSession:
         c.queued -= size
         return size
 
-    def _fin_frame(self, c: _Circuit) -> bytes:
-        """FIN leaves now: mark it sent and retire the circuit if that was the last step."""
+    def _fin_frame(self, c: _Circuit, ack_frame: bytes | None = None) -> bytes:
+        """FIN leaves now: mark it sent and retire the circuit if that was the last step.
+        With `ack_frame` (an ACK of this circuit) it carries that ACK (FIN_ACK)."""
         c.fin_sent = True
         self._maybe_retire(c)
-        return header(FrameType.FIN, 0, c.id, 0)
+        flags = _FIN_COMPLETE if c.complete else 0
+        if ack_frame is None:
+            return header(FrameType.FIN, flags, c.id, 0)
+        # The ACK frame retyped: the same length, circuit id and payload (delivered).
+        return ack_frame[:3] + bytes((_FIN, flags | _FIN_ACKS)) + ack_frame[5:]
 
     # ---------------------------------------------------------------- circuits
 
@@ -575,6 +589,12 @@ class CarrierSession:
         return self._resume
 
     @property
+    def completes_sessions(self) -> bool:
+        """Both sides announced FIN_ACK (with RESUME): a FIN may carry an ACK and say
+        COMPLETE (SPEC.md §14)."""
+        return self._fin_ack
+
+    @property
     def carries_origin(self) -> bool:
         """Both sides announced ORIGIN: OPENs may carry the session's origin (§16)."""
         return self._origin
@@ -586,6 +606,8 @@ class CarrierSession:
         if c is None or c.kind is not _TCP or not self._resume:
             return
         self._queue_control(frame(FrameType.ACK, 0, circuit_id, encode_u64(delivered)))
+        if self._fin_ack:
+            self._last_ack = (circuit_id, len(self._control) - 1)
 
     def consumed(self, circuit_id: int, n: int) -> None:
         """The application took `n` received bytes; MAX_DATA follows after half a window."""
@@ -608,16 +630,25 @@ class CarrierSession:
     def receive_window(self, circuit_id: int) -> int:
         return self._live(circuit_id).window.size
 
-    def send_eof(self, circuit_id: int) -> None:
-        """Half-close our direction; FIN follows the data already queued."""
+    def send_eof(self, circuit_id: int, complete: bool = False) -> None:
+        """Half-close our direction; FIN follows the data already queued. With FIN_ACK
+        (SPEC.md §14): an ACK of this circuit still queued rides in the FIN, and
+        `complete` says the session is complete (no RST NO_ERROR will follow)."""
         c = self._circuits.get(circuit_id)
         if c is None or c.fin_queued:
             return
         if c.state is CircuitState.PENDING:
             raise LocalProtocolError("accept the circuit before closing it")
         c.fin_queued = True
+        if complete and self._fin_ack and c.resumable:
+            c.complete = True
         if not c.queue:
-            self._queue_control(self._fin_frame(c))
+            last = self._last_ack
+            if last is not None and last[0] == circuit_id:
+                self._last_ack = None
+                self._control[last[1]] = self._fin_frame(c, self._control[last[1]])
+            else:
+                self._queue_control(self._fin_frame(c))
 
     def reset_circuit(self, circuit_id: int, code: ErrorCode | int = ErrorCode.CANCELLED,
                       reason: str = "") -> None:
@@ -683,7 +714,8 @@ class CarrierSession:
         c.queue = None
 
     def _maybe_retire(self, c: _Circuit) -> bool:
-        if c.fin_sent and c.remote_fin and c.state is CircuitState.OPEN and not c.resumable:
+        if c.fin_sent and c.remote_fin and c.state is CircuitState.OPEN and (not c.resumable
+                                                                            or c.complete):
             self._forget(c)
             return True
         return False
@@ -693,6 +725,7 @@ class CarrierSession:
         # Pending output is abandoned, except our HELLO if it never left: the peer
         # must see a HELLO first, or it cannot read the GOAWAY that says why.
         self._control = self._control[:1] if not self._hello_sent else []
+        self._last_ack = None
         self._control_bytes = sum(map(len, self._control))
         self._ready.clear()
         self._in_ready.clear()
@@ -797,7 +830,12 @@ class CarrierSession:
             self._drop(c)
             events.append(CircuitRefused(cid, _code(code), reason))
         elif ftype == FrameType.FIN:
-            if payload:
+            acked = -1
+            if flags & _FIN_ACKS and self._fin_ack:
+                if len(payload) != 8:
+                    raise RemoteProtocolError("FIN with ACK carries 8 bytes", ErrorCode.FRAME_SIZE_ERROR)
+                acked = decode_u64(payload)
+            elif payload:
                 raise RemoteProtocolError("FIN carries no payload", ErrorCode.FRAME_SIZE_ERROR)
             c = self._lookup(cid, "FIN")
             if c is None:
@@ -809,7 +847,12 @@ class CarrierSession:
                 raise RemoteProtocolError(f"FIN before OPEN_OK on circuit {cid}",
                                           ErrorCode.CIRCUIT_STATE_ERROR)
             c.remote_fin = True
-            events.append(EndOfStream(cid))
+            if self._fin_ack and c.resumable:
+                if acked >= 0 and c.kind is _TCP:
+                    events.append(Acknowledged(cid, acked))
+                if flags & _FIN_COMPLETE:
+                    c.complete = True
+            events.append(EndOfStream(cid, c.complete))
             if self._maybe_retire(c):
                 events.append(CircuitClosed(cid))
         elif ftype == FrameType.RST:
@@ -862,6 +905,7 @@ class CarrierSession:
         self._resume = bool(self.capabilities & Capability.RESUME)
         self._origin = bool(self.capabilities & Capability.ORIGIN)
         self._datagram = bool(self.capabilities & Capability.DATAGRAM)
+        self._fin_ack = self._resume and bool(self.capabilities & Capability.FIN_ACK)
         events.append(HandshakeComplete(peer, self.version, self.capabilities))
 
     def _on_open(self, cid: int, flags: int, payload: bytes, events: list[Event]) -> None:

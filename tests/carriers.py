@@ -25,9 +25,10 @@ async def carrier_pair(window: int = 256 * 1024) -> AsyncIterator[tuple[Carrier,
 
 
 @asynccontextmanager
-async def carriers(window: int = 256 * 1024, resume: bool = False
+async def carriers(window: int = 256 * 1024, resume: bool = False, fin_ack: bool = True
                    ) -> AsyncIterator[tuple[Carrier, Carrier, Inbound]]:
-    """`carrier_pair`, with the acceptor's carrier too; `resume`: both announce RESUME."""
+    """`carrier_pair`, with the acceptor's carrier too; `resume`: both announce RESUME,
+    and FIN_ACK unless `fin_ack` is false (a peer from before it)."""
     left_sock, right_sock = socket.socketpair()
     for sock in (left_sock, right_sock):
         sock.setblocking(False)
@@ -40,7 +41,9 @@ async def carriers(window: int = 256 * 1024, resume: bool = False
     async def refuse_all(carrier: Carrier, circuit: AnyCircuit) -> None:
         circuit.refuse(0x0101, "test")
 
-    capabilities = Capability.DATAGRAM | (Capability.RESUME if resume else Capability.NONE)
+    capabilities = Capability.DATAGRAM
+    if resume:
+        capabilities |= Capability.RESUME | (Capability.FIN_ACK if fin_ack else Capability.NONE)
     settings = Settings(initial_window=window, capabilities=capabilities)
     dialer = Carrier(left, Role.DIALER, settings, Timing(), refuse_all, "acceptor", "test dialer")
     acceptor = Carrier(right, Role.ACCEPTOR, settings, Timing(), on_request, "dialer", "test acceptor")

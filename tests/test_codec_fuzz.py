@@ -49,7 +49,7 @@ OPENS = (
                 Origin(("198.18.0.10", 51234), ("2001:db8::1", 7), ProxyHeader.V1)),
 )
 # every extension is in the fuzzed bytes
-CAPS = Capability.DATAGRAM | Capability.RESUME | Capability.ORIGIN
+CAPS = Capability.DATAGRAM | Capability.RESUME | Capability.ORIGIN | Capability.FIN_ACK
 # A small window: overruns are easy.
 LOCAL = Settings(initial_window=4096, session_id=b"L" * 16, capabilities=CAPS)
 
@@ -97,6 +97,10 @@ def transcripts() -> tuple[bytes, bytes, bytes]:
     a.consumed(ids[0], 1050)
     a.send_eof(ids[0])
     b.send_eof(ids[0])
+    a.send_ack(ids[3], 7)
+    a.send_eof(ids[3])  # FIN_ACK: FIN carrying an ACK
+    b.send_ack(ids[3], 8)
+    b.send_eof(ids[3], complete=True)  # and saying COMPLETE
     a.reset_circuit(ids[1], ErrorCode.CANCELLED, "flow idle")
     flush()
     a.goaway(ErrorCode.NO_ERROR, "bye")

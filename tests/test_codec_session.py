@@ -41,7 +41,7 @@ from gateway_codecs import (
     Role,
     Settings,
 )
-from gateway_codecs.frames import MAX_CIRCUIT_ID, OpenFlags, encode_open, frame
+from gateway_codecs.frames import MAX_CIRCUIT_ID, FinFlags, OpenFlags, encode_open, frame
 from gateway_codecs.session import MAX_PENDING_CONTROL_BYTES
 from tests.codec_helpers import LINK_MODES, Link, connected, of_type, parse_frames
 
@@ -717,6 +717,71 @@ def test_ack_rules(mode: str) -> None:
     with pytest.raises(RemoteProtocolError) as caught:
         a2.receive_data(frame(FrameType.ACK, 0, 2, (1).to_bytes(8, "big")))  # never opened
     assert caught.value.code == ErrorCode.CIRCUIT_ID_ERROR
+
+
+FINISHES = Settings(capabilities=Capability.DATAGRAM | Capability.RESUME | Capability.FIN_ACK)
+
+
+def test_with_fin_ack_a_queued_ack_rides_in_the_fin_and_a_complete_fin_retires_the_circuit(
+        mode: str) -> None:
+    a, b, link = connected(mode, FINISHES, FINISHES)
+    assert a.completes_sessions and b.completes_sessions
+    cid = open_accepted(a, b, link, RESUMABLE)
+    a.send_ack(cid, 3)
+    a.send_eof(cid)
+    (fin,) = parse_frames(a.data_to_send())  # one frame, not ACK then FIN
+    assert (fin.type, fin.flags, fin.payload) == (FrameType.FIN, FinFlags.ACK, (3).to_bytes(8, "big"))
+    assert b.receive_data(frame(fin.type, fin.flags, cid, fin.payload)) == [
+        Acknowledged(cid, 3), EndOfStream(cid)]  # the ACK first, as if it had come alone
+    assert b.live_circuits == 1  # a resumable circuit outlives plain FINs (RST NO_ERROR ends it)
+    b.send_ack(cid, 9)
+    b.send_eof(cid, complete=True)
+    (fin,) = parse_frames(b.data_to_send())
+    assert fin.flags == FinFlags.ACK | FinFlags.COMPLETE
+    assert b.live_circuits == 0  # retired as it left: both FINs, one COMPLETE
+    assert a.receive_data(frame(fin.type, fin.flags, cid, fin.payload)) == [
+        Acknowledged(cid, 9), EndOfStream(cid, complete=True), CircuitClosed(cid)]
+    assert a.live_circuits == 0
+
+
+def test_an_ack_rides_in_a_fin_only_if_nothing_came_between_for_that_circuit(mode: str) -> None:
+    a, b, link = connected(mode, FINISHES, FINISHES)
+    first = open_accepted(a, b, link, RESUMABLE)
+    second = open_accepted(a, b, link, RESUMABLE)
+    a.send_ack(first, 1)
+    a.send_ack(second, 2)
+    a.send_eof(first)  # its ACK is not the last one queued: it goes alone
+    a.send_data(second, b"tail")
+    a.send_eof(second)  # behind queued data: the FIN waits for it, the ACK does not
+    frames = [(f.type, f.circuit_id, f.flags) for f in parse_frames(a.data_to_send())]
+    assert frames == [(FrameType.ACK, first, 0), (FrameType.ACK, second, 0), (FrameType.FIN, first, 0),
+                      (FrameType.DATA, second, 0), (FrameType.FIN, second, 0)]
+    a.send_ack(first, 5)
+    assert a.data_to_send()
+    a.send_eof(first)  # (already sent: nothing)
+    assert a.data_to_send() == b""
+
+
+def test_without_fin_ack_on_both_sides_a_fin_carries_nothing_and_completes_nothing(mode: str) -> None:
+    a, b, link = connected(mode, FINISHES, RESUMES)
+    assert a.resumable and not a.completes_sessions
+    cid = open_accepted(a, b, link, RESUMABLE)
+    a.send_ack(cid, 3)
+    a.send_eof(cid, complete=True)
+    frames = [(f.type, f.flags) for f in parse_frames(a.data_to_send())]
+    assert frames == [(FrameType.ACK, 0), (FrameType.FIN, 0)]
+    with pytest.raises(RemoteProtocolError) as caught:  # flags ignored: a payload on FIN is an error
+        b.receive_data(frame(FrameType.FIN, int(FinFlags.ACK), cid, (3).to_bytes(8, "big")))
+    assert caught.value.code == ErrorCode.FRAME_SIZE_ERROR
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00" * 4, b"\x00" * 9])
+def test_a_fin_saying_ack_must_carry_eight_bytes(payload: bytes) -> None:
+    a, b, link = connected("whole", FINISHES, FINISHES)
+    cid = open_accepted(a, b, link, RESUMABLE)
+    with pytest.raises(RemoteProtocolError) as caught:
+        b.receive_data(frame(FrameType.FIN, int(FinFlags.ACK), cid, payload))
+    assert caught.value.code == ErrorCode.FRAME_SIZE_ERROR
 
 
 def test_an_instance_id_is_announced_only_when_set_and_must_be_8_bytes() -> None:

@@ -23,6 +23,7 @@ from gateway_codecs import (
     Capability,
     CarrierSession,
     CircuitAccepted,
+    CircuitClosed,
     CircuitKind,
     CircuitRefused,
     CircuitRequested,
@@ -190,6 +191,37 @@ def origin_conversation() -> Iterator[Step]:
     yield "open_service", opened(OPEN_SERVICE), b, [CircuitRequested(3, OPEN_SERVICE)]
 
 
+FIN_ACK_CAPS = Capability.DATAGRAM | Capability.RESUME | Capability.FIN_ACK
+FIN_ACK_DIALER = Settings(capabilities=FIN_ACK_CAPS, session_id=bytes(range(16)), node_name="edge")
+FIN_ACK_ACCEPTOR = Settings(capabilities=FIN_ACK_CAPS, session_id=bytes(range(16, 32)), node_name="dc")
+
+
+def fin_ack_conversation() -> Iterator[Step]:
+    """SPEC.md §8 and §14: the end of a resumable session with FIN_ACK. The entry's FIN
+    carries its ACK; the exit's FIN carries its ACK and says COMPLETE (no RST NO_ERROR)."""
+    a = CarrierSession(Role.DIALER, FIN_ACK_DIALER)
+    b = CarrierSession(Role.ACCEPTOR, FIN_ACK_ACCEPTOR)
+    yield "fin_ack_hello_dialer", a.data_to_send, b, [HandshakeComplete(FIN_ACK_DIALER, 1, FIN_ACK_CAPS)]
+    yield "fin_ack_hello_acceptor", b.data_to_send, a, [HandshakeComplete(FIN_ACK_ACCEPTOR, 1, FIN_ACK_CAPS)]
+
+    def opened() -> bytes:
+        a.open_circuit(OPEN_RESUMABLE)
+        b.receive_data(a.data_to_send())  # (the OPEN is pinned by "open_resumable")
+        b.accept_circuit(1)
+        a.receive_data(b.data_to_send())
+        a.send_ack(1, 6)  # the exit's 6 bytes, delivered
+        a.send_eof(1)
+        return a.data_to_send()
+
+    def completed() -> bytes:
+        b.send_ack(1, 19)  # the entry's 18 bytes and its FIN
+        b.send_eof(1, complete=True)
+        return b.data_to_send()
+
+    yield "fin_with_ack", opened, b, [Acknowledged(1, 6), EndOfStream(1)]
+    yield "fin_complete", completed, a, [Acknowledged(1, 19), EndOfStream(1, complete=True), CircuitClosed(1)]
+
+
 def load() -> dict[str, dict[str, str]]:
     entries = json.loads(VECTORS_FILE.read_text())["vectors"]
     return {e["name"]: e for e in entries}
@@ -199,7 +231,8 @@ def test_every_vector_is_encoded_and_decoded_exactly() -> None:
     vectors = load()
     names = []
     for name, produce, decoder, expected in [*conversation(), *resume_conversation(),
-                                              *tier_conversation(), *origin_conversation()]:
+                                              *tier_conversation(), *origin_conversation(),
+                                              *fin_ack_conversation()]:
         names.append(name)
         produced = produce()
         assert produced.hex() == vectors[name]["hex"], f"{name}: encoding drifted"

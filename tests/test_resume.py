@@ -29,8 +29,10 @@ from gateway.relay.resume import ResumeState, ResumeTable, Resumption, exit_stat
 from gateway.relay.sessions import SessionLog
 from gateway.security.identity import write_identity
 from gateway.security.tls import client_context, server_context
-from gateway_codecs import CircuitKind, ErrorCode, OpenRequest, Resuming
+from gateway_codecs import CircuitKind, ErrorCode, FrameType, OpenRequest, Resuming
+from gateway_codecs.frames import FinFlags
 from tests.carriers import carriers
+from tests.codec_helpers import parse_frames
 
 MIB = 1 << 20
 TARGET = OpenRequest(CircuitKind.TCP, "127.0.0.1", 9)
@@ -459,6 +461,64 @@ async def test_a_complete_sessions_rst_waits_for_the_next_write_at_most_one_swee
             assert far_second.broken.code == ErrorCode.NO_ERROR
 
 
+@dataclass
+class Chain:
+    """An entry and an exit in one process, over one carrier or through a middle relay."""
+
+    session: Session
+    entry_table: ResumeTable
+    exit_table: ResumeTable
+    carriers: list[Carrier]  # every carrier, dialer and acceptor ends, entry side first
+
+
+@asynccontextmanager
+async def chain(hop: bool, fin_ack: tuple[bool, bool] = (True, True)) -> AsyncIterator[Chain]:
+    """A resumable session from a client to a target: entry -> exit, or entry -> relay ->
+    exit (`hop`, the relay as exits.CircuitServer._relay runs it). `fin_ack`: whether each
+    carrier (entry side, relay to exit) has FIN_ACK."""
+    async with carriers(resume=True, fin_ack=fin_ack[0]) as (dialer, acceptor, inbound), \
+            carriers(resume=True, fin_ack=fin_ack[1]) as (onward_dialer, onward_acceptor, onward_inbound):
+        engine = RelayEngine()
+        sessions = SessionLog()
+        entry_table, exit_table = ResumeTable(10), ResumeTable(10)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await nursery.start(entry_table.run)
+            await nursery.start(exit_table.run)
+            client, entry_sock = _tcp_pair()
+            target, exit_sock = _tcp_pair()
+            state, request = open_state(TARGET, "exit")
+            near = dialer.open(request)
+            far = await inbound.receive()
+            assert isinstance(near, Circuit) and isinstance(far, Circuit)
+            if hop:
+                onward = onward_dialer.open(far.request)
+                far_end = await onward_inbound.receive()
+                assert isinstance(onward, Circuit) and isinstance(far_end, Circuit)
+                far_end.accept()
+                await onward.wait_open()
+                far.accept()
+                engine.relay(CircuitPort(far), CircuitPort(onward), sessions.open("relay", "t", far))
+                far = far_end
+            else:
+                far.accept()
+            engine.relay(make_resumable(CircuitPort(far), exit_state(far.request), exit_table),
+                         SocketPort(exit_sock, engine.readiness), sessions.open("exit", "t", far))
+            engine.relay(SocketPort(entry_sock, engine.readiness),
+                         make_resumable(CircuitPort(near), state, entry_table),
+                         sessions.open("entry", "t", near))
+            del near, far, state
+            session = Session(trio.SocketStream(trio.socket.from_stdlib_socket(client)),
+                              trio.SocketStream(trio.socket.from_stdlib_socket(target)), sessions)
+            used = [dialer, acceptor] + ([onward_dialer, onward_acceptor] if hop else [])
+            try:
+                yield Chain(session, entry_table, exit_table, used)
+            finally:
+                await session.client.aclose()
+                await session.target.aclose()
+                nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("hop", [False, True], ids=["entry-exit", "through-a-relay"])
 async def test_an_ended_session_leaves_nothing_to_the_cyclic_garbage_collector(hop: bool) -> None:
     """Relay, directions and ports refer to each other while a session lives; at its end
@@ -467,60 +527,180 @@ async def test_an_ended_session_leaves_nothing_to_the_cyclic_garbage_collector(h
     included, is freed by reference counting at once, and the collector's passes (which
     walk everything alive) stay rare: with a session's worth of cycles each time, they
     were a tenth of a relay's CPU per session."""
-    global _accepted
     gc.collect()
     gc.disable()
     try:
         with trio.fail_after(20):
-            async with carriers(resume=True) as (dialer, _, inbound), \
-                    carriers(resume=True) as (onward_dialer, _, onward_inbound):
-                engine = RelayEngine()
-                sessions = SessionLog()
-                entry_table, exit_table = ResumeTable(10), ResumeTable(10)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(engine.run)
-                    await nursery.start(entry_table.run)
-                    await nursery.start(exit_table.run)
-                    client, entry_sock = _tcp_pair()
-                    target, exit_sock = _tcp_pair()
-                    state, request = open_state(TARGET, "exit")
-                    near = dialer.open(request)
-                    far = await inbound.receive()
-                    assert isinstance(near, Circuit) and isinstance(far, Circuit)
-                    if hop:  # a middle relay: far -> onward, as exits.CircuitServer._relay does
-                        onward = onward_dialer.open(far.request)
-                        far_end = await onward_inbound.receive()
-                        assert isinstance(onward, Circuit) and isinstance(far_end, Circuit)
-                        far_end.accept()
-                        await onward.wait_open()
-                        far.accept()
-                        engine.relay(CircuitPort(far), CircuitPort(onward), sessions.open("relay", "t", far))
-                        far = far_end
-                    else:
-                        far.accept()
-                    engine.relay(make_resumable(CircuitPort(far), exit_state(far.request), exit_table),
-                                 SocketPort(exit_sock, engine.readiness), sessions.open("exit", "t", far))
-                    engine.relay(SocketPort(entry_sock, engine.readiness),
-                                 make_resumable(CircuitPort(near), state, entry_table),
-                                 sessions.open("entry", "t", near))
-                    s = Session(trio.SocketStream(trio.socket.from_stdlib_socket(client)),
-                                trio.SocketStream(trio.socket.from_stdlib_socket(target)), sessions)
-                    assert await _transfer(s, b"up" * 1000, b"down" * 1000) == (b"up" * 1000, b"down" * 1000)
-                    await s.client.aclose()
-                    await s.target.aclose()
-                    flush_lingering()  # the entry's final RST NO_ERROR
-                    await sessions.wait_idle()
-                    del near, far, s, state
-                    gc.set_debug(gc.DEBUG_SAVEALL)
-                    gc.collect()
-                    left = {type(o).__name__ for o in gc.garbage}
-                    gc.set_debug(0)
-                    gc.garbage.clear()
-                    nursery.cancel_scope.cancel()
+            async with chain(hop) as c:
+                s = c.session
+                assert await _transfer(s, b"up" * 1000, b"down" * 1000) == (b"up" * 1000, b"down" * 1000)
+                await s.client.aclose()
+                await s.target.aclose()
+                flush_lingering()  # an RST NO_ERROR, if the session ended with one
+                await s.sessions.wait_idle()
+                del s
+                gc.set_debug(gc.DEBUG_SAVEALL)
+                gc.collect()
+                left = {type(o).__name__ for o in gc.garbage}
+                gc.set_debug(0)
+                gc.garbage.clear()
     finally:
         gc.enable()
     assert not left & {"StreamRelay", "Direction", "SocketPort", "CircuitPort", "ResumableCircuitPort",
                        "Circuit", "socket", "CircuitBroken", "ResumeState"}, left
+
+
+def _count_frames(carrier: Carrier, seen: list[tuple[int, int]]) -> None:
+    """Record (type, flags) of every frame `carrier` writes."""
+    produce = carrier.session.data_to_send
+
+    def counted(max_bytes: int | None = None) -> bytes:
+        data = produce(max_bytes)
+        seen.extend((f.type, f.flags) for f in parse_frames(data))
+        return data
+
+    carrier.session.data_to_send = counted  # type: ignore[method-assign]
+
+
+async def _question_answer_then_client_closes(s: Session) -> None:
+    """The pattern of most short sessions: a request, its answer, the client closes, the
+    server closes in turn."""
+    await s.client.send_all(b"question")
+    assert await s.target.receive_some(8) == b"question"
+    await s.target.send_all(b"answer")
+    assert await s.client.receive_some(6) == b"answer"
+    await s.client.send_eof()
+    assert await _read_to_eof(s.target) == b""
+    await s.target.send_eof()
+    assert await _read_to_eof(s.client) == b""
+
+
+@pytest.mark.parametrize("hop", [False, True], ids=["entry-exit", "through-a-relay"])
+async def test_a_short_session_ends_with_two_fins_as_one_that_is_not_resumable(
+        hop: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FIN_ACK (SPEC.md §14): each side's data acknowledged by the other's FIN, the last
+    FIN saying COMPLETE; no ACK frame, no RST NO_ERROR, at any hop; every hop retires the
+    circuit with the FINs and logs the session `ok`; the exit keeps it for a lost FIN."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    monkeypatch.setattr(resume, "ACK_DELAY", 30.0)  # no sweep: nothing but the session's frames
+    frames: list[tuple[int, int]] = []
+    with trio.fail_after(20):
+        async with chain(hop) as c:
+            for carrier in c.carriers:
+                _count_frames(carrier, frames)
+            await _question_answer_then_client_closes(c.session)
+            await c.session.sessions.wait_idle()
+            assert all(carrier.session.live_circuits == 0 and not carrier.circuits for carrier in c.carriers)
+            assert not c.entry_table.completed
+            assert len(c.exit_table.exits) == 1  # (the exit keeps it for a lost FIN)
+    hops = 2 if hop else 1
+    fins = sorted(flags for kind, flags in frames if kind == FrameType.FIN)
+    assert fins == [int(FinFlags.ACK)] * hops + [int(FinFlags.ACK | FinFlags.COMPLETE)] * hops
+    assert not [kind for kind, _ in frames if kind in (FrameType.ACK, FrameType.RST)], frames
+    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
+    assert len(closed) == 1 + hops and all(ln.endswith(", ok") for ln in closed), closed
+
+
+@pytest.mark.parametrize("fin_ack", [(True, False), (False, True)],
+                         ids=["exit-side-older", "entry-side-older"])
+async def test_a_leg_without_fin_ack_ends_the_session_the_way_it_did_before(
+        fin_ack: tuple[bool, bool], caplog: pytest.LogCaptureFixture) -> None:
+    """One leg of the route has no FIN_ACK (a gateway from before it): no FIN crosses it
+    with flags, the endpoint there ends the session with RST NO_ERROR as before, and all
+    three end `ok` with every circuit retired."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    frames: list[tuple[int, int]] = []
+    with trio.fail_after(20):
+        async with chain(True, fin_ack) as c:
+            older = c.carriers[2:] if not fin_ack[1] else c.carriers[:2]
+            for carrier in older:
+                _count_frames(carrier, frames)
+            await _question_answer_then_client_closes(c.session)
+            flush_lingering()  # the RST NO_ERROR on the older leg
+            await c.session.sessions.wait_idle()
+            while any(carrier.session.live_circuits for carrier in c.carriers):
+                await trio.sleep(0.01)
+            assert not c.entry_table.parked and not c.exit_table.parked
+    assert (FrameType.RST, 0) in frames and not [f for k, f in frames if k == FrameType.FIN and f]
+    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
+    assert len(closed) == 3 and all(ln.endswith(", ok") for ln in closed), closed
+
+
+def _lose_frames_of(carrier: Carrier, circuit: Circuit) -> None:
+    """From now on `carrier` ignores what arrives for `circuit` (as if it were lost in
+    flight with a carrier about to be cut)."""
+    dispatch = carrier._dispatch
+
+    def lossy(event: object) -> None:
+        if getattr(event, "circuit_id", None) != circuit.id:
+            dispatch(event)  # type: ignore[arg-type]
+
+    carrier._dispatch = lossy  # type: ignore[method-assign]
+
+
+async def test_an_exits_lost_complete_fin_is_sent_again_when_the_entry_resumes(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exit completed the session with FIN COMPLETE and forgot all but its keys; that
+    FIN is lost with the carrier. The entry, still waiting for it, resumes the session,
+    and the exit answers with the FIN again: both ends `ok`."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    monkeypatch.setattr(resume, "ACK_DELAY", 30.0)
+    with trio.fail_after(20):
+        async with session_with_a_spare_carrier() as (s, entry_table, _, switch):
+            assert s.entry_port is not None
+            near = s.entry_port.circuit
+            await s.client.send_all(b"question")
+            assert await s.target.receive_some(8) == b"question"
+            await s.target.send_all(b"answer")
+            assert await s.client.receive_some(6) == b"answer"
+            _lose_frames_of(near.carrier, near)  # type: ignore[arg-type]
+            await s.client.send_eof()
+            assert await _read_to_eof(s.target) == b""
+            await s.target.send_eof()
+            while "exit session closed" not in caplog.text:  # it sent FIN COMPLETE and ended
+                await trio.sleep(0.01)
+            _cut(near.carrier)  # type: ignore[arg-type]
+            while not entry_table.parked:
+                await trio.sleep(0.01)
+            switch()
+            assert await _read_to_eof(s.client) == b""
+            await s.sessions.wait_idle()
+    assert "its last FIN was lost; sent again" in caplog.text
+    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
+    assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
+
+
+async def test_an_entrys_lost_complete_fin_is_sent_again_from_time_wait(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server answered and closed first; the client's close made the entry's FIN the
+    last one, saying COMPLETE, and it is lost with the carrier. The exit parks; the entry
+    (TIME_WAIT) resumes the session and sends that FIN again: both ends `ok`."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    monkeypatch.setattr(resume, "ACK_DELAY", 30.0)
+    with trio.fail_after(20):
+        async with session_with_a_spare_carrier() as (s, entry_table, exit_table, switch):
+            assert s.entry_port is not None
+            await s.client.send_all(b"question")
+            assert await s.target.receive_some(8) == b"question"
+            await s.target.send_all(b"answer")
+            await s.target.send_eof()
+            assert await _read_to_eof(s.client) == b"answer"
+            exit_carrier = s.entry_port.circuit.carrier
+            far = next(c for c in exit_table.live).circuit  # the exit's end of the circuit
+            _lose_frames_of(far.carrier, far)  # type: ignore[arg-type]
+            await s.client.send_eof()
+            while "entry session closed" not in caplog.text:  # it sent FIN COMPLETE and ended
+                await trio.sleep(0.01)
+            _cut(exit_carrier)  # type: ignore[arg-type]
+            while not exit_table.parked:
+                await trio.sleep(0.01)
+            switch()
+            entry_table.sweep(trio.current_time())  # (the sweep's period is patched away)
+            assert await _read_to_eof(s.target) == b""
+            await s.sessions.wait_idle()
+    assert "its last FIN was lost; sent again" in caplog.text
+    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
+    assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
 
 
 async def test_a_completed_session_whose_last_rst_is_lost_is_confirmed_over_a_new_carrier(

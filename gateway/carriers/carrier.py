@@ -405,6 +405,8 @@ class Carrier:
                 c := self.circuits.get(cid)) is not None:
                 if isinstance(event, CreditGranted):
                     c.on_credit()
+                elif isinstance(c, Circuit):
+                    c.on_eof(event.complete)
                 else:
                     c.on_eof()
             case CircuitAccepted(circuit_id=cid) if (c := self.circuits.get(cid)) is not None:

@@ -164,6 +164,10 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
     def __init__(self, carrier: CarrierLink, circuit_id: int, request: OpenRequest) -> None:
         super().__init__(carrier, circuit_id, request)
         self.fin_received = False  # the far side's FIN arrived (bytes before it may still wait)
+        # FIN_ACK (SPEC.md §14): a FIN said COMPLETE, received or sent: the session over
+        # this circuit ended without RST NO_ERROR, and the circuit retires with the FINs.
+        self.fin_complete = False
+        self.complete_sent = False
         self._eof_sent = False
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -210,8 +214,9 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         if self.sink is None and self.watcher is not None:
             self.watcher()  # a relay that takes bytes only from the queue (TLS inside)
 
-    def on_eof(self) -> None:
+    def on_eof(self, complete: bool = False) -> None:
         self.fin_received = True
+        self.fin_complete = complete
         if self._closed:
             self.carrier.forget(self)
         self._wake()
@@ -373,19 +378,23 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         await trio.lowlevel.checkpoint()
         self.end_now()
 
-    def end_now(self) -> None:
-        """send_eof without waiting: FIN once (raises if the circuit broke)."""
+    def end_now(self, complete: bool = False) -> None:
+        """send_eof without waiting: FIN once (raises if the circuit broke). `complete`:
+        this FIN completes a resumable session (SPEC.md §14): it says COMPLETE where the
+        carrier has FIN_ACK. (Elsewhere it is a plain FIN, and the endpoint beyond, which
+        then has all it needs, completes the session itself, with RST NO_ERROR.)"""
         if self._eof_sent:
             return
         self._raise_if_broken()
         self._eof_sent = True
-        self._send_eof()
+        self._send_eof(complete)
 
-    def _send_eof(self) -> None:
+    def _send_eof(self, complete: bool = False) -> None:
         if self._parked is not None:
             self._parked.fin_queued = True  # FIN follows on the next carrier
             return
-        self.carrier.session.send_eof(self.id)
+        self.carrier.session.send_eof(self.id, complete)
+        self.complete_sent = complete
         self.carrier.queued()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:

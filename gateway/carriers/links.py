@@ -157,7 +157,7 @@ class Links:
         self.timing = Timing(gw.handshake_timeout, gw.keepalive_interval, gw.keepalive_timeout)
         capabilities = Capability.DATAGRAM | Capability.ORIGIN
         if gw.resume_timeout > 0:
-            capabilities |= Capability.RESUME
+            capabilities |= Capability.RESUME | Capability.FIN_ACK
         # This process among the instances of `gw.name` (a relay tier runs several).
         self.instance_id = os.urandom(8)
         self.settings = Settings(initial_window=gw.initial_window, max_circuits=gw.max_circuits,

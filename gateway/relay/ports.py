@@ -270,10 +270,11 @@ class CircuitPort(Port):
     `_take`, `_ended`, `_send_eof`), which TLS inside the circuit uses too and which
     resumable sessions (resume.py) extend with their sequence numbers."""
 
-    __slots__ = ("circuit",)
+    __slots__ = ("circuit", "source")
 
     def __init__(self, circuit: Circuit) -> None:
         self.circuit = circuit
+        self.source: Circuit | None = None  # a middle relay: the circuit whose FIN we pass on
 
     def bind(self, relay: Relay, outgoing: Outgoing) -> None:
         circuit = self.circuit
@@ -282,6 +283,7 @@ class CircuitPort(Port):
         other = outgoing.dst
         if isinstance(other, CircuitPort):  # a middle relay passes end-to-end ACKs on
             circuit.ack_listener = other.circuit.send_ack
+            self.source = other.circuit  # and a FIN's COMPLETE
             if circuit.peer_delivered >= 0:  # one came before the relay was bridged
                 other.circuit.send_ack(circuit.peer_delivered)
 
@@ -293,8 +295,10 @@ class CircuitPort(Port):
     @property
     def flushed(self) -> bool:
         # On a relay hop, a resumable session's end is the endpoints' RST NO_ERROR, which
-        # comes after the FINs (ACKs still pass until then): see StreamRelay._complete.
-        return not self.resumable_route
+        # comes after the FINs (ACKs still pass until then): see StreamRelay._complete;
+        # or a FIN that said COMPLETE (SPEC.md §14).
+        circuit = self.circuit
+        return not self.resumable_route or circuit.fin_complete or circuit.complete_sent
 
     def _transport_flushed(self) -> bool:
         """What this port wrote has left it (TLS: no record waits for credit)."""
@@ -314,7 +318,8 @@ class CircuitPort(Port):
         return self.circuit.at_eof
 
     def _send_eof(self) -> None:
-        self.circuit.end_now()
+        source = self.source
+        self.circuit.end_now(source is not None and source.fin_complete)
 
     # ---- Port
     def check(self) -> None:

@@ -64,7 +64,7 @@ class ResumeState:
 
     def __init__(self, session_id: bytes, request: OpenRequest) -> None:
         self.session_id = session_id
-        self.request = request  # the session's target (and route, at the entry)
+        self.request = request  # the target (entry: and route, no origin; exit: the OPEN as it came)
         self.sent = 0  # stream bytes sent (the FIN is one more unit: fin_sent)
         self.fin_sent = False
         self.acked = 0  # units the far end has delivered (its ACKs)
@@ -246,7 +246,9 @@ class Resumption:
         if not state.eof_delivered:
             state.eof_delivered = True
             state.delivered += 1
-            if state.fin_sent and not (state.unacked == 0 and state.resend is None):
+            if self.circuit.fin_complete:
+                pass  # the far end completed the session: it waits for nothing of ours
+            elif state.fin_sent and not (state.unacked == 0 and state.resend is None):
                 self._ack()  # FINs crossed: no FIN of ours will carry it, and the far end waits
             else:
                 # Not at once: if our side is complete too, the session ends now and its RST
@@ -261,6 +263,15 @@ class Resumption:
         state.fin_sent = True
         if state.parked_until is not None or state.resend is not None:
             state.resend_fin = True  # after what is still to be resent
+            return
+        circuit = self.circuit
+        if circuit.carrier.session.completes_sessions:
+            # FIN_ACK: what is due rides in the FIN (no frame of its own); and after the far
+            # end's FIN, with everything of ours acknowledged, this FIN completes the
+            # session: no RST NO_ERROR, no engine pass at any hop (SPEC.md §14).
+            if state.delivered != state.ack_sent:
+                self._ack()
+            circuit.end_now(state.eof_delivered and state.acked >= state.sent)
             return
         if state.ack_sent < 0 or (state.eof_delivered and state.delivered != state.ack_sent):
             # The far end waits for the ACK of its FIN to complete: it rides with ours; and
@@ -320,7 +331,7 @@ class Resumption:
     def flushed(self) -> bool:
         state = self.resume
         acknowledged = not state.confirmed or (state.sent + state.fin_sent == state.acked
-                                               and state.resend is None)
+                                               and state.resend is None) or self.circuit.complete_sent
         return acknowledged and self._transport_flushed()
 
     def abort(self, code: int, reason: str) -> None:
@@ -334,14 +345,26 @@ class Resumption:
 
     def close(self) -> None:
         """The session is complete: RST NO_ERROR retires its circuit at every hop (a
-        resumable circuit outlives its FINs, for the last ACKs; SPEC.md §14)."""
-        self.table.forget(self)
+        resumable circuit outlives its FINs, for the last ACKs; SPEC.md §14), unless a
+        FIN that said COMPLETE did."""
+        table = self.table
+        table.forget(self)
         state = self.resume
-        if state.via and state.confirmed and self.circuit.broken is None:
-            # Our RST is the exit's only word that its FIN arrived: if its carrier dies
-            # before that RST got through, the exit waits for a resumption (TIME_WAIT).
-            self.table.time_wait(state, self.circuit.carrier)
-        self.circuit.retire()
+        circuit = self.circuit
+        if circuit.complete_sent:
+            # Our FIN said COMPLETE: it is all the far end still waits for. Kept a while
+            # in case it is lost: the entry resumes the session then, to send it again
+            # (TIME_WAIT), and the exit answers the entry's resumption with it.
+            if state.via:
+                table.time_wait(state, circuit.carrier)
+            else:
+                table.completed_exit(state)
+        elif not circuit.fin_complete:
+            if state.via and state.confirmed and circuit.broken is None:
+                # Our RST is the exit's only word that its FIN arrived: if its carrier dies
+                # before that RST got through, the exit waits for a resumption (TIME_WAIT).
+                table.time_wait(state, circuit.carrier)
+            circuit.retire()
         super().close()  # type: ignore[misc]
 
     # ---- losing and regaining the route
@@ -453,7 +476,7 @@ class ResumeTable:
         self.live: set[Resumption] = set()  # every resumable port, for shedding
         self.find_carrier = find_carrier
         self.handshake_timeout = handshake_timeout
-        self.exits: dict[bytes, Resumption] = {}
+        self.exits: dict[bytes, Resumption | CompletedExit] = {}
         self.flows: dict[bytes, FlowSlot] = {}  # the exit's resumable UDP flows
         self.parked: set[Resumption] = set()
         # ACKs due, in two generations: one marked now is sent at the sweep after next
@@ -467,6 +490,10 @@ class ResumeTable:
         # found): if that carrier is lost meanwhile, the RST may have been lost with it.
         self.time_wait_for = time_wait
         self.completed: dict[CarrierLink, deque[tuple[float, ResumeState]]] = {}
+        # At the exit, sessions it completed with a FIN saying COMPLETE, oldest first, kept
+        # as long as the entry may come back for that FIN (resume_timeout, and the time a
+        # dead carrier takes to be found).
+        self.completed_exits: deque[CompletedExit] = deque()
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -508,7 +535,7 @@ class ResumeTable:
         port = self.exits.get(ticket.session_id)
         if port is None or not isinstance(circuit, Circuit):
             return "no such session to resume (unknown or expired)"
-        state = port.resume
+        state = port.resume if isinstance(port, Resumption) else port
         refused = _check_ticket(state, circuit.request, ticket)
         if refused:
             return refused
@@ -547,6 +574,12 @@ class ResumeTable:
                 await trio.sleep(ACK_DELAY)
                 self.sweep(trio.current_time())
 
+    def completed_exit(self, state: ResumeState) -> None:
+        """A session the exit completed (FIN COMPLETE): kept for the entry's resumption."""
+        completed = CompletedExit(state, trio.current_time() + self.timeout + self.time_wait_for)
+        self.exits[state.session_id] = completed
+        self.completed_exits.append(completed)
+
     def time_wait(self, state: ResumeState, carrier: CarrierLink) -> None:
         """A session the entry completed: kept a while, in case its last RST is lost."""
         state.replay = state.resend = None
@@ -560,6 +593,11 @@ class ResumeTable:
         only from our RST NO_ERROR. When the carrier that took it is lost soon after,
         resume each such session, saying everything was delivered: the exit, if it was
         still waiting, completes it (and ends it `ok`); if it had the RST, it refuses."""
+        exits = self.completed_exits
+        while exits and exits[0].until < now:
+            completed = exits.popleft()
+            if self.exits.get(completed.session_id) is completed:
+                del self.exits[completed.session_id]
         for carrier, done in list(self.completed.items()):
             while done and done[0][0] < now:
                 done.popleft()
@@ -577,11 +615,15 @@ class ResumeTable:
             log.debug("completed session %s: no resumption needed (%s)", state.session_id.hex(),
                       opened or "out of time")
             return
-        circuit, _ = opened
-        if isinstance(circuit, Circuit):
-            circuit.retire()  # the exit has what it waited for: the session is complete
-        else:
+        circuit, far_delivered = opened
+        if not isinstance(circuit, Circuit):
             circuit.reset(ErrorCode.NO_ERROR, "session complete")
+        elif far_delivered <= state.sent:  # our FIN (it said COMPLETE) was lost: again
+            log.info("completed session %s: its last FIN was lost; sent again", state.session_id.hex())
+            circuit.end_now(True)
+            circuit.close_now()
+        else:
+            circuit.retire()  # the exit has what it waited for: the session is complete
 
     def sweep(self, now: float) -> None:
         """Send the ACKs that are due; end parked sessions past their deadline; resume
@@ -685,6 +727,33 @@ class ResumeTable:
             del self.flows[slot.state.session_id]
 
 
+class CompletedExit:
+    """The exit's memory of a session it completed with a FIN saying COMPLETE (SPEC.md
+    §14): if that FIN is lost, the entry resumes the session, and this sends it again.
+    Only what that takes (a few hundred bytes, mostly the keys and the target)."""
+
+    __slots__ = ("delivered", "request", "sent", "session_id", "until", "verifier")
+
+    def __init__(self, state: ResumeState, until: float) -> None:
+        self.session_id = state.session_id
+        self.verifier = state.verifier
+        self.request = state.request
+        self.sent = state.sent
+        self.delivered = state.delivered
+        self.until = until
+
+    def resume_on(self, circuit: Circuit, far_delivered: int) -> None:
+        state = self
+        if far_delivered < state.sent:  # (it acknowledged every byte before our FIN)
+            circuit.reset(ErrorCode.RESUME_REFUSED, "the session cannot be resumed from there")
+        elif far_delivered == state.sent:
+            log.info("completed session %s: its last FIN was lost; sent again", state.session_id.hex())
+            circuit.end_now(True)
+            circuit.close_now()
+        else:
+            circuit.retire()
+
+
 class FlowSlot:
     """The exit's end of a resumable UDP flow: where a RESUMING circuit for it lands."""
 
@@ -714,10 +783,10 @@ def route_lost(error: BaseException | None) -> bool:
                                               and error.code == ErrorCode.ROUTE_LOST)
 
 
-def _check_ticket(state: ResumeState, request: OpenRequest, ticket: Resuming) -> str:
+def _check_ticket(state: ResumeState | CompletedExit, request: OpenRequest, ticket: Resuming) -> str:
     if verifier_of(ticket.secret) != state.verifier:
         return "wrong or already used resumption secret"
-    if request.evolve(resume=None, origin=None) != state.request:
+    if request.evolve(resume=None, origin=None) != state.request.evolve(resume=None, origin=None):
         return "the resumption names another target"
     return ""
 
@@ -737,7 +806,7 @@ def open_state(request: OpenRequest, via: str) -> tuple[ResumeState, OpenRequest
 def exit_state(request: OpenRequest) -> ResumeState:
     """The exit's half of a session (or UDP flow) the entry opened as resumable."""
     assert isinstance(request.resume, Resumable)
-    state = ResumeState(request.resume.session_id, request.evolve(resume=None, origin=None))
+    state = ResumeState(request.resume.session_id, request)  # (compared without both at resumption)
     state.verifier = request.resume.verifier
     state.confirmed = True  # the exit holds the session from the start
     return state
