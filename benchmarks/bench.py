@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lib import prereqs, report, scenarios
-from lib.contenders import CONTENDER_NAMES, Contender, all_contenders
+from lib.contenders import CONTENDER_NAMES, VARIANT_OF, Contender, all_contenders
 from lib.procs import StartError, raise_nofile
 from lib.scenarios import ScenarioError, Settings
 from lib.targets import Targets
@@ -107,7 +107,7 @@ def run_rounds(contenders: list[Contender], chosen: list[Scenario], s: Settings,
                results: report.Results) -> None:
     live = [c for c in contenders if c.name not in results.skipped]
     for rnd in range(s.rounds):
-        order = live[rnd % len(live):] + live[:rnd % len(live)] if live else []
+        order = side_by_side(live[rnd % len(live):] + live[:rnd % len(live)] if live else [], rnd)
         for scen in chosen:
             for c in order:
                 if c.name in results.skipped or not scen.applies(c):
@@ -115,12 +115,25 @@ def run_rounds(contenders: list[Contender], chosen: list[Scenario], s: Settings,
                 run_one(c, scen, rnd, s, results)
 
 
+def side_by_side(order: list[Contender], rnd: int) -> list[Contender]:
+    """Each variant (VARIANT_OF) moved beside what it varies: after it in even rounds,
+    before it in odd ones. Their ratio then compares runs seconds apart, in both orders,
+    so drift on a busy machine (single rounds scatter by 10-15%) mostly cancels."""
+    names = {c.name for c in order}
+    out = [c for c in order if VARIANT_OF.get(c.name) not in names]
+    for c in order:
+        if VARIANT_OF.get(c.name) in names:
+            at = next(i for i, o in enumerate(out) if o.name == VARIANT_OF[c.name])
+            out.insert(at + (rnd % 2 == 0), c)
+    return out
+
+
 def run_one(c: Contender, scen: Scenario, rnd: int, s: Settings,
             results: report.Results) -> None:
     t0 = time.monotonic()
     try:
         values = scen.run(c)
-        results.add(c.name, values)
+        results.add(c.name, values, rnd)
         say(f"[round {rnd + 1}/{s.rounds}] {scen.name:<8} {c.name:<9} {brief(values)}"
             f"  ({time.monotonic() - t0:.1f} s)")
     except (ScenarioError, OSError, TimeoutError) as exc:
@@ -225,6 +238,10 @@ def write_report(args: argparse.Namespace, settings: Settings, results: report.R
     metrics = report.METRICS + report.memory_metrics(settings.memory_counts)
     say("")
     say(report.table(results, metrics))
+    paired = report.paired_table(results, metrics, VARIANT_OF)
+    if paired:
+        say("")
+        say(paired)
     for name, why in results.skipped.items():
         say(f"\nskipped {name}: {why}")
     for name, errors in results.errors.items():
@@ -238,7 +255,7 @@ def write_report(args: argparse.Namespace, settings: Settings, results: report.R
         "cpus": _cpu_count(), "settings": asdict(settings), "versions": tool_versions(),
     }
     path = args.out / "results.json"
-    report.write_json(path, report.to_json(results, metrics, meta))
+    report.write_json(path, report.to_json(results, metrics, meta, VARIANT_OF))
     say(f"\nwrote {path}")
     if chart:
         png = args.out / "results.png"

@@ -376,5 +376,9 @@ def all_contenders(workdir: Path) -> list[Contender]:
     ]
 
 
+# A contender that is another with one setting changed, and that other: they run side
+# by side in every round, and the report gives their ratio round by round (report.paired).
+VARIANT_OF = {"tg-tls-noresume": "tg-tls", "tg-chain-noresume": "tg-chain"}
+
 CONTENDER_NAMES = ["direct", "socat", "stunnel", "ssh", "tg-tls", "tg-tcp", "tg-chain", "tg-tls-noresume",
                    "tg-chain-noresume", "tg-tls-admin", "tg-ws", "tg-wss"]

@@ -47,13 +47,23 @@ def memory_metrics(counts: tuple[int, ...]) -> list[Metric]:
 class Results:
     contenders: list[str]
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # metric -> contender -> round -> value (rounds a contender ran in; for paired ratios)
+    by_round: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # contender -> why
 
-    def add(self, contender: str, values: dict[str, float | None]) -> None:
+    def add(self, contender: str, values: dict[str, float | None], rnd: int | None = None) -> None:
         for key, value in values.items():
             if value is not None:
                 self.samples.setdefault(key, {}).setdefault(contender, []).append(value)
+                if rnd is not None:
+                    self.by_round.setdefault(key, {}).setdefault(contender, {})[rnd] = value
+
+    def paired(self, key: str, contender: str, variant: str) -> list[float]:
+        """contender ÷ variant, round by round (the rounds both ran in)."""
+        mine = self.by_round.get(key, {}).get(contender, {})
+        theirs = self.by_round.get(key, {}).get(variant, {})
+        return [mine[r] / theirs[r] for r in sorted(mine) if theirs.get(r)]
 
     def error(self, contender: str, message: str) -> None:
         self.errors.setdefault(contender, []).append(message)
@@ -84,19 +94,48 @@ def table(results: Results, metrics: list[Metric]) -> str:
     rows = [[f"{m.label} [{m.unit}]"] + [
         _cell(results.median(m.key, n), results.ratio(m.key, n, m.baseline), m.digits) for n in names
     ] for m in shown]
-    header = ["metric (median; ratio to ssh -L unless noted)", *names]
+    return _grid(["metric (median; ratio to ssh -L unless noted)", *names], rows)
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> str:
+    """Columns: the first left-aligned, the others right-aligned, a rule under the header."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
-    out = [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
-    return "\n".join(out)
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
-def to_json(results: Results, metrics: list[Metric], meta: dict) -> dict:
-    data: dict = {"meta": meta, "baseline": BASELINE, "contenders": {}, "metrics": {}}
+def paired_table(results: Results, metrics: list[Metric], variant_of: dict[str, str]) -> str:
+    """Each contender against its variant (it with one setting changed), as the median of
+    the per-round ratios of runs made side by side, with their range."""
+    pairs = [(ref, var) for var, ref in variant_of.items() if var in results.contenders
+             and ref in results.contenders]
+    rows = []
+    for m in metrics:
+        cells = []
+        for ref, var in pairs:
+            ratios = results.paired(m.key, ref, var)
+            cells.append(f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                         if ratios else "")
+        if any(cells):
+            rows.append([f"{m.label.strip()} [{m.unit}]", *cells])
+    if not rows:
+        return ""
+    return _grid(["paired, per round: median (range)", *(f"{ref} / {var}" for ref, var in pairs)], rows)
+
+
+def to_json(results: Results, metrics: list[Metric], meta: dict,
+            variant_of: dict[str, str] | None = None) -> dict:
+    data: dict = {"meta": meta, "baseline": BASELINE, "contenders": {}, "metrics": {}, "paired": {}}
+    for var, ref in (variant_of or {}).items():
+        for m in metrics:
+            ratios = results.paired(m.key, ref, var)
+            if ratios:
+                data["paired"].setdefault(f"{ref}/{var}", {})[m.key] = {
+                    "median": statistics.median(ratios), "per_round": ratios}
     for name in results.contenders:
         data["contenders"][name] = {
             "status": "skipped" if name in results.skipped else "ran",
