@@ -82,11 +82,13 @@ class CreditGranted(Event):
 
 @dataclass(frozen=True, slots=True)
 class EndOfStream(Event):
-    """The peer half-closed its direction (FIN). `complete` (FIN_ACK capability): the
-    sender's session is complete, and this circuit is retired once both FINs passed."""
+    """The peer half-closed its direction (FIN). FIN_ACK capability: `delivered` is the
+    ACK that rode in the FIN (-1: none), to be taken as an ACK just before it; `complete`:
+    the sender's session is complete, and the circuit is retired once both FINs passed."""
 
     circuit_id: int
     complete: bool = False
+    delivered: int = -1
 
 
 @dataclass(frozen=True, slots=True)

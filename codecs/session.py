@@ -848,11 +848,13 @@ class CarrierSession:
                                           ErrorCode.CIRCUIT_STATE_ERROR)
             c.remote_fin = True
             if self._fin_ack and c.resumable:
-                if acked >= 0 and c.kind is _TCP:
-                    events.append(Acknowledged(cid, acked))
                 if flags & _FIN_COMPLETE:
                     c.complete = True
-            events.append(EndOfStream(cid, c.complete))
+                if c.kind is not _TCP:
+                    acked = -1
+            else:
+                acked = -1
+            events.append(EndOfStream(cid, c.complete, acked))
             if self._maybe_retire(c):
                 events.append(CircuitClosed(cid))
         elif ftype == FrameType.RST:

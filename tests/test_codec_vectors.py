@@ -218,8 +218,8 @@ def fin_ack_conversation() -> Iterator[Step]:
         b.send_eof(1, complete=True)
         return b.data_to_send()
 
-    yield "fin_with_ack", opened, b, [Acknowledged(1, 6), EndOfStream(1)]
-    yield "fin_complete", completed, a, [Acknowledged(1, 19), EndOfStream(1, complete=True), CircuitClosed(1)]
+    yield "fin_with_ack", opened, b, [EndOfStream(1, delivered=6)]
+    yield "fin_complete", completed, a, [EndOfStream(1, complete=True, delivered=19), CircuitClosed(1)]
 
 
 def load() -> dict[str, dict[str, str]]:

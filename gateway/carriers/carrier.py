@@ -406,7 +406,7 @@ class Carrier:
                 if isinstance(event, CreditGranted):
                     c.on_credit()
                 elif isinstance(c, Circuit):
-                    c.on_eof(event.complete)
+                    c.on_eof(event.complete, event.delivered)
                 else:
                     c.on_eof()
             case CircuitAccepted(circuit_id=cid) if (c := self.circuits.get(cid)) is not None:

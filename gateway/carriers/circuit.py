@@ -214,7 +214,10 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         if self.sink is None and self.watcher is not None:
             self.watcher()  # a relay that takes bytes only from the queue (TLS inside)
 
-    def on_eof(self, complete: bool = False) -> None:
+    def on_eof(self, complete: bool = False, delivered: int = -1) -> None:
+        """FIN; with FIN_ACK, the ACK that rode in it (`delivered`), as if it came first."""
+        if delivered >= 0:
+            self.on_ack(delivered)
         self.fin_received = True
         self.fin_complete = complete
         if self._closed:
