@@ -74,7 +74,7 @@ MAX_PENDING_CONTROL_BYTES = 1 << 20
 DEFAULT_DATAGRAM_QUEUE_BYTES = 256 * 1024
 
 
-_DATA, _FIN = FrameType.DATA.value, FrameType.FIN.value
+_DATA = FrameType.DATA.value
 _TCP = CircuitKind.TCP
 _FIN_ACKS, _FIN_COMPLETE = int(FinFlags.ACK), int(FinFlags.COMPLETE)
 
@@ -172,9 +172,6 @@ class CarrierSession:
         # The negotiated capabilities as plain flags: tested per frame, and enum.Flag's
         # operators cost a Python call each.
         self._resume = self._origin = self._datagram = self._fin_ack = False
-        # The last ACK queued, while it waits in `_control`: (circuit id, its index there).
-        # A FIN of that circuit queued next takes its place, carrying it.
-        self._last_ack: tuple[int, int] | None = None
         self._datagram_queue_bytes = datagram_queue_bytes
         self._circuits: dict[int, _Circuit] = {}
         self._peer_circuits = 0  # live circuits the peer opened: what max_circuits bounds
@@ -358,7 +355,6 @@ class CarrierSession:
         out: list[bytes | memoryview] = list(self._control)
         self._control = []
         self._control_bytes = 0
-        self._last_ack = None
         self._hello_sent = True
         if self._failed is not None:
             self._ready.clear()  # after a protocol error only the GOAWAY leaves
@@ -422,16 +418,15 @@ class CarrierSession:
         c.queued -= size
         return size
 
-    def _fin_frame(self, c: _Circuit, ack_frame: bytes | None = None) -> bytes:
+    def _fin_frame(self, c: _Circuit, delivered: int = -1) -> bytes:
         """FIN leaves now: mark it sent and retire the circuit if that was the last step.
-        With `ack_frame` (an ACK of this circuit) it carries that ACK (FIN_ACK)."""
+        `delivered` >= 0: it carries that ACK (FIN_ACK)."""
         c.fin_sent = True
         self._maybe_retire(c)
         flags = _FIN_COMPLETE if c.complete else 0
-        if ack_frame is None:
+        if delivered < 0:
             return header(FrameType.FIN, flags, c.id, 0)
-        # The ACK frame retyped: the same length, circuit id and payload (delivered).
-        return ack_frame[:3] + bytes((_FIN, flags | _FIN_ACKS)) + ack_frame[5:]
+        return frame(FrameType.FIN, flags | _FIN_ACKS, c.id, encode_u64(delivered))
 
     # ---------------------------------------------------------------- circuits
 
@@ -606,8 +601,6 @@ class CarrierSession:
         if c is None or c.kind is not _TCP or not self._resume:
             return
         self._queue_control(frame(FrameType.ACK, 0, circuit_id, encode_u64(delivered)))
-        if self._fin_ack:
-            self._last_ack = (circuit_id, len(self._control) - 1)
 
     def consumed(self, circuit_id: int, n: int) -> None:
         """The application took `n` received bytes; MAX_DATA follows after half a window."""
@@ -630,25 +623,26 @@ class CarrierSession:
     def receive_window(self, circuit_id: int) -> int:
         return self._live(circuit_id).window.size
 
-    def send_eof(self, circuit_id: int, complete: bool = False) -> None:
-        """Half-close our direction; FIN follows the data already queued. With FIN_ACK
-        (SPEC.md §14): an ACK of this circuit still queued rides in the FIN, and
-        `complete` says the session is complete (no RST NO_ERROR will follow)."""
+    def send_eof(self, circuit_id: int, complete: bool = False, delivered: int = -1) -> None:
+        """Half-close our direction; FIN follows the data already queued. A resumable
+        circuit's (SPEC.md §14): `delivered` >= 0 is an ACK to send with it, in the FIN
+        where FIN_ACK allows (else as an ACK frame just before); with FIN_ACK, `complete`
+        says the session is complete (no RST NO_ERROR will follow)."""
         c = self._circuits.get(circuit_id)
         if c is None or c.fin_queued:
             return
         if c.state is CircuitState.PENDING:
             raise LocalProtocolError("accept the circuit before closing it")
         c.fin_queued = True
-        if complete and self._fin_ack and c.resumable:
+        carries = self._fin_ack and c.resumable and c.kind is _TCP
+        if complete and carries:
             c.complete = True
+        if delivered >= 0 and (not carries or c.queue):
+            if c.resumable:
+                self.send_ack(circuit_id, delivered)  # (it does not wait behind queued data)
+            delivered = -1
         if not c.queue:
-            last = self._last_ack
-            if last is not None and last[0] == circuit_id:
-                self._last_ack = None
-                self._control[last[1]] = self._fin_frame(c, self._control[last[1]])
-            else:
-                self._queue_control(self._fin_frame(c))
+            self._queue_control(self._fin_frame(c, delivered))
 
     def reset_circuit(self, circuit_id: int, code: ErrorCode | int = ErrorCode.CANCELLED,
                       reason: str = "") -> None:
@@ -725,7 +719,6 @@ class CarrierSession:
         # Pending output is abandoned, except our HELLO if it never left: the peer
         # must see a HELLO first, or it cannot read the GOAWAY that says why.
         self._control = self._control[:1] if not self._hello_sent else []
-        self._last_ack = None
         self._control_bytes = sum(map(len, self._control))
         self._ready.clear()
         self._in_ready.clear()

@@ -97,10 +97,8 @@ def transcripts() -> tuple[bytes, bytes, bytes]:
     a.consumed(ids[0], 1050)
     a.send_eof(ids[0])
     b.send_eof(ids[0])
-    a.send_ack(ids[3], 7)
-    a.send_eof(ids[3])  # FIN_ACK: FIN carrying an ACK
-    b.send_ack(ids[3], 8)
-    b.send_eof(ids[3], complete=True)  # and saying COMPLETE
+    a.send_eof(ids[3], delivered=7)  # FIN_ACK: FIN carrying an ACK
+    b.send_eof(ids[3], complete=True, delivered=8)  # and saying COMPLETE
     a.reset_circuit(ids[1], ErrorCode.CANCELLED, "flow idle")
     flush()
     a.goaway(ErrorCode.NO_ERROR, "bye")

@@ -209,13 +209,11 @@ def fin_ack_conversation() -> Iterator[Step]:
         b.receive_data(a.data_to_send())  # (the OPEN is pinned by "open_resumable")
         b.accept_circuit(1)
         a.receive_data(b.data_to_send())
-        a.send_ack(1, 6)  # the exit's 6 bytes, delivered
-        a.send_eof(1)
+        a.send_eof(1, delivered=6)  # the exit's 6 bytes, delivered
         return a.data_to_send()
 
     def completed() -> bytes:
-        b.send_ack(1, 19)  # the entry's 18 bytes and its FIN
-        b.send_eof(1, complete=True)
+        b.send_eof(1, complete=True, delivered=19)  # the entry's 18 bytes and its FIN
         return b.data_to_send()
 
     yield "fin_with_ack", opened, b, [EndOfStream(1, delivered=6)]

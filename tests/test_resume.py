@@ -177,11 +177,12 @@ async def test_the_exits_first_ack_rides_with_its_fin_or_comes_within_one_sweep(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The exit says "resumable" with its first ACK, not with one of its own right after
     OPEN_OK (SPEC.md §14): a short session's first ACK is the one before the exit's FIN,
-    so it costs no frame; a session that lives on gets it from the sweep."""
+    so it costs no frame; a session that lives on gets it from the sweep. (Over carriers
+    without FIN_ACK, where that ACK is a frame of its own, to count it.)"""
     global _accepted
     acks: list[int] = []
     with trio.fail_after(20):
-        async with carriers(resume=True) as (dialer, acceptor, inbound):
+        async with carriers(resume=True, fin_ack=False) as (dialer, acceptor, inbound):
             _accepted = inbound  # type: ignore[assignment]
             send_ack = acceptor.session.send_ack
 
@@ -624,6 +625,41 @@ async def test_a_leg_without_fin_ack_ends_the_session_the_way_it_did_before(
     assert (FrameType.RST, 0) in frames and not [f for k, f in frames if k == FrameType.FIN and f]
     closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
     assert len(closed) == 3 and all(ln.endswith(", ok") for ln in closed), closed
+
+
+async def test_a_middle_relay_takes_rst_no_error_as_the_end_even_without_fins(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A circuit a session resumed on after its FINs had crossed carries no FIN: the
+    entry's RST NO_ERROR is its end. A relay on it passes it on and logs the session
+    `ok` (it logged an error, "NO_ERROR: session complete", before)."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    with trio.fail_after(10):
+        async with carriers(resume=True) as (dialer, _, inbound), \
+                carriers(resume=True) as (onward_dialer, _, onward_inbound):
+            engine, sessions = RelayEngine(), SessionLog()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(engine.run)
+                _, request = open_state(TARGET, "exit")
+                near = dialer.open(request)
+                far = await inbound.receive()
+                onward = onward_dialer.open(far.request)
+                far_end = await onward_inbound.receive()
+                assert isinstance(near, Circuit) and isinstance(far, Circuit)
+                assert isinstance(onward, Circuit) and isinstance(far_end, Circuit)
+                far_end.accept()
+                await onward.wait_open()
+                far.accept()
+                await near.wait_open()
+                engine.relay(CircuitPort(far), CircuitPort(onward), sessions.open("relay", "t", far))
+                near.retire()
+                while far_end.broken is None:
+                    flush_lingering()  # (what the resume table's sweep does)
+                    await trio.sleep(0.01)
+                assert far_end.broken.code == ErrorCode.NO_ERROR
+                await sessions.wait_idle()
+                nursery.cancel_scope.cancel()
+    closed = [ln for ln in caplog.text.splitlines() if "relay session closed" in ln]
+    assert len(closed) == 1 and closed[0].endswith(", ok"), closed
 
 
 def _lose_frames_of(carrier: Carrier, circuit: Circuit) -> None:

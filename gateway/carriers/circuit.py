@@ -168,6 +168,10 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         # this circuit ended without RST NO_ERROR, and the circuit retires with the FINs.
         self.fin_complete = False
         self.complete_sent = False
+        # The ACK that rode in the far side's FIN (-1: none). A middle relay passes it on
+        # in the FIN it forwards (`passes_fin_ack`), not as an ACK of its own.
+        self.fin_delivered = -1
+        self.passes_fin_ack = False
         self._eof_sent = False
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -217,7 +221,9 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
     def on_eof(self, complete: bool = False, delivered: int = -1) -> None:
         """FIN; with FIN_ACK, the ACK that rode in it (`delivered`), as if it came first."""
         if delivered >= 0:
-            self.on_ack(delivered)
+            self.fin_delivered = delivered
+            if not self.passes_fin_ack:
+                self.on_ack(delivered)
         self.fin_received = True
         self.fin_complete = complete
         if self._closed:
@@ -381,22 +387,23 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         await trio.lowlevel.checkpoint()
         self.end_now()
 
-    def end_now(self, complete: bool = False) -> None:
+    def end_now(self, complete: bool = False, delivered: int = -1) -> None:
         """send_eof without waiting: FIN once (raises if the circuit broke). `complete`:
         this FIN completes a resumable session (SPEC.md §14): it says COMPLETE where the
         carrier has FIN_ACK. (Elsewhere it is a plain FIN, and the endpoint beyond, which
-        then has all it needs, completes the session itself, with RST NO_ERROR.)"""
+        then has all it needs, completes the session itself, with RST NO_ERROR.)
+        `delivered` >= 0: an ACK that goes with it (in it, with FIN_ACK)."""
         if self._eof_sent:
             return
         self._raise_if_broken()
         self._eof_sent = True
-        self._send_eof(complete)
+        self._send_eof(complete, delivered)
 
-    def _send_eof(self, complete: bool = False) -> None:
+    def _send_eof(self, complete: bool = False, delivered: int = -1) -> None:
         if self._parked is not None:
             self._parked.fin_queued = True  # FIN follows on the next carrier
             return
-        self.carrier.session.send_eof(self.id, complete)
+        self.carrier.session.send_eof(self.id, complete, delivered)
         self.complete_sent = complete
         self.carrier.queued()
 

@@ -182,9 +182,15 @@ class StreamRelay:
                     and self.a.flushed and self.b.flushed:
                 self._end(None)
         except (CircuitBroken, SessionError) as exc:
+            both_fins = self.forward.state is CLOSED and self.backward.state is CLOSED
+            resumed_hop = (type(exc) is CircuitBroken and isinstance(self.a, CircuitPort)
+                           and self.is_relay_hop and self.a.resumable_route)
             if isinstance(exc, CircuitBroken) and exc.code == ErrorCode.NO_ERROR \
-                    and self.forward.state is CLOSED and self.backward.state is CLOSED:
-                self._complete(exc)  # a resumable session's end, after both FINs
+                    and (both_fins or resumed_hop):
+                # A resumable session's end, after both FINs; at a middle relay RST
+                # NO_ERROR is that end even without them (a circuit the session resumed
+                # on after its FINs had crossed: the endpoints have everything).
+                self._complete(exc)
             else:
                 self.fail(exc)
             # A circuit keeps its reset (circuit.broken): without its traceback, which

@@ -283,7 +283,8 @@ class CircuitPort(Port):
         other = outgoing.dst
         if isinstance(other, CircuitPort):  # a middle relay passes end-to-end ACKs on
             circuit.ack_listener = other.circuit.send_ack
-            self.source = other.circuit  # and a FIN's COMPLETE
+            self.source = other.circuit  # and a FIN's ACK and COMPLETE, in the FIN we send
+            other.circuit.passes_fin_ack = True
             if circuit.peer_delivered >= 0:  # one came before the relay was bridged
                 other.circuit.send_ack(circuit.peer_delivered)
 
@@ -319,7 +320,10 @@ class CircuitPort(Port):
 
     def _send_eof(self) -> None:
         source = self.source
-        self.circuit.end_now(source is not None and source.fin_complete)
+        if source is None:
+            self.circuit.end_now()
+        else:
+            self.circuit.end_now(source.fin_complete, source.fin_delivered)
 
     # ---- Port
     def check(self) -> None:

@@ -269,9 +269,10 @@ class Resumption:
             # FIN_ACK: what is due rides in the FIN (no frame of its own); and after the far
             # end's FIN, with everything of ours acknowledged, this FIN completes the
             # session: no RST NO_ERROR, no engine pass at any hop (SPEC.md §14).
+            delivered = -1
             if state.delivered != state.ack_sent:
-                self._ack()
-            circuit.end_now(state.eof_delivered and state.acked >= state.sent)
+                delivered = state.ack_sent = state.delivered
+            circuit.end_now(state.eof_delivered and state.acked >= state.sent, delivered)
             return
         if state.ack_sent < 0 or (state.eof_delivered and state.delivered != state.ack_sent):
             # The far end waits for the ACK of its FIN to complete: it rides with ours; and
