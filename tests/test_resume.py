@@ -662,6 +662,22 @@ async def test_a_middle_relay_takes_rst_no_error_as_the_end_even_without_fins(
     assert len(closed) == 1 and closed[0].endswith(", ok"), closed
 
 
+async def _cut_when_closed(caplog: pytest.LogCaptureFixture, role: str, carrier: Carrier,
+                           parks: ResumeTable) -> None:
+    """Once the `role` end logged its session closed (its last FIN sent), cut `carrier`
+    (whatever is in flight on it is lost) and wait until the other end parks."""
+    while f"{role} session closed" not in caplog.text:
+        await trio.sleep(0.01)
+    _cut(carrier)
+    while not parks.parked:
+        await trio.sleep(0.01)
+
+
+def _both_ended_ok(caplog: pytest.LogCaptureFixture) -> None:
+    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
+    assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
+
+
 def _lose_frames_of(carrier: Carrier, circuit: Circuit) -> None:
     """From now on `carrier` ignores what arrives for `circuit` (as if it were lost in
     flight with a carrier about to be cut)."""
@@ -693,17 +709,12 @@ async def test_an_exits_lost_complete_fin_is_sent_again_when_the_entry_resumes(
             await s.client.send_eof()
             assert await _read_to_eof(s.target) == b""
             await s.target.send_eof()
-            while "exit session closed" not in caplog.text:  # it sent FIN COMPLETE and ended
-                await trio.sleep(0.01)
-            _cut(near.carrier)  # type: ignore[arg-type]
-            while not entry_table.parked:
-                await trio.sleep(0.01)
+            await _cut_when_closed(caplog, "exit", near.carrier, entry_table)  # type: ignore[arg-type]
             switch()
             assert await _read_to_eof(s.client) == b""
             await s.sessions.wait_idle()
     assert "its last FIN was lost; sent again" in caplog.text
-    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
-    assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
+    _both_ended_ok(caplog)
 
 
 async def test_an_entrys_lost_complete_fin_is_sent_again_from_time_wait(
@@ -725,18 +736,13 @@ async def test_an_entrys_lost_complete_fin_is_sent_again_from_time_wait(
             far = next(c for c in exit_table.live).circuit  # the exit's end of the circuit
             _lose_frames_of(far.carrier, far)  # type: ignore[arg-type]
             await s.client.send_eof()
-            while "entry session closed" not in caplog.text:  # it sent FIN COMPLETE and ended
-                await trio.sleep(0.01)
-            _cut(exit_carrier)  # type: ignore[arg-type]
-            while not exit_table.parked:
-                await trio.sleep(0.01)
+            await _cut_when_closed(caplog, "entry", exit_carrier, exit_table)  # type: ignore[arg-type]
             switch()
             entry_table.sweep(trio.current_time())  # (the sweep's period is patched away)
             assert await _read_to_eof(s.target) == b""
             await s.sessions.wait_idle()
     assert "its last FIN was lost; sent again" in caplog.text
-    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
-    assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
+    _both_ended_ok(caplog)
 
 
 async def test_a_completed_session_whose_last_rst_is_lost_is_confirmed_over_a_new_carrier(
@@ -765,8 +771,7 @@ async def test_a_completed_session_whose_last_rst_is_lost_is_confirmed_over_a_ne
             switch()
             entry_table.sweep(trio.current_time())  # (the sweep's period is patched away)
             await s.sessions.wait_idle()
-    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
-    assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
+    _both_ended_ok(caplog)
     assert "exit session closed" in caplog.text and not exit_table.parked
 
 
