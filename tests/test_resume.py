@@ -488,12 +488,13 @@ async def chain(hop: bool, fin_ack: tuple[bool, bool] = (True, True)) -> AsyncIt
             await nursery.start(exit_table.run)
             client, entry_sock = _tcp_pair()
             target, exit_sock = _tcp_pair()
-            state, request = open_state(TARGET, "exit")
+            state, request = open_state(replace(TARGET, route=("exit",)) if hop else TARGET,
+                                        "hub" if hop else "exit")
             near = dialer.open(request)
             far = await inbound.receive()
             assert isinstance(near, Circuit) and isinstance(far, Circuit)
-            if hop:
-                onward = onward_dialer.open(far.request)
+            if hop:  # (the relay takes itself off the route)
+                onward = onward_dialer.open(far.request.evolve(route=far.request.route[1:]))
                 far_end = await onward_inbound.receive()
                 assert isinstance(onward, Circuit) and isinstance(far_end, Circuit)
                 far_end.accept()
@@ -600,6 +601,39 @@ async def test_a_short_session_ends_with_two_fins_as_one_that_is_not_resumable(
     assert not [kind for kind, _ in frames if kind in (FrameType.ACK, FrameType.RST)], frames
     closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
     assert len(closed) == 1 + hops and all(ln.endswith(", ok") for ln in closed), closed
+
+
+@pytest.mark.parametrize("hop", [False, True], ids=["entry-exit", "through-a-relay"])
+async def test_an_entrys_last_fin_says_complete_only_over_a_direct_carrier(
+        hop: bool, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server answers and closes first, so the entry's FIN is the last. Direct, it says
+    COMPLETE (the entry's TIME_WAIT covers its loss); through a relay it does not (a
+    carrier beyond the first hop could lose it unseen), and the exit's RST NO_ERROR ends
+    the session, as without FIN_ACK."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    monkeypatch.setattr(resume, "ACK_DELAY", 30.0)
+    frames: list[tuple[int, int]] = []
+    with trio.fail_after(20):
+        async with chain(hop) as c:
+            for carrier in c.carriers:
+                _count_frames(carrier, frames)
+            s = c.session
+            await s.client.send_all(b"question")
+            assert await s.target.receive_some(8) == b"question"
+            await s.target.send_all(b"answer")
+            await s.target.send_eof()
+            assert await _read_to_eof(s.client) == b"answer"
+            await s.client.send_eof()
+            assert await _read_to_eof(s.target) == b""
+            while any(carrier.session.live_circuits for carrier in c.carriers):
+                flush_lingering()  # (the RST NO_ERROR, through a relay)
+                await trio.sleep(0.01)
+            await s.sessions.wait_idle()
+    completes = [kind for kind, flags in frames if kind == FrameType.FIN and flags & FinFlags.COMPLETE]
+    resets = [kind for kind, _ in frames if kind == FrameType.RST]
+    assert (len(completes), len(resets)) == ((0, 2) if hop else (1, 0)), frames
+    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
+    assert len(closed) == (3 if hop else 2) and all(ln.endswith(", ok") for ln in closed), closed
 
 
 @pytest.mark.parametrize("fin_ack", [(True, False), (False, True)],

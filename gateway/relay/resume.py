@@ -268,11 +268,16 @@ class Resumption:
         if circuit.carrier.session.completes_sessions:
             # FIN_ACK: what is due rides in the FIN (no frame of its own); and after the far
             # end's FIN, with everything of ours acknowledged, this FIN completes the
-            # session: no RST NO_ERROR, no engine pass at any hop (SPEC.md §14).
+            # session: no RST NO_ERROR, no engine pass at any hop (SPEC.md §14). Not an
+            # entry's through relays: if a carrier beyond the first hop lost it, no one
+            # would tell us (the relays' part is over), and the target would never get
+            # its FIN; the exit's RST NO_ERROR says that it did.
             delivered = -1
             if state.delivered != state.ack_sent:
                 delivered = state.ack_sent = state.delivered
-            circuit.end_now(state.eof_delivered and state.acked >= state.sent, delivered)
+            complete = state.eof_delivered and state.acked >= state.sent and not (state.via and
+                                                                                 state.request.route)
+            circuit.end_now(complete, delivered)
             return
         if state.ack_sent < 0 or (state.eof_delivered and state.delivered != state.ack_sent):
             # The far end waits for the ACK of its FIN to complete: it rides with ours; and
