@@ -24,7 +24,7 @@ from gateway.carriers.writes import flush_lingering
 from gateway.relay import resume
 from gateway.relay.e2e import SecureStream
 from gateway.relay.engine import RelayEngine
-from gateway.relay.ports import CircuitPort, SocketPort
+from gateway.relay.ports import CircuitPort, Relay, SocketPort
 from gateway.relay.resume import ResumeState, ResumeTable, Resumption, exit_state, make_resumable, open_state
 from gateway.relay.sessions import SessionLog
 from gateway.security.identity import write_identity
@@ -710,6 +710,127 @@ async def _cut_when_closed(caplog: pytest.LogCaptureFixture, role: str, carrier:
 def _both_ended_ok(caplog: pytest.LogCaptureFixture) -> None:
     closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
     assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
+
+
+class SlowSocket:
+    """Makes one local socket take nothing until `release` (a client or target that has
+    stopped reading: what the engine takes for it waits in its direction)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.port: SocketPort | None = None
+        write = SocketPort.write
+
+        def slow(port: SocketPort, data: bytes | memoryview) -> int:
+            return 0 if port is self.port else write(port, data)
+
+        monkeypatch.setattr(SocketPort, "write", slow)
+
+    def release(self, relay: Relay) -> None:
+        self.port = None
+        relay.on_event()  # (no readiness event: the socket never filled)
+
+
+async def _taken(relay: Relay, done: Callable[[], bool]) -> None:
+    """Run the session's engine until `done()`: what arrived is taken off the circuit
+    (delivered, as far as the far end learns) and waits for the slow socket."""
+    while not done():
+        relay.on_event()
+        await trio.sleep(0.01)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await trio.sleep(0.01)
+
+
+async def test_after_a_complete_fin_a_lost_carrier_changes_nothing_while_the_client_drains(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry has the exit's last bytes and its FIN COMPLETE, but its client is slow to
+    take them. The carrier is lost meanwhile: nothing more was to cross it, so the entry
+    does not park; the client gets every byte and the FIN; both ends `ok` (found by
+    review: the entry parked, and its resumption of a session the exit had completed
+    failed)."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    slow = SlowSocket(monkeypatch)
+    with trio.fail_after(20):
+        async with session_with_a_spare_carrier() as (s, entry_table, exit_table, _):
+            entry = s.entry_port
+            assert entry is not None
+            exit_port = next(iter(exit_table.live))
+            await s.client.send_all(b"question")
+            await s.client.send_eof()
+            assert await _read_to_eof(s.target) == b"question"
+            slow.port = entry.relay.a  # type: ignore[attr-defined]
+            await s.target.send_all(b"last bytes")
+            await _taken(entry.relay, lambda: entry.resume.delivered == 10)
+            await _until(lambda: exit_port.resume.acked == exit_port.resume.sent)  # (the entry's sweep)
+            await s.target.send_eof()
+            await _until(lambda: entry.circuit.fin_complete)
+            _cut(entry.circuit.carrier)  # type: ignore[arg-type]
+            await trio.sleep(0.3)
+            assert not entry_table.parked
+            slow.release(entry.relay)
+            assert await _read_to_eof(s.client) == b"last bytes"
+            await s.sessions.wait_idle()
+    _both_ended_ok(caplog)
+
+
+async def test_a_fin_taken_before_a_resumption_reaches_the_client_after_it(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry took the exit's last bytes and FIN while its client was not reading; the
+    route is lost, and the session resumes on a circuit that does not carry that FIN
+    again (the entry had it). The client still gets it (found by review: it hung)."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    slow = SlowSocket(monkeypatch)
+    with trio.fail_after(20):
+        async with session_with_a_spare_carrier() as (s, entry_table, exit_table, switch):
+            entry = s.entry_port
+            assert entry is not None
+            await s.client.send_all(b"question")
+            assert await s.target.receive_some(8) == b"question"
+            slow.port = entry.relay.a  # type: ignore[attr-defined]
+            await s.target.send_all(b"last bytes")
+            await s.target.send_eof()
+            await _taken(entry.relay, lambda: entry.resume.eof_delivered)
+            _cut(entry.circuit.carrier)  # type: ignore[arg-type]
+            await _until(lambda: bool(entry_table.parked and exit_table.parked))
+            switch()
+            await _until(lambda: not entry_table.parked)
+            slow.release(entry.relay)
+            assert await _read_to_eof(s.client) == b"last bytes"
+            await s.client.send_eof()
+            assert await _read_to_eof(s.target) == b""
+            await s.sessions.wait_idle()
+    _both_ended_ok(caplog)
+
+
+async def test_an_exit_says_complete_only_once_its_target_has_everything(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exit took the entry's last bytes and FIN, but its target is slow to take them:
+    the target closing its side then gets a plain FIN from the exit, not one saying
+    COMPLETE (which would leave nobody to resume the session if the carrier were lost
+    while those bytes still wait), and the entry's RST NO_ERROR ends the session."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    slow = SlowSocket(monkeypatch)
+    frames: list[tuple[int, int]] = []
+    with trio.fail_after(20):
+        async with session_with_a_spare_carrier() as (s, _, exit_table, _):
+            exit_port = next(iter(exit_table.live))
+            _count_frames(exit_port.circuit.carrier, frames)  # type: ignore[arg-type]
+            slow.port = exit_port.relay.b  # type: ignore[attr-defined]
+            await s.client.send_all(b"last bytes")
+            await s.client.send_eof()
+            await _taken(exit_port.relay, lambda: exit_port.resume.eof_delivered)
+            await s.target.send_eof()
+            await _until(lambda: exit_port.resume.fin_sent)
+            slow.release(exit_port.relay)
+            assert await _read_to_eof(s.target) == b"last bytes"
+            while "exit session closed" not in caplog.text:
+                flush_lingering()  # (the entry's RST NO_ERROR)
+                await trio.sleep(0.01)
+            await s.sessions.wait_idle()
+    assert not [f for kind, f in frames if kind == FrameType.FIN and f & FinFlags.COMPLETE], frames
+    _both_ended_ok(caplog)
 
 
 def _lose_frames_of(carrier: Carrier, circuit: Circuit) -> None:

@@ -70,6 +70,10 @@ class Direction:
         self.pending: bytes | memoryview | None = None  # read from src, not yet taken by dst
         self.moved = 0
 
+    @property
+    def closed(self) -> bool:
+        return self.state is CLOSED
+
     def pump(self) -> None:
         """Move what can move now (OPEN, DRAINING), then pass the EOF on (-> CLOSED)."""
         src, dst = self.src, self.dst

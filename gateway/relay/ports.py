@@ -54,6 +54,8 @@ class Outgoing(Protocol):
 
     @property
     def dst(self) -> Port: ...
+    @property
+    def closed(self) -> bool: ...  # everything, the EOF included, went on to dst
     def push(self, data: bytes | memoryview) -> int: ...
 
 
@@ -66,6 +68,7 @@ class EndedRelay:
 
     __slots__ = ("record",)
     ended = True
+    closed = True
     state = "ended"  # (engine.ENDED)
 
     def __init__(self, record: SessionRecord) -> None:

@@ -57,10 +57,10 @@ def verifier_of(secret: bytes) -> bytes:
 class ResumeState:
     """One endpoint's half of a resumable session (sequence numbers, replay, secrets)."""
 
-    __slots__ = ("ack_sent", "acked", "confirmed", "delivered", "disabled", "eof_delivered", "fin_sent",
-                 "last_active", "lost_reason", "next_secret", "parked_until", "replay", "replay_base",
-                 "request", "resend", "resend_fin", "secret", "sent", "session_id", "tried_next", "verifier",
-                 "via")
+    __slots__ = ("aborted", "ack_sent", "acked", "confirmed", "delivered", "disabled", "eof_delivered",
+                 "fin_sent", "last_active", "lost_reason", "next_secret", "parked_until", "replay",
+                 "replay_base", "request", "resend", "resend_fin", "secret", "sent", "session_id",
+                 "tried_next", "verifier", "via")
 
     def __init__(self, session_id: bytes, request: OpenRequest) -> None:
         self.session_id = session_id
@@ -77,6 +77,7 @@ class ResumeState:
         self.ack_sent = 0
         self.confirmed = False  # the exit keeps the session resumable (its first ACK came)
         self.disabled = False  # no longer resumable here (resume_buffer full, or no ACK came)
+        self.aborted = False  # the session broke here (RST to the local socket)
         self.last_active = 0.0  # when it last added to its replay (the sweep's clock)
         self.parked_until: float | None = None  # parked: deadline to be resumed by
         self.lost_reason = ""
@@ -241,7 +242,14 @@ class Resumption:
 
     def _ended(self) -> bool:
         state = self.resume
-        if state.parked_until is not None or not self.circuit.at_eof:
+        if state.parked_until is not None:
+            return False
+        if state.eof_delivered:
+            # Taken already (every byte before it too): perhaps on an earlier circuit,
+            # while the local socket was full, and a circuit resumed on after that does
+            # not carry that FIN again.
+            return True
+        if not self.circuit.at_eof:
             return False
         if not state.eof_delivered:
             state.eof_delivered = True
@@ -275,8 +283,9 @@ class Resumption:
             delivered = -1
             if state.delivered != state.ack_sent:
                 delivered = state.ack_sent = state.delivered
-            complete = state.eof_delivered and state.acked >= state.sent and not (state.via and
-                                                                                 state.request.route)
+            # (And only once our local socket has everything, its FIN included.)
+            complete = (state.eof_delivered and self.outgoing.closed and state.acked >= state.sent
+                        and not (state.via and state.request.route))
             circuit.end_now(complete, delivered)
             return
         if state.ack_sent < 0 or (state.eof_delivered and state.delivered != state.ack_sent):
@@ -317,6 +326,11 @@ class Resumption:
             return
         if state.parked_until is not None:
             return
+        if self.circuit.fin_complete or self.circuit.complete_sent:
+            # A FIN said COMPLETE: nothing more crosses this circuit (what is left is a
+            # local socket draining). Its loss changes nothing; a lost COMPLETE of ours
+            # is what TIME_WAIT and the exit's CompletedExit are for.
+            return
         if broken.code == ErrorCode.NO_ERROR and type(broken) is CircuitBroken and state.fin_sent:
             # The far end completed the session (SPEC.md §14): it has delivered all of ours.
             state.acked = state.sent + 1
@@ -341,6 +355,7 @@ class Resumption:
         return acknowledged and self._transport_flushed()
 
     def abort(self, code: int, reason: str) -> None:
+        self.resume.aborted = True
         self.table.forget(self)
         super().abort(code, reason)  # type: ignore[misc]
 
@@ -361,7 +376,9 @@ class Resumption:
             # Our FIN said COMPLETE: it is all the far end still waits for. Kept a while
             # in case it is lost: the entry resumes the session then, to send it again
             # (TIME_WAIT), and the exit answers the entry's resumption with it.
-            if state.via:
+            if state.aborted:
+                pass  # (broken since: nothing to confirm)
+            elif state.via:
                 table.time_wait(state, circuit.carrier)
             else:
                 table.completed_exit(state)
@@ -545,6 +562,16 @@ class ResumeTable:
         refused = _check_ticket(state, circuit.request, ticket)
         if refused:
             return refused
+        if isinstance(port, Resumption) and ticket.delivered < port.resume.replay_base:
+            # The entry lacks bytes we no longer hold (sent before the session became
+            # resumable: the end-to-end handshake). Refused before OPEN_OK, so that the
+            # entry ends the session with this reason, not a retry.
+            refused = (f"cannot resume: the far end has {ticket.delivered} of {port.resume.sent}"
+                       " units, and what is missing is no longer held")
+            port.give_up(refused)
+            return refused
+        if isinstance(port, CompletedExit) and ticket.delivered < port.sent:
+            return "the session was completed with every byte acknowledged; the far end lacks some"
         with write_batch():
             circuit.accept()
             circuit.send_ack(state.delivered)
@@ -628,6 +655,7 @@ class ResumeTable:
             log.info("completed session %s: its last FIN was lost; sent again", state.session_id.hex())
             circuit.end_now(True)
             circuit.close_now()
+            self.time_wait(state, circuit.carrier)  # (and this one may be lost too)
         else:
             circuit.retire()  # the exit has what it waited for: the session is complete
 
@@ -749,15 +777,13 @@ class CompletedExit:
         self.until = until
 
     def resume_on(self, circuit: Circuit, far_delivered: int) -> None:
-        state = self
-        if far_delivered < state.sent:  # (it acknowledged every byte before our FIN)
-            circuit.reset(ErrorCode.RESUME_REFUSED, "the session cannot be resumed from there")
-        elif far_delivered == state.sent:
-            log.info("completed session %s: its last FIN was lost; sent again", state.session_id.hex())
-            circuit.end_now(True)
-            circuit.close_now()
-        else:
-            circuit.retire()
+        """Our FIN again (ResumeTable.accept refused a `far_delivered` below `sent`): if
+        the entry had it already, a FIN on a new circuit is harmless, and it ends that
+        circuit as any complete session's."""
+        if far_delivered == self.sent:
+            log.info("completed session %s: its last FIN was lost; sent again", self.session_id.hex())
+        circuit.end_now(True)
+        circuit.close_now()
 
 
 class FlowSlot:
