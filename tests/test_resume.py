@@ -21,6 +21,7 @@ from gateway.carriers.carrier import Carrier
 from gateway.carriers.circuit import Circuit
 from gateway.carriers.transport import SocketTransport
 from gateway.carriers.writes import flush_lingering
+from gateway.errors import CircuitBroken, OpenRefused
 from gateway.relay import resume
 from gateway.relay.e2e import SecureStream
 from gateway.relay.engine import RelayEngine
@@ -29,7 +30,7 @@ from gateway.relay.resume import ResumeState, ResumeTable, Resumption, exit_stat
 from gateway.relay.sessions import SessionLog
 from gateway.security.identity import write_identity
 from gateway.security.tls import client_context, server_context
-from gateway_codecs import CircuitKind, ErrorCode, FrameType, OpenRequest, Resuming
+from gateway_codecs import CircuitKind, CircuitReset, ErrorCode, FrameType, OpenRequest, Resuming
 from gateway_codecs.frames import FinFlags
 from tests.carriers import carriers
 from tests.codec_helpers import parse_frames
@@ -928,6 +929,169 @@ async def test_a_completed_session_whose_last_rst_is_lost_is_confirmed_over_a_ne
             await s.sessions.wait_idle()
     _both_ended_ok(caplog)
     assert "exit session closed" in caplog.text and not exit_table.parked
+
+
+@dataclass
+class SpareRoute:
+    """entry -> relay -> exit, with a spare carrier on each leg: a session resumes over
+    whichever is up, through the relay, as in the gateway."""
+
+    session: Session
+    entry_table: ResumeTable
+    exit_table: ResumeTable
+    first: Carrier  # entry -> relay (the dialer's end)
+    onward: Carrier  # relay -> exit (the dialer's end)
+    near: Circuit  # the entry's circuit
+    far: list[Circuit]  # the exit's circuit (filled in as it arrives)
+
+
+@asynccontextmanager
+async def route_with_spares(exit_timeout: float = 3.0) -> AsyncIterator[SpareRoute]:
+    async with carriers(resume=True) as (first, _, inbound), \
+            carriers(resume=True) as (first_spare, _, inbound_spare), \
+            carriers(resume=True) as (onward, _, onward_inbound), \
+            carriers(resume=True) as (onward_spare, _, onward_inbound_spare):
+        engine, sessions = RelayEngine(), SessionLog()
+
+        async def find_carrier(peer: str, deadline: float, avoid: Carrier | None) -> Carrier | None:
+            return first_spare if first.closed.is_set() else first
+
+        entry_table = ResumeTable(10, find_carrier, handshake_timeout=5)
+        exit_table = ResumeTable(exit_timeout)
+        client, entry_sock = _tcp_pair()
+        target, exit_sock = _tcp_pair()
+        far: list[Circuit] = []
+
+        async def relay(circuit: Circuit) -> None:
+            """As exits.CircuitServer._relay: on over whichever leg to the exit is up."""
+            leg = onward_spare if onward.closed.is_set() else onward
+            out = leg.open(circuit.request.evolve(route=circuit.request.route[1:]))
+            try:
+                await out.wait_open()
+            except trio.BrokenResourceError as exc:
+                assert isinstance(exc.__cause__, OpenRefused | CircuitBroken)
+                circuit.refuse(exc.__cause__.code, exc.__cause__.reason)
+                return
+            assert isinstance(out, Circuit)
+            circuit.accept()
+            engine.relay(CircuitPort(circuit), CircuitPort(out), sessions.open("relay", "t", circuit))
+
+        async def serve_relay(channel: trio.MemoryReceiveChannel[Circuit]) -> None:
+            async for circuit in channel:
+                nursery.start_soon(relay, circuit)
+
+        async def serve_exit(channel: trio.MemoryReceiveChannel[Circuit]) -> None:
+            async for circuit in channel:
+                if far:  # a resumption
+                    refused = exit_table.accept(circuit)
+                    if refused:
+                        circuit.refuse(ErrorCode.RESUME_REFUSED, refused)
+                    continue
+                far.append(circuit)
+                circuit.accept()
+                engine.relay(make_resumable(CircuitPort(circuit), exit_state(circuit.request), exit_table),
+                             SocketPort(exit_sock, engine.readiness), sessions.open("exit", "t", circuit))
+
+        async with trio.open_nursery() as nursery:
+            for task in (engine.run, entry_table.run, exit_table.run):
+                await nursery.start(task)
+            for channel in (inbound, inbound_spare):
+                nursery.start_soon(serve_relay, channel)
+            for channel in (onward_inbound, onward_inbound_spare):
+                nursery.start_soon(serve_exit, channel)
+            state, request = open_state(replace(TARGET, route=("exit",)), "relay")
+            near = first.open(request)
+            assert isinstance(near, Circuit)
+            await near.wait_open()
+            entry_port = make_resumable(CircuitPort(near), state, entry_table)
+            engine.relay(SocketPort(entry_sock, engine.readiness), entry_port,
+                         sessions.open("entry", "t", near))
+            session = Session(trio.SocketStream(trio.socket.from_stdlib_socket(client)),
+                              trio.SocketStream(trio.socket.from_stdlib_socket(target)), sessions)
+            try:
+                yield SpareRoute(session, entry_table, exit_table, first, onward, near, far)
+            finally:
+                await session.client.aclose()
+                await session.target.aclose()
+                nursery.cancel_scope.cancel()
+
+
+def _lose_resets_of(carrier: Carrier, circuit: Circuit) -> None:
+    """From now on `carrier` ignores an RST for `circuit` (lost in flight)."""
+    dispatch = carrier._dispatch
+
+    def lossy(event: object) -> None:
+        if not (isinstance(event, CircuitReset) and event.circuit_id == circuit.id):
+            dispatch(event)  # type: ignore[arg-type]
+
+    carrier._dispatch = lossy  # type: ignore[method-assign]
+
+
+def _endpoints_ended_ok(caplog: pytest.LogCaptureFixture) -> None:
+    closed = [ln for ln in caplog.text.splitlines()
+              if "entry session closed" in ln or "exit session closed" in ln]
+    assert len(closed) == 2 and all(ln.endswith(", ok") for ln in closed), closed
+
+
+async def _client_closes_then_server_answers_and_closes(s: Session) -> None:
+    """The client's FIN first; the server's answer and FIN at once after it, so the
+    exit's FIN cannot say COMPLETE (its answer is not acknowledged yet)."""
+    await s.client.send_all(b"question")
+    await s.client.send_eof()
+    assert await _read_to_eof(s.target) == b"question"
+
+
+async def test_through_relays_the_entrys_last_word_lost_beyond_its_first_hop_is_recovered(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry has the exit's answer and FIN, and everything of its own acknowledged;
+    its last word (once its RST NO_ERROR, now an ACK) is lost between the relay and the
+    exit, and that carrier dies. The entry does not end the session itself through a
+    relay: it waits for the exit's RST NO_ERROR, so it hears the relay's ROUTE_LOST and
+    resumes, and the exit completes. Both ends `ok` (found by CI: the entry ended `ok`,
+    the exit waited out resume_timeout and logged an error)."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    monkeypatch.setattr(resume, "ACK_DELAY", 30.0)  # no sweep: only the session's own frames
+    with trio.fail_after(20):
+        async with route_with_spares() as r:
+            s = r.session
+            await _client_closes_then_server_answers_and_closes(s)
+            _lose_frames_of(r.far[0].carrier, r.far[0])  # type: ignore[arg-type]
+            await s.target.send_all(b"answer")
+            await s.target.send_eof()
+            assert await _read_to_eof(s.client) == b"answer"
+            await trio.sleep(0.1)
+            assert "entry session closed" not in caplog.text  # it waits for the exit
+            _cut(r.onward)
+            await s.sessions.wait_idle()
+    assert "resumed (" in caplog.text
+    _endpoints_ended_ok(caplog)
+
+
+async def test_through_relays_the_exits_lost_rst_is_answered_when_the_entry_resumes(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exit ended the session with RST NO_ERROR (it had the entry's ACK of its FIN);
+    that RST is lost on the entry's first hop, and the carrier dies. The entry, still
+    waiting for it, resumes; the exit kept what it takes to answer (CompletedExit) and
+    sends its FIN again, saying COMPLETE. Both ends `ok`."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    monkeypatch.setattr(resume, "ACK_DELAY", 30.0)
+    with trio.fail_after(20):
+        async with route_with_spares() as r:
+            s = r.session
+            _lose_resets_of(r.first, r.near)
+            await _client_closes_then_server_answers_and_closes(s)
+            await s.target.send_all(b"answer")
+            await s.target.send_eof()
+            assert await _read_to_eof(s.client) == b"answer"
+            while "exit session closed" not in caplog.text:
+                flush_lingering()  # (the RSTs of a complete session linger for a write)
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            assert "entry session closed" not in caplog.text  # its RST was lost
+            _cut(r.first)
+            await s.sessions.wait_idle()
+    assert "resumed (" in caplog.text
+    _endpoints_ended_ok(caplog)
 
 
 async def test_complete_sessions_rsts_linger_together() -> None:

@@ -92,6 +92,16 @@ class ResumeState:
     def unacked(self) -> int:
         return self.sent + self.fin_sent - self.acked
 
+    @property
+    def waits_for_the_exit(self) -> bool:
+        """An entry whose session runs through relays, resumable: the exit ends it, not
+        us. Our last word (a FIN, an ACK, an RST) could be lost on a carrier beyond our
+        first hop with no one left to tell us (the relays' part would be over), and the
+        exit would wait for a resumption that never comes. The exit's last word is safe:
+        we are still waiting for it, and whichever relay's part is not over says
+        ROUTE_LOST if it is lost, so we resume (SPEC.md §14)."""
+        return bool(self.via and self.request.route and self.confirmed)
+
 
 class Resumption:
     """Mix-in for `CircuitPort` and `TlsPort`: sequence, acknowledge, park, resume."""
@@ -256,8 +266,10 @@ class Resumption:
             state.delivered += 1
             if self.circuit.fin_complete:
                 pass  # the far end completed the session: it waits for nothing of ours
-            elif state.fin_sent and not (state.unacked == 0 and state.resend is None):
-                self._ack()  # FINs crossed: no FIN of ours will carry it, and the far end waits
+            elif state.fin_sent and (state.unacked or state.resend is not None or state.waits_for_the_exit):
+                # FINs crossed, or the exit ends the session: no FIN or RST of ours will
+                # carry it, and the far end waits for it.
+                self._ack()
             else:
                 # Not at once: if our side is complete too, the session ends now and its RST
                 # NO_ERROR says "everything delivered"; else our own FIN, usually soon (a
@@ -277,8 +289,7 @@ class Resumption:
             # FIN_ACK: what is due rides in the FIN (no frame of its own); and after the far
             # end's FIN, with everything of ours acknowledged, this FIN completes the
             # session: no RST NO_ERROR, no engine pass at any hop (SPEC.md §14). Not an
-            # entry's through relays: if a carrier beyond the first hop lost it, no one
-            # would tell us (the relays' part is over), and the target would never get
+            # entry's through relays (`waits_for_the_exit`): the target might never get
             # its FIN; the exit's RST NO_ERROR says that it did.
             delivered = -1
             if state.delivered != state.ack_sent:
@@ -350,8 +361,13 @@ class Resumption:
     @property
     def flushed(self) -> bool:
         state = self.resume
+        if state.parked_until is not None:
+            return False  # (a session waiting to resume is not over)
+        circuit = self.circuit
         acknowledged = not state.confirmed or (state.sent + state.fin_sent == state.acked
-                                               and state.resend is None) or self.circuit.complete_sent
+                                               and state.resend is None) or circuit.complete_sent
+        if state.waits_for_the_exit and circuit.broken is None and not circuit.fin_complete:
+            return False  # until the exit's RST NO_ERROR (or FIN COMPLETE) ends the session
         return acknowledged and self._transport_flushed()
 
     def abort(self, code: int, reason: str) -> None:
@@ -383,10 +399,18 @@ class Resumption:
             else:
                 table.completed_exit(state)
         elif not circuit.fin_complete:
-            if state.via and state.confirmed and circuit.broken is None:
-                # Our RST is the exit's only word that its FIN arrived: if its carrier dies
-                # before that RST got through, the exit waits for a resumption (TIME_WAIT).
-                table.time_wait(state, circuit.carrier)
+            if circuit.broken is not None or state.aborted:
+                pass  # (the far end's RST NO_ERROR ended it: it has everything)
+            elif state.via:
+                if state.confirmed:
+                    # A direct entry's RST is the exit's only word that its FIN arrived: if
+                    # the carrier dies before that RST got through, the exit waits for a
+                    # resumption (TIME_WAIT).
+                    table.time_wait(state, circuit.carrier)
+            else:
+                # The exit's RST is the entry's word that the session is complete; if it
+                # is lost, the entry resumes the session, and finds it here.
+                table.completed_exit(state)
             circuit.retire()
         super().close()  # type: ignore[misc]
 
@@ -513,7 +537,7 @@ class ResumeTable:
         # found): if that carrier is lost meanwhile, the RST may have been lost with it.
         self.time_wait_for = time_wait
         self.completed: dict[CarrierLink, deque[tuple[float, ResumeState]]] = {}
-        # At the exit, sessions it completed with a FIN saying COMPLETE, oldest first, kept
+        # At the exit, sessions it completed (FIN COMPLETE, its RST NO_ERROR), oldest first, kept
         # as long as the entry may come back for that FIN (resume_timeout, and the time a
         # dead carrier takes to be found).
         self.completed_exits: deque[CompletedExit] = deque()
@@ -608,7 +632,8 @@ class ResumeTable:
                 self.sweep(trio.current_time())
 
     def completed_exit(self, state: ResumeState) -> None:
-        """A session the exit completed (FIN COMPLETE): kept for the entry's resumption."""
+        """A session the exit completed (FIN COMPLETE, or its RST NO_ERROR): kept for the
+        entry's resumption, if that word is lost."""
         completed = CompletedExit(state, trio.current_time() + self.timeout + self.time_wait_for)
         self.exits[state.session_id] = completed
         self.completed_exits.append(completed)
@@ -651,6 +676,8 @@ class ResumeTable:
         circuit, far_delivered = opened
         if not isinstance(circuit, Circuit):
             circuit.reset(ErrorCode.NO_ERROR, "session complete")
+        elif circuit.broken is not None:
+            pass  # the exit completed it on our answer (its RST NO_ERROR came at once)
         elif far_delivered <= state.sent:  # our FIN (it said COMPLETE) was lost: again
             log.info("completed session %s: its last FIN was lost; sent again", state.session_id.hex())
             circuit.end_now(True)
@@ -738,7 +765,17 @@ class ResumeTable:
             return ""
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             cause = exc.__cause__
-            if isinstance(cause, OpenRefused) and cause.code == ErrorCode.RESUME_REFUSED:
+            if isinstance(cause, CircuitBroken) and not isinstance(cause, CarrierLost) \
+                    and cause.code == ErrorCode.NO_ERROR and isinstance(circuit, Circuit) \
+                    and state.fin_sent and state.eof_delivered:
+                # The exit completed the session at once: what it lacked was what this
+                # resumption told it (our ACK of its FIN). Its RST NO_ERROR came right after
+                # OPEN_OK, or a relay refused the circuit with it (the leg beyond broke
+                # before the relay could accept). NO_ERROR ends a session only when every
+                # unit of ours was delivered (SPEC.md §14): resumed, and over.
+                far_delivered = (circuit.peer_delivered if circuit.peer_delivered >= 0
+                                 else state.sent + state.fin_sent)
+            elif isinstance(cause, OpenRefused) and cause.code == ErrorCode.RESUME_REFUSED:
                 if not state.tried_next and state.next_secret is not None:
                     # An earlier attempt may have been accepted with its answer lost: the
                     # exit then expects that attempt's next secret. Try it, once.
@@ -746,7 +783,8 @@ class ResumeTable:
                     state.secret, state.next_secret = state.next_secret, None
                     return ""
                 return str(cause)
-            return ""  # a hop not back yet, a carrier lost meanwhile: later
+            else:
+                return ""  # a hop not back yet, a carrier lost meanwhile: later
         state.secret, state.next_secret, state.tried_next = state.next_secret or secret, None, False
         return circuit, far_delivered
 
@@ -762,9 +800,10 @@ class ResumeTable:
 
 
 class CompletedExit:
-    """The exit's memory of a session it completed with a FIN saying COMPLETE (SPEC.md
-    §14): if that FIN is lost, the entry resumes the session, and this sends it again.
-    Only what that takes (a few hundred bytes, mostly the keys and the target)."""
+    """The exit's memory of a session it completed, with a FIN saying COMPLETE or with
+    its RST NO_ERROR (SPEC.md §14): if that is lost, the entry resumes the session, and
+    this answers with the FIN again. Only what that takes (a few hundred bytes, mostly
+    the keys and the target)."""
 
     __slots__ = ("delivered", "request", "sent", "session_id", "until", "verifier")
 
@@ -783,7 +822,10 @@ class CompletedExit:
         if far_delivered == self.sent:
             log.info("completed session %s: its last FIN was lost; sent again", self.session_id.hex())
         circuit.end_now(True)
-        circuit.close_now()
+        if circuit.complete_sent:
+            circuit.close_now()
+        else:
+            circuit.retire()  # (no FIN_ACK on this carrier: the RST NO_ERROR says it)
 
 
 class FlowSlot:

@@ -371,8 +371,13 @@ class CircuitServer:
             cause = exc.__cause__
             if isinstance(cause, CircuitBroken):
                 # Pass the downstream reason through unchanged: it names the refusing hop.
-                log.warning("relay %s: next hop refused: %s", what, cause)
-                self.sessions.refused(ErrorCode.describe(cause.code))
+                if cause.code == ErrorCode.NO_ERROR:
+                    # A resumption that completed the session at once (SPEC.md §14): the
+                    # exit lacked only what it said; the entry takes this as the end.
+                    log.info("relay %s: the session was complete when it resumed", what)
+                else:
+                    log.warning("relay %s: next hop refused: %s", what, cause)
+                    self.sessions.refused(ErrorCode.describe(cause.code))
                 circuit.refuse(cause.code, cause.reason)
                 return
             raise Refusal(ErrorCode.NO_ROUTE, f"leg to {next_hop} failed: {exc}") from exc
