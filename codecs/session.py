@@ -108,6 +108,7 @@ class _Circuit:
         "queue",
         "queued",
         "remote_fin",
+        "reset_after",
         "resumable",
         "state",
         "window",
@@ -133,6 +134,7 @@ class _Circuit:
         # unless a FIN said COMPLETE (FIN_ACK capability).
         self.resumable = False
         self.complete = False
+        self.reset_after: bytes | None = None  # RST NO_ERROR, once the queued data has left
 
 
 @dataclass(slots=True)
@@ -383,6 +385,9 @@ class CarrierSession:
                 self._in_ready.discard(c.id)
                 if c.fin_queued and not c.fin_sent:
                     out.append(self._fin_frame(c))
+                if c.reset_after is not None:
+                    out.append(c.reset_after)
+                    self._drop(c)
         return b"".join(out)
 
     def _take_stream_frame(self, c: _Circuit, max_payload: int,
@@ -623,14 +628,15 @@ class CarrierSession:
     def receive_window(self, circuit_id: int) -> int:
         return self._live(circuit_id).window.size
 
-    def send_eof(self, circuit_id: int, complete: bool = False, delivered: int = -1) -> None:
+    def send_eof(self, circuit_id: int, complete: bool = False, delivered: int = -1) -> bool:
         """Half-close our direction; FIN follows the data already queued. A resumable
         circuit's (SPEC.md §14): `delivered` >= 0 is an ACK to send with it, in the FIN
         where FIN_ACK allows (else as an ACK frame just before); with FIN_ACK, `complete`
-        says the session is complete (no RST NO_ERROR will follow)."""
+        says the session is complete (no RST NO_ERROR will follow). Returns whether the
+        FIN says COMPLETE (without FIN_ACK it cannot: the caller owes that RST)."""
         c = self._circuits.get(circuit_id)
         if c is None or c.fin_queued:
-            return
+            return False
         if c.state is CircuitState.PENDING:
             raise LocalProtocolError("accept the circuit before closing it")
         c.fin_queued = True
@@ -643,17 +649,24 @@ class CarrierSession:
             delivered = -1
         if not c.queue:
             self._queue_control(self._fin_frame(c, delivered))
+        return c.complete
 
     def reset_circuit(self, circuit_id: int, code: ErrorCode | int = ErrorCode.CANCELLED,
                       reason: str = "") -> None:
-        """Abort both directions; queued data is discarded. Idempotent."""
+        """Abort both directions; queued data is discarded. Idempotent. NO_ERROR (a
+        resumable session complete, §14) says everything was delivered, so it discards
+        nothing: it follows the data and FIN already queued."""
         c = self._circuits.get(circuit_id)
-        if c is None:
+        if c is None or c.reset_after is not None:
             return
         if c.state is CircuitState.PENDING:
             self.refuse_circuit(circuit_id, code, reason)
             return
-        self._queue_control(frame(FrameType.RST, 0, circuit_id, encode_reason(code, reason)))
+        rst = frame(FrameType.RST, 0, circuit_id, encode_reason(code, reason))
+        if code == ErrorCode.NO_ERROR and c.queue:
+            c.reset_after = rst  # (data_to_send, after the last of it)
+            return
+        self._queue_control(rst)
         self._drop(c)
 
     # ---------------------------------------------------------------- carrier

@@ -727,19 +727,37 @@ def test_with_fin_ack_an_ack_rides_in_the_fin_and_a_complete_fin_retires_the_cir
     a, b, link = connected(mode, FINISHES, FINISHES)
     assert a.completes_sessions and b.completes_sessions
     cid = open_accepted(a, b, link, RESUMABLE)
-    a.send_eof(cid, delivered=3)
+    assert a.send_eof(cid, delivered=3) is False  # (not COMPLETE)
     (fin,) = parse_frames(a.data_to_send())  # one frame, not ACK then FIN
     assert (fin.type, fin.flags, fin.payload) == (FrameType.FIN, FinFlags.ACK, (3).to_bytes(8, "big"))
     assert b.receive_data(frame(fin.type, fin.flags, cid, fin.payload)) == [
         EndOfStream(cid, delivered=3)]  # (to be taken as that ACK, then the FIN)
     assert b.live_circuits == 1  # a resumable circuit outlives plain FINs (RST NO_ERROR ends it)
-    b.send_eof(cid, complete=True, delivered=9)
+    assert b.send_eof(cid, complete=True, delivered=9) is True
     (fin,) = parse_frames(b.data_to_send())
     assert fin.flags == FinFlags.ACK | FinFlags.COMPLETE
     assert b.live_circuits == 0  # retired as it left: both FINs, one COMPLETE
     assert a.receive_data(frame(fin.type, fin.flags, cid, fin.payload)) == [
         EndOfStream(cid, complete=True, delivered=9), CircuitClosed(cid)]
     assert a.live_circuits == 0
+
+
+def test_rst_no_error_follows_the_queued_data_and_fin_any_other_rst_discards_them(mode: str) -> None:
+    """RST NO_ERROR says the session is complete (§14): what was queued before it still
+    goes, FIN included, and the RST after it; any other RST is an abort and goes alone."""
+    a, b, link = connected(mode, FINISHES, FINISHES)
+    ends = []
+    for code in (ErrorCode.NO_ERROR, ErrorCode.CANCELLED):
+        cid = open_accepted(a, b, link, RESUMABLE)
+        a.send_data(cid, b"tail")
+        a.send_eof(cid)
+        a.reset_circuit(cid, code, "done")
+        a.reset_circuit(cid, code, "again")  # (idempotent)
+        ends.append([(f.type, f.payload[:4] if f.type == FrameType.DATA else b"")
+                     for f in parse_frames(a.data_to_send())])
+        assert a.live_circuits == 0
+    assert ends == [[(FrameType.DATA, b"tail"), (FrameType.FIN, b""), (FrameType.RST, b"")],
+                    [(FrameType.RST, b"")]]
 
 
 def test_an_ack_that_cannot_ride_in_its_fin_goes_just_before_it(mode: str) -> None:
@@ -758,7 +776,7 @@ def test_without_fin_ack_on_both_sides_a_fin_carries_nothing_and_completes_nothi
     a, b, link = connected(mode, FINISHES, RESUMES)
     assert a.resumable and not a.completes_sessions
     cid = open_accepted(a, b, link, RESUMABLE)
-    a.send_eof(cid, complete=True, delivered=3)
+    assert a.send_eof(cid, complete=True, delivered=3) is False  # (the caller owes RST NO_ERROR)
     frames = [(f.type, f.flags) for f in parse_frames(a.data_to_send())]
     assert frames == [(FrameType.ACK, 0), (FrameType.FIN, 0)]
     with pytest.raises(RemoteProtocolError) as caught:  # flags ignored: a payload on FIN is an error

@@ -30,7 +30,16 @@ from gateway.relay.resume import ResumeState, ResumeTable, Resumption, exit_stat
 from gateway.relay.sessions import SessionLog
 from gateway.security.identity import write_identity
 from gateway.security.tls import client_context, server_context
-from gateway_codecs import CircuitKind, CircuitReset, ErrorCode, FrameType, OpenRequest, Resuming
+from gateway_codecs import (
+    Acknowledged,
+    CircuitKind,
+    CircuitReset,
+    ErrorCode,
+    FrameType,
+    OpenRequest,
+    Resumable,
+    Resuming,
+)
 from gateway_codecs.frames import FinFlags
 from tests.carriers import carriers
 from tests.codec_helpers import parse_frames
@@ -834,13 +843,13 @@ async def test_an_exit_says_complete_only_once_its_target_has_everything(
     _both_ended_ok(caplog)
 
 
-def _lose_frames_of(carrier: Carrier, circuit: Circuit) -> None:
+def _lose_frames_of(carrier: Carrier, circuit: Circuit, kind: type = object) -> None:
     """From now on `carrier` ignores what arrives for `circuit` (as if it were lost in
-    flight with a carrier about to be cut)."""
+    flight with a carrier about to be cut); only events of `kind` if given."""
     dispatch = carrier._dispatch
 
     def lossy(event: object) -> None:
-        if getattr(event, "circuit_id", None) != circuit.id:
+        if getattr(event, "circuit_id", None) != circuit.id or not isinstance(event, kind):
             dispatch(event)  # type: ignore[arg-type]
 
     carrier._dispatch = lossy  # type: ignore[method-assign]
@@ -946,17 +955,27 @@ class SpareRoute:
 
 
 @asynccontextmanager
-async def route_with_spares(exit_timeout: float = 3.0) -> AsyncIterator[SpareRoute]:
-    async with carriers(resume=True) as (first, _, inbound), \
-            carriers(resume=True) as (first_spare, _, inbound_spare), \
-            carriers(resume=True) as (onward, _, onward_inbound), \
-            carriers(resume=True) as (onward_spare, _, onward_inbound_spare):
+async def route_with_spares(exit_timeout: float = 3.0, fin_ack: tuple[bool, bool] = (True, True),
+                            entry_timeout: float = 10.0, spare: bool = True, busy_relay: bool = False
+                            ) -> AsyncIterator[SpareRoute]:
+    """`fin_ack`: whether the entry's legs, and the relay's legs to the exit, have FIN_ACK;
+    `spare`: whether the entry finds its spare carrier when its first one is lost;
+    `busy_relay`: the relay looks at a resumption's answer only once all of it came."""
+    async with carriers(resume=True, fin_ack=fin_ack[0]) as (first, _, inbound), \
+            carriers(resume=True, fin_ack=fin_ack[0]) as (first_spare, _, inbound_spare), \
+            carriers(resume=True, fin_ack=fin_ack[1]) as (onward, _, onward_inbound), \
+            carriers(resume=True, fin_ack=fin_ack[1]) as (onward_spare, _, onward_inbound_spare):
         engine, sessions = RelayEngine(), SessionLog()
 
         async def find_carrier(peer: str, deadline: float, avoid: Carrier | None) -> Carrier | None:
-            return first_spare if first.closed.is_set() else first
+            if not first.closed.is_set():
+                return first
+            if spare:
+                return first_spare
+            await trio.sleep_until(deadline)
+            return None
 
-        entry_table = ResumeTable(10, find_carrier, handshake_timeout=5)
+        entry_table = ResumeTable(entry_timeout, find_carrier, handshake_timeout=5)
         exit_table = ResumeTable(exit_timeout)
         client, entry_sock = _tcp_pair()
         target, exit_sock = _tcp_pair()
@@ -966,6 +985,8 @@ async def route_with_spares(exit_timeout: float = 3.0) -> AsyncIterator[SpareRou
             """As exits.CircuitServer._relay: on over whichever leg to the exit is up."""
             leg = onward_spare if onward.closed.is_set() else onward
             out = leg.open(circuit.request.evolve(route=circuit.request.route[1:]))
+            if busy_relay and far:
+                await trio.sleep(0.05)
             try:
                 await out.wait_open()
             except trio.BrokenResourceError as exc:
@@ -1016,17 +1037,6 @@ async def route_with_spares(exit_timeout: float = 3.0) -> AsyncIterator[SpareRou
                 nursery.cancel_scope.cancel()
 
 
-def _lose_resets_of(carrier: Carrier, circuit: Circuit) -> None:
-    """From now on `carrier` ignores an RST for `circuit` (lost in flight)."""
-    dispatch = carrier._dispatch
-
-    def lossy(event: object) -> None:
-        if not (isinstance(event, CircuitReset) and event.circuit_id == circuit.id):
-            dispatch(event)  # type: ignore[arg-type]
-
-    carrier._dispatch = lossy  # type: ignore[method-assign]
-
-
 def _endpoints_ended_ok(caplog: pytest.LogCaptureFixture) -> None:
     closed = [ln for ln in caplog.text.splitlines()
               if "entry session closed" in ln or "exit session closed" in ln]
@@ -1067,18 +1077,23 @@ async def test_through_relays_the_entrys_last_word_lost_beyond_its_first_hop_is_
     _endpoints_ended_ok(caplog)
 
 
-async def test_through_relays_the_exits_lost_rst_is_answered_when_the_entry_resumes(
-        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fin_ack", [True, False], ids=["fin-ack", "no-fin-ack"])
+@pytest.mark.parametrize("spare", [True, False], ids=["route-back", "no-route"])
+async def test_through_relays_an_exits_lost_rst_ends_the_entrys_session_ok_and_is_confirmed(
+        fin_ack: bool, spare: bool, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The exit ended the session with RST NO_ERROR (it had the entry's ACK of its FIN);
-    that RST is lost on the entry's first hop, and the carrier dies. The entry, still
-    waiting for it, resumes; the exit kept what it takes to answer (CompletedExit) and
-    sends its FIN again, saying COMPLETE. Both ends `ok`."""
+    that RST is lost on the entry's first hop, and the carrier dies. The entry has had
+    everything both ways: it ends the session `ok` at once (no parking, no RST to its
+    client even if no route comes back: found by review), and tells the exit over a new
+    route in the background; the exit kept what it takes to answer (CompletedExit: its
+    FIN again, saying COMPLETE; FIN and RST NO_ERROR over carriers without FIN_ACK)."""
     caplog.set_level(logging.INFO, "tunnelgate")
     monkeypatch.setattr(resume, "ACK_DELAY", 30.0)
     with trio.fail_after(20):
-        async with route_with_spares() as r:
+        async with route_with_spares(fin_ack=(fin_ack, fin_ack), entry_timeout=1.0, spare=spare) as r:
             s = r.session
-            _lose_resets_of(r.first, r.near)
+            _lose_frames_of(r.first, r.near, CircuitReset)  # type: ignore[arg-type]
             await _client_closes_then_server_answers_and_closes(s)
             await s.target.send_all(b"answer")
             await s.target.send_eof()
@@ -1088,10 +1103,132 @@ async def test_through_relays_the_exits_lost_rst_is_answered_when_the_entry_resu
                 await trio.sleep(0.01)
             await trio.sleep(0.1)
             assert "entry session closed" not in caplog.text  # its RST was lost
+            ticket = r.far[0].request.resume
+            assert isinstance(ticket, Resumable)
+            completed = r.exit_table.exits[ticket.session_id]
+            verifier = completed.verifier
             _cut(r.first)
+            await s.sessions.wait_idle()
+            if spare:  # the confirmation reached the exit (it took the next secret)
+                await _until(lambda: completed.verifier != verifier)
+    _endpoints_ended_ok(caplog)
+    assert "resumed (" not in caplog.text
+
+
+async def test_through_relays_an_exits_lost_ack_and_a_relays_no_error_refusal_leave_a_slow_client_everything(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry's ACK of the exit's FIN is lost and the relay->exit carrier dies, while the
+    client has not read the answer yet. The entry resumes; the exit completes at once, and
+    the relay, which got OPEN_OK, ACK and RST NO_ERROR together, refuses the circuit with
+    NO_ERROR. That is the session's end: the client still gets every byte and a clean EOF
+    (found by review: the refusal was taken as a break, and the client got an RST)."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    monkeypatch.setattr(resume, "ACK_DELAY", 30.0)
+    answer = os.urandom(150_000)
+    with trio.fail_after(20):
+        async with route_with_spares() as r:
+            s = r.session
+            entry = next(p for p in r.entry_table.live if p.resume.via)
+            await _client_closes_then_server_answers_and_closes(s)
+            _lose_frames_of(r.far[0].carrier, r.far[0])  # type: ignore[arg-type]  # the entry's ACK
+            await s.target.send_all(answer)
+            await s.target.send_eof()
+            await _until(lambda: entry.resume.eof_delivered)  # (the answer waits in socket buffers)
+            _cut(r.onward)
+            await _until(lambda: "entry session closed" in caplog.text)
+            assert await _read_to_eof(s.client) == answer
+            await s.sessions.wait_idle()
+    _endpoints_ended_ok(caplog)
+
+
+async def test_through_relays_a_resumption_the_exit_completes_at_once_ends_the_session(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The FINs crossed and both ends' ACKs of them are lost; the relay -> exit carrier
+    dies. The entry, parked, resumes; the exit, which lacked only that ACK, completes at
+    once, and the relay, which got OPEN_OK, ACK and RST NO_ERROR together, refuses the
+    circuit with NO_ERROR. The entry takes that as the end: its client, which had not
+    read yet, gets every byte and a clean EOF (found by review: the refusal was taken as
+    a break, and the client got an RST)."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    answer = os.urandom(150_000)
+    with trio.fail_after(20):
+        async with route_with_spares(fin_ack=(False, False), busy_relay=True) as r:  # (ACKs apart from FINs)
+            s = r.session
+            entry = next(p for p in r.entry_table.live if p.resume.via)
+            await s.client.send_all(b"question")
+            assert await s.target.receive_some(8) == b"question"
+            await _until(lambda: entry.resume.confirmed)  # (the exit's first ACK, from its sweep)
+            _lose_frames_of(r.first, r.near, Acknowledged)  # type: ignore[arg-type]
+            await s.client.send_eof()
+            assert await _read_to_eof(s.target) == b""
+            _lose_frames_of(r.far[0].carrier, r.far[0])  # type: ignore[arg-type]  # the entry's ACK
+            await s.target.send_all(answer)
+            await s.target.send_eof()
+            await _until(lambda: entry.resume.eof_delivered)  # (the answer waits in socket buffers)
+            assert entry.resume.acked < entry.resume.sent + 1
+            _cut(r.onward)
+            await _until(lambda: "entry session closed" in caplog.text)
+            assert await _read_to_eof(s.client) == answer
             await s.sessions.wait_idle()
     assert "resumed (" in caplog.text
     _endpoints_ended_ok(caplog)
+
+
+async def test_an_exit_no_longer_resumable_still_delivers_its_tail_before_its_rst(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An exit whose session stopped being resumable (resume_buffer) ends it once its FIN
+    is queued, with RST NO_ERROR: that RST goes after the data and FIN still queued,
+    never instead of them (found by review: the client lost the last few hundred KB and
+    the entry hung, while the exit logged `ok`)."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    answer = os.urandom(3_000_000)
+    got: list[bytes] = []
+
+    async def download(client: trio.SocketStream) -> None:
+        got.append(await _read_to_eof(client))
+
+    with trio.fail_after(20):
+        async with session_with_a_spare_carrier() as (s, _, exit_table, _):
+            exit_port = next(iter(exit_table.live))
+            await s.client.send_all(b"q")
+            await s.client.send_eof()
+            assert await _read_to_eof(s.target) == b"q"
+            exit_port._not_resumable("test")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(download, s.client)
+                await s.target.send_all(answer)
+                await s.target.send_eof()
+            await s.sessions.wait_idle()
+    assert got == [answer]
+    _both_ended_ok(caplog)
+
+
+async def test_a_relay_passes_complete_to_a_leg_without_fin_ack_as_fin_and_rst_no_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The exit's last FIN says COMPLETE; the relay's leg to the entry has no FIN_ACK (a
+    gateway from before it). The relay passes it as a plain FIN and RST NO_ERROR, which
+    is the exit's word the entry waits for through relays: all three end `ok` (found by
+    review: the entry waited for ever)."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    frames: list[tuple[int, int]] = []
+    with trio.fail_after(20):
+        async with route_with_spares(fin_ack=(False, True)) as r:
+            s = r.session
+            exit_port = next(p for p in r.exit_table.live if not p.resume.via)
+            _count_frames(r.first, frames)
+            await s.client.send_all(b"question")
+            assert await s.target.receive_some(8) == b"question"
+            await s.target.send_all(b"answer")
+            assert await s.client.receive_some(6) == b"answer"
+            await _until(lambda: exit_port.resume.acked == exit_port.resume.sent)  # (the sweep's ACK)
+            await s.client.send_eof()
+            assert await _read_to_eof(s.target) == b""
+            await s.target.send_eof()  # the exit's FIN says COMPLETE
+            assert await _read_to_eof(s.client) == b""
+            await s.sessions.wait_idle()
+    assert "its last FIN" not in caplog.text and (FrameType.RST, 0) not in frames  # (none from the entry)
+    closed = [ln for ln in caplog.text.splitlines() if "session closed" in ln]
+    assert len(closed) == 3 and all(ln.endswith(", ok") for ln in closed), closed
 
 
 async def test_complete_sessions_rsts_linger_together() -> None:

@@ -390,8 +390,8 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
     def end_now(self, complete: bool = False, delivered: int = -1) -> None:
         """send_eof without waiting: FIN once (raises if the circuit broke). `complete`:
         this FIN completes a resumable session (SPEC.md §14): it says COMPLETE where the
-        carrier has FIN_ACK. (Elsewhere it is a plain FIN, and the endpoint beyond, which
-        then has all it needs, completes the session itself, with RST NO_ERROR.)
+        carrier has FIN_ACK (`complete_sent`). (Elsewhere it is a plain FIN, and the
+        caller owes the RST NO_ERROR that says the same.)
         `delivered` >= 0: an ACK that goes with it (in it, with FIN_ACK)."""
         if self._eof_sent:
             return
@@ -399,12 +399,21 @@ class Circuit(_CircuitBase, trio.abc.HalfCloseableStream, PushSource, NonBlockin
         self._eof_sent = True
         self._send_eof(complete, delivered)
 
+    def end_complete(self) -> None:
+        """Our last word in a complete resumable session, sent again to an end that may
+        have lost it: FIN saying COMPLETE, or FIN and RST NO_ERROR where the carrier has
+        no FIN_ACK (SPEC.md §14)."""
+        self.end_now(True)
+        if self.complete_sent:
+            self.close_now()
+        else:
+            self.retire()
+
     def _send_eof(self, complete: bool = False, delivered: int = -1) -> None:
         if self._parked is not None:
             self._parked.fin_queued = True  # FIN follows on the next carrier
             return
-        self.carrier.session.send_eof(self.id, complete, delivered)
-        self.complete_sent = complete
+        self.complete_sent = self.carrier.session.send_eof(self.id, complete, delivered)
         self.carrier.queued()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:

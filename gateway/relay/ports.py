@@ -326,7 +326,15 @@ class CircuitPort(Port):
         if source is None:
             self.circuit.end_now()
         else:
-            self.circuit.end_now(source.fin_complete, source.fin_delivered)
+            circuit = self.circuit
+            circuit.end_now(source.fin_complete, source.fin_delivered)
+            if source.fin_complete and not circuit.complete_sent:
+                # No FIN_ACK on this leg: COMPLETE cannot cross it, and an RST NO_ERROR
+                # after the FIN says the same to the endpoint beyond (SPEC.md §14). That
+                # is also this relay's end of the session (StreamRelay._complete).
+                circuit.retire()
+                assert circuit.broken is not None
+                raise circuit.broken
 
     # ---- Port
     def check(self) -> None:

@@ -342,12 +342,19 @@ class Resumption:
             # local socket draining). Its loss changes nothing; a lost COMPLETE of ours
             # is what TIME_WAIT and the exit's CompletedExit are for.
             return
-        if broken.code == ErrorCode.NO_ERROR and type(broken) is CircuitBroken and state.fin_sent:
+        if broken.code == ErrorCode.NO_ERROR and not isinstance(broken, CarrierLost) and state.fin_sent:
             # The far end completed the session (SPEC.md §14): it has delivered all of ours.
+            # (Its RST; or a relay's refusal of a resumption it answered so at once.)
             state.acked = state.sent + 1
             self._trim(state.sent)
             return
         if route_lost(broken):
+            if state.waits_for_the_exit and state.eof_delivered and state.acked == state.sent + 1:
+                # Everything crossed both ways; all that is missing is the exit's word
+                # that it has our ACK of its FIN. Our part is over (the client has it
+                # all); the exit is told in the background, as from TIME_WAIT.
+                self.table.confirm_completed(state)
+                return
             if state.confirmed or (state.replay_base == 0 and not state.disabled):
                 # Confirmed by the exit's ACK; or a plain session whose every byte is still
                 # in the replay: the exit may hold it before its first ACK came (it answers
@@ -541,6 +548,7 @@ class ResumeTable:
         # as long as the entry may come back for that FIN (resume_timeout, and the time a
         # dead carrier takes to be found).
         self.completed_exits: deque[CompletedExit] = deque()
+        self.confirming: set[ResumeState] = set()  # (confirm_completed's, until they end)
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -564,6 +572,8 @@ class ResumeTable:
         if state.replay:
             self.buffered -= sum(map(len, state.replay))
             state.replay = None
+        if self.confirming:
+            self.confirming.discard(state)
 
     def accept(self, circuit: AnyCircuit) -> str:
         """The exit's answer to a RESUMING OPEN whose route its policy admitted: resume
@@ -638,6 +648,14 @@ class ResumeTable:
         self.exits[state.session_id] = completed
         self.completed_exits.append(completed)
 
+    def confirm_completed(self, state: ResumeState) -> None:
+        """An entry's session complete but for the exit's last word, whose route was
+        lost: tell the exit (a resumption saying everything was delivered), once (the
+        session may take a while to end: a slow client still reading)."""
+        if state not in self.confirming and self._nursery is not None:
+            self.confirming.add(state)
+            self._nursery.start_soon(self._confirm_completed, state)
+
     def time_wait(self, state: ResumeState, carrier: CarrierLink) -> None:
         """A session the entry completed: kept a while, in case its last RST is lost."""
         state.replay = state.resend = None
@@ -680,8 +698,7 @@ class ResumeTable:
             pass  # the exit completed it on our answer (its RST NO_ERROR came at once)
         elif far_delivered <= state.sent:  # our FIN (it said COMPLETE) was lost: again
             log.info("completed session %s: its last FIN was lost; sent again", state.session_id.hex())
-            circuit.end_now(True)
-            circuit.close_now()
+            circuit.end_complete()
             self.time_wait(state, circuit.carrier)  # (and this one may be lost too)
         else:
             circuit.retire()  # the exit has what it waited for: the session is complete
@@ -821,11 +838,7 @@ class CompletedExit:
         circuit as any complete session's."""
         if far_delivered == self.sent:
             log.info("completed session %s: its last FIN was lost; sent again", self.session_id.hex())
-        circuit.end_now(True)
-        if circuit.complete_sent:
-            circuit.close_now()
-        else:
-            circuit.retire()  # (no FIN_ACK on this carrier: the RST NO_ERROR says it)
+        circuit.end_complete()
 
 
 class FlowSlot:
