@@ -407,7 +407,7 @@ class Resumption:
                 table.completed_exit(state)
         elif not circuit.fin_complete:
             if circuit.broken is not None or state.aborted:
-                pass  # (the far end's RST NO_ERROR ended it: it has everything)
+                pass  # (ended by the far end's RST NO_ERROR, or complete when its route was lost)
             elif state.via:
                 if state.confirmed:
                     # A direct entry's RST is the exit's only word that its FIN arrived: if
