@@ -653,11 +653,12 @@ class CarrierSession:
 
     def reset_circuit(self, circuit_id: int, code: ErrorCode | int = ErrorCode.CANCELLED,
                       reason: str = "") -> None:
-        """Abort both directions; queued data is discarded. Idempotent. NO_ERROR (a
-        resumable session complete, §14) says everything was delivered, so it discards
-        nothing: it follows the data and FIN already queued."""
+        """Abort both directions; queued data is discarded. Idempotent (the first reset
+        counts). NO_ERROR (a resumable session complete, §14) says everything was
+        delivered, so it discards nothing: it follows the data and FIN already queued,
+        and the circuit is closed to everything else at once, as by any reset."""
         c = self._circuits.get(circuit_id)
-        if c is None or c.reset_after is not None:
+        if c is None:
             return
         if c.state is CircuitState.PENDING:
             self.refuse_circuit(circuit_id, code, reason)
@@ -665,6 +666,7 @@ class CarrierSession:
         rst = frame(FrameType.RST, 0, circuit_id, encode_reason(code, reason))
         if code == ErrorCode.NO_ERROR and c.queue:
             c.reset_after = rst  # (data_to_send, after the last of it)
+            self._forget(c)
             return
         self._queue_control(rst)
         self._drop(c)

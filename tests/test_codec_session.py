@@ -752,7 +752,10 @@ def test_rst_no_error_follows_the_queued_data_and_fin_any_other_rst_discards_the
         a.send_data(cid, b"tail")
         a.send_eof(cid)
         a.reset_circuit(cid, code, "done")
-        a.reset_circuit(cid, code, "again")  # (idempotent)
+        a.reset_circuit(cid, ErrorCode.INTERNAL_ERROR, "again")  # (the first reset counts)
+        assert a.circuit_state(cid) is None and a.send_credit(cid) == 0
+        with pytest.raises(LocalProtocolError):
+            a.send_data(cid, b"more")
         ends.append([(f.type, f.payload[:4] if f.type == FrameType.DATA else b"")
                      for f in parse_frames(a.data_to_send())])
         assert a.live_circuits == 0

@@ -1203,6 +1203,38 @@ async def test_an_exit_no_longer_resumable_still_delivers_its_tail_before_its_rs
     _both_ended_ok(caplog)
 
 
+async def test_through_a_relay_an_exit_no_longer_resumable_waits_for_the_ack_of_its_fin(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, through a relay whose leg to the entry is out of credit (a slow client):
+    the exit's RST NO_ERROR must not overtake its last bytes waiting at the relay, so
+    the exit ends the session only on the entry's ACK of its FIN (found by a second
+    review: the relay dropped the tail with that RST, and the entry hung)."""
+    caplog.set_level(logging.INFO, "tunnelgate")
+    answer = os.urandom(400_000)
+    slow = SlowSocket(monkeypatch)
+    with trio.fail_after(20):
+        async with route_with_spares() as r:
+            s = r.session
+            entry = next(p for p in r.entry_table.live if p.resume.via)
+            exit_port = next(p for p in r.exit_table.live if not p.resume.via)
+            await s.client.send_all(b"q")
+            await s.client.send_eof()
+            assert await _read_to_eof(s.target) == b"q"
+            slow.port = entry.relay.a  # type: ignore[attr-defined]
+            exit_port._not_resumable("test")
+            await s.target.send_all(answer)
+            await s.target.send_eof()
+            await _until(lambda: exit_port.resume.fin_sent)
+            for _ in range(30):  # (what the sweep would do, were the exit to end now)
+                flush_lingering()
+                await trio.sleep(0.01)
+            assert "exit session closed" not in caplog.text
+            slow.release(entry.relay)
+            assert await _read_to_eof(s.client) == answer
+            await s.sessions.wait_idle()
+    _endpoints_ended_ok(caplog)
+
+
 async def test_a_relay_passes_complete_to_a_leg_without_fin_ack_as_fin_and_rst_no_error(
         caplog: pytest.LogCaptureFixture) -> None:
     """The exit's last FIN says COMPLETE; the relay's leg to the entry has no FIN_ACK (a

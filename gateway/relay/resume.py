@@ -94,13 +94,14 @@ class ResumeState:
 
     @property
     def waits_for_the_exit(self) -> bool:
-        """An entry whose session runs through relays, resumable: the exit ends it, not
-        us. Our last word (a FIN, an ACK, an RST) could be lost on a carrier beyond our
+        """An entry whose session runs through relays, with an exit that resumes (it
+        acknowledged: the session may have stopped being resumable here since): the exit
+        ends it, not us. Our last word (a FIN, an ACK, an RST) could be lost on a carrier beyond our
         first hop with no one left to tell us (the relays' part would be over), and the
         exit would wait for a resumption that never comes. The exit's last word is safe:
         we are still waiting for it, and whichever relay's part is not over says
         ROUTE_LOST if it is lost, so we resume (SPEC.md §14)."""
-        return bool(self.via and self.request.route and self.confirmed)
+        return bool(self.via and self.request.route and (self.confirmed or (self.disabled and self.acked)))
 
 
 class Resumption:
@@ -342,9 +343,11 @@ class Resumption:
             # local socket draining). Its loss changes nothing; a lost COMPLETE of ours
             # is what TIME_WAIT and the exit's CompletedExit are for.
             return
-        if broken.code == ErrorCode.NO_ERROR and not isinstance(broken, CarrierLost) and state.fin_sent:
+        if broken.code == ErrorCode.NO_ERROR and not isinstance(broken, CarrierLost) and state.fin_sent \
+                and (state.eof_delivered or self.circuit.fin_received):
             # The far end completed the session (SPEC.md §14): it has delivered all of ours.
-            # (Its RST; or a relay's refusal of a resumption it answered so at once.)
+            # (Its RST; or a relay's refusal of a resumption it answered so at once.) Not
+            # before its FIN came: then something lost what it sent, and the session broke.
             state.acked = state.sent + 1
             self._trim(state.sent)
             return
@@ -371,8 +374,12 @@ class Resumption:
         if state.parked_until is not None:
             return False  # (a session waiting to resume is not over)
         circuit = self.circuit
-        acknowledged = not state.confirmed or (state.sent + state.fin_sent == state.acked
-                                               and state.resend is None) or circuit.complete_sent
+        # (An entry whose exit never acknowledged does not wait for it: that exit does not
+        # resume. An exit always does: the entry acknowledges what it delivered, even
+        # once the session is no longer resumable; else its RST NO_ERROR could overtake
+        # its last bytes waiting at a relay, which would drop them with that RST.)
+        acknowledged = (not state.confirmed and bool(state.via)) or (
+            state.sent + state.fin_sent == state.acked and state.resend is None) or circuit.complete_sent
         if state.waits_for_the_exit and circuit.broken is None and not circuit.fin_complete:
             return False  # until the exit's RST NO_ERROR (or FIN COMPLETE) ends the session
         return acknowledged and self._transport_flushed()
